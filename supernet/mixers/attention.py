@@ -1,0 +1,108 @@
+"""Full attention (FA) and sliding-window attention (SWA): the teacher's attention, with decode caches.
+
+Both have the teacher's projection shapes, so conversion copies the teacher's weights into each.
+FA's cache grows with the context; SWA's never holds more than `config.swa_window` tokens.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from supernet.cache import SupernetCache
+from supernet.config import SupernetConfig
+from supernet.mixers.rotary import apply_rotary
+from supernet.ops.attention import causal_attention
+
+
+class _GrowingKV:
+    """Key/value buffer with doubling capacity, so a decode step appends in O(1) amortised copies."""
+
+    @staticmethod
+    def append(state: dict, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        length = state.get("len", 0)
+        new_len = length + k.shape[2]
+        buf_k = state.get("k")
+        if buf_k is None or buf_k.shape[2] < new_len:
+            capacity = max(new_len, 2 * (buf_k.shape[2] if buf_k is not None else 0), 16)
+            shape = (k.shape[0], k.shape[1], capacity, k.shape[3])
+            new_k, new_v = k.new_empty(shape), v.new_empty(shape)
+            if length:
+                new_k[:, :, :length] = state["k"][:, :, :length]
+                new_v[:, :, :length] = state["v"][:, :, :length]
+            state["k"], state["v"] = new_k, new_v
+        state["k"][:, :, length:new_len] = k
+        state["v"][:, :, length:new_len] = v
+        state["len"] = new_len
+        return state["k"][:, :, :new_len], state["v"][:, :, :new_len]
+
+
+class AttentionMixer(nn.Module):
+    """Causal GQA attention with RoPE; `window=None` is FA, an integer window is SWA."""
+
+    name = "fa"
+
+    def __init__(self, config: SupernetConfig, layer_idx: int, window: int | None = None) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.window = window
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim**-0.5
+        d, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=bias)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: SupernetCache | None = None,
+    ) -> torch.Tensor:
+        b, t, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if position_embeddings is None:
+            raise ValueError("attention mixers need rotary position embeddings (cos, sin)")
+        q, k = apply_rotary(q, k, *position_embeddings)
+        if cache is not None:
+            k, v = self._update_cache(cache.mixer_state(self.layer_idx, self.name), k, v, t)
+        out = causal_attention(q, k, v, scale=self.scale, window=self.window)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    def _update_cache(self, state: dict, k: torch.Tensor, v: torch.Tensor, t: int):
+        if self.window is None:
+            return _GrowingKV.append(state, k, v)
+        # SWA: attend over (kept tail + new tokens), then keep only the last `window` tokens.
+        if "k" in state:
+            k = torch.cat([state["k"], k], dim=2)
+            v = torch.cat([state["v"], v], dim=2)
+        state["k"], state["v"] = k[:, :, -self.window :], v[:, :, -self.window :]
+        return k, v
+
+    @torch.no_grad()
+    def init_from_attention(
+        self, q_w: torch.Tensor, k_w: torch.Tensor, v_w: torch.Tensor, o_w: torch.Tensor,
+        num_heads: int, num_kv_heads: int, head_dim: int,
+        biases: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Copy the teacher's attention projections (same shapes by construction)."""
+        if (num_heads, num_kv_heads, head_dim) != (self.num_heads, self.num_kv_heads, self.head_dim):
+            raise ValueError(
+                f"teacher attention has {num_heads}/{num_kv_heads} heads of {head_dim}, "
+                f"mixer has {self.num_heads}/{self.num_kv_heads} of {self.head_dim}"
+            )
+        for proj, w in ((self.q_proj, q_w), (self.k_proj, k_w), (self.v_proj, v_w), (self.o_proj, o_w)):
+            proj.weight.copy_(w)
+        for name, b in (biases or {}).items():
+            getattr(self, name).bias.copy_(b)
+
+
+class SlidingWindowAttentionMixer(AttentionMixer):
+    name = "swa"
+
+    def __init__(self, config: SupernetConfig, layer_idx: int) -> None:
+        super().__init__(config, layer_idx, window=config.swa_window)

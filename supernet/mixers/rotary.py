@@ -1,0 +1,54 @@
+"""Rotary position embeddings (RoPE), shared by the FA and SWA mixers of every layer."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from supernet.config import SupernetConfig
+
+
+def _inverse_frequencies(config: SupernetConfig) -> torch.Tensor:
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type in (None, "default"):
+        return inv_freq
+    if rope_type == "llama3":
+        # Llama 3.x long-context scaling: stretch low frequencies, keep high ones, blend between.
+        factor = scaling["factor"]
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        original = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+        smooth = (original / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= original / high) & (wavelen <= original / low)
+        return torch.where(medium, blended, scaled)
+    raise ValueError(f"unsupported rope_scaling type {rope_type!r}; supported: default, llama3")
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, config: SupernetConfig) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", _inverse_frequencies(config), persistent=False)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin), each [B, T, head_dim], in x's dtype (computed in float32)."""
+        freqs = position_ids[:, :, None].float() * self.inv_freq.float().to(x.device)[None, None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """q/k [B, H, T, D]; cos/sin [B, T, D]."""
+    cos, sin = cos[:, None], sin[:, None]
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin

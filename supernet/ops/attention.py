@@ -1,0 +1,85 @@
+"""Causal (optionally windowed) GQA attention behind one function, so mixers never branch on the device.
+
+Convention: the `Tq` queries are the last `Tq` positions of the `Tk` keys (keys may start later than
+position 0 when a sliding-window cache was trimmed). Query i may see key j when j <= i (causal) and,
+with a window W, i - j < W (itself plus W-1 earlier tokens).
+
+Kernels: flash-attn on CUDA when installed; else FlexAttention on CUDA for windowed prefill; else
+torch SDPA (which also runs on the CPU).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+
+@functools.lru_cache(maxsize=1)
+def _flash_attn_func():
+    try:
+        from flash_attn import flash_attn_func  # type: ignore
+
+        return flash_attn_func
+    except Exception:
+        return None
+
+
+def _window_mask(tq: int, tk: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """Boolean [Tq, Tk] mask, True where attention is allowed."""
+    q_pos = torch.arange(tk - tq, tk, device=device)[:, None]
+    k_pos = torch.arange(tk, device=device)[None, :]
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed &= (q_pos - k_pos) < window
+    return allowed
+
+
+@functools.lru_cache(maxsize=32)
+def _flex_block_mask(tq: int, tk: int, window: int, device: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    offset = tk - tq
+
+    def sliding_causal(b, h, q_idx, kv_idx):
+        q_abs = q_idx + offset
+        return (kv_idx <= q_abs) & (q_abs - kv_idx < window)
+
+    return create_block_mask(sliding_causal, B=None, H=None, Q_LEN=tq, KV_LEN=tk, device=device)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, window: int | None = None
+) -> torch.Tensor:
+    """q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D] -> [B, Hq, Tq, D]."""
+    tq, tk = q.shape[2], k.shape[2]
+    if window is not None and window >= tk:
+        window = None  # the window covers everything: plain causal attention
+    gqa = q.shape[1] != k.shape[1]
+
+    if q.is_cuda:
+        flash = _flash_attn_func()
+        if flash is not None and q.dtype in (torch.float16, torch.bfloat16):
+            out = flash(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                softmax_scale=scale, causal=True,
+                window_size=(window - 1, 0) if window is not None else (-1, -1),
+            )
+            return out.transpose(1, 2)
+        if window is not None and tq > 1:
+            block_mask = _flex_block_mask(tq, tk, window, str(q.device))
+            return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+
+    if window is None and tq == tk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    if window is None and tq == 1:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+    mask = _window_mask(tq, tk, window, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
