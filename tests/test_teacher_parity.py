@@ -1,0 +1,64 @@
+"""The converted real teacher (SmolLM2-135M-Instruct) with the all-fa placement is the teacher."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import eval_texts
+
+pytestmark = pytest.mark.teacher
+
+
+@pytest.fixture(scope="module")
+def teacher_and_supernet(smollm2_dir, tmp_path_factory):
+    from supernet.convert import convert_teacher
+    from supernet.model import SupernetForCausalLM
+    from supernet.teacher import load_teacher
+
+    teacher, tokenizer = load_teacher(smollm2_dir)
+    out = convert_teacher(smollm2_dir, tmp_path_factory.mktemp("ckpt") / "smollm2-supernet")
+    supernet = SupernetForCausalLM.from_pretrained(out).eval()
+    return teacher, supernet, tokenizer, out
+
+
+def test_all_fa_reproduces_teacher_logits(teacher_and_supernet):
+    teacher, supernet, tokenizer, _ = teacher_and_supernet
+    texts = eval_texts(2)
+    ids = torch.stack([tokenizer(t, return_tensors="pt").input_ids[0, :192] for t in texts])
+    assert supernet.placement.to_list() == ["fa"] * 30
+    with torch.no_grad():
+        ref = teacher(ids).logits
+        ours = supernet(ids).logits
+    delta = (ref - ours).abs().max().item()
+    assert delta <= 1e-4, f"max |delta logit| = {delta:.3g}"
+
+
+def test_all_fa_greedy_generation_identical_for_32_tokens(teacher_and_supernet):
+    teacher, supernet, tokenizer, _ = teacher_and_supernet
+    prompt = eval_texts(1)[0][:400]
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = teacher.generate(ids, max_new_tokens=32, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        ours = supernet.generate(ids, max_new_tokens=32, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    assert ref.shape[1] == ids.shape[1] + 32
+    assert torch.equal(ref, ours), (tokenizer.decode(ref[0, ids.shape[1]:]), tokenizer.decode(ours[0, ids.shape[1]:]))
+
+
+def test_checkpoint_has_documented_layout(teacher_and_supernet):
+    import json
+
+    _, supernet, _, out = teacher_and_supernet
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "supernet"
+    assert config["architectures"] == ["SupernetForCausalLM"]
+    assert config["placement"] == ["fa"] * 30 and config["presets"] == {"all-fa": ["fa"] * 30}
+    assert (out / "tokenizer.json").exists() or (out / "tokenizer_config.json").exists()
+
+
+def test_every_mixer_gives_finite_logits_after_conversion(teacher_and_supernet):
+    teacher, supernet, tokenizer, _ = teacher_and_supernet
+    ids = tokenizer(eval_texts(1)[0][:600], return_tensors="pt").input_ids[:, :64]
+    with torch.no_grad():
+        for p in ("all-swa", "all-gdn", "all-kda"):
+            logits = supernet(ids, placement=p).logits
+            assert torch.isfinite(logits).all(), p
