@@ -36,6 +36,50 @@ class _GrowingKV:
         return state["k"][:, :, :new_len], state["v"][:, :, :new_len]
 
 
+class _SlidingKV:
+    """Ring buffer of the last `window` keys/values: token at absolute position p sits in slot p % window.
+
+    A one-token step into a full ring overwrites the oldest slot in place and attends over the whole
+    ring: softmax attention does not care about key order (RoPE is already applied), so no copy of
+    the window is made per decoded token. Longer steps attend over (ordered tail + new tokens).
+    """
+
+    @staticmethod
+    def append(state: dict, k: torch.Tensor, v: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+        seen = state.get("len", 0)
+        t = k.shape[2]
+        if t == 1 and seen >= window:
+            slot = seen % window
+            state["k"][:, :, slot : slot + 1] = k
+            state["v"][:, :, slot : slot + 1] = v
+            state["len"] = seen + 1
+            return state["k"], state["v"]
+        if seen:
+            tail_k, tail_v = _SlidingKV.ordered(state, window)
+            k, v = torch.cat([tail_k, k], dim=2), torch.cat([tail_v, v], dim=2)
+        total = seen + t
+        keep = min(window, k.shape[2])
+        # Lay the kept tokens out so that absolute position p lands in slot p % window.
+        start = total - keep
+        shift = start % window
+        ring_k, ring_v = k[:, :, -keep:], v[:, :, -keep:]
+        if keep == window and shift:
+            ring_k = torch.roll(ring_k, shifts=shift, dims=2)
+            ring_v = torch.roll(ring_v, shifts=shift, dims=2)
+        state["k"], state["v"] = ring_k.contiguous(), ring_v.contiguous()
+        state["len"] = total
+        return k, v
+
+    @staticmethod
+    def ordered(state: dict, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept keys/values in position order."""
+        seen, k, v = state["len"], state["k"], state["v"]
+        if seen <= window:
+            return k, v
+        shift = seen % window
+        return torch.roll(k, shifts=-shift, dims=2), torch.roll(v, shifts=-shift, dims=2)
+
+
 class AttentionMixer(nn.Module):
     """Causal GQA attention with RoPE; `window=None` is FA, an integer window is SWA."""
 
@@ -76,12 +120,7 @@ class AttentionMixer(nn.Module):
     def _update_cache(self, state: dict, k: torch.Tensor, v: torch.Tensor, t: int):
         if self.window is None:
             return _GrowingKV.append(state, k, v)
-        # SWA: attend over (kept tail + new tokens), then keep only the last `window` tokens.
-        if "k" in state:
-            k = torch.cat([state["k"], k], dim=2)
-            v = torch.cat([state["v"], v], dim=2)
-        state["k"], state["v"] = k[:, :, -self.window :], v[:, :, -self.window :]
-        return k, v
+        return _SlidingKV.append(state, k, v, self.window)
 
     @torch.no_grad()
     def init_from_attention(
