@@ -115,6 +115,7 @@ class SupernetConfig(PretrainedConfig):
 
     def active_placement(self) -> Placement:
         """The placement a freshly loaded model runs: the chosen preset if any, else the default."""
+        self.validate_placements()  # `preset` may have been set after __init__ (from_pretrained kwargs)
         if self.preset is not None:
             return Placement.parse(self.presets[self.preset], self.num_hidden_layers)
         return Placement.parse(self.placement, self.num_hidden_layers)

@@ -36,12 +36,15 @@ class SupernetPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
+        """HF's defaults plus ours; `init.*` skip tensors already loaded from a checkpoint."""
+        from transformers import initialization as init
+
         super()._init_weights(module)
         if isinstance(module, RMSNorm):
-            module.weight.fill_(1.0)
-        init_extra = getattr(module, "init_extra_parameters", None)
-        if callable(init_extra):
-            init_extra()
+            init.ones_(module.weight)
+        if isinstance(module, RotaryEmbedding):
+            # a non-persistent buffer: loading leaves it uninitialised, so recompute it
+            init.copy_(module.inv_freq, module.compute_inv_freq())
 
 
 class SupernetModel(SupernetPreTrainedModel):

@@ -33,7 +33,11 @@ def _inverse_frequencies(config: SupernetConfig) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     def __init__(self, config: SupernetConfig) -> None:
         super().__init__()
+        self.config = config
         self.register_buffer("inv_freq", _inverse_frequencies(config), persistent=False)
+
+    def compute_inv_freq(self) -> torch.Tensor:
+        return _inverse_frequencies(self.config).to(self.inv_freq.device)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
