@@ -399,6 +399,7 @@ class MilpResult:
     status: str
     seconds: float
     mip_gap: float | None
+    upper_bound: float = np.inf  # proven upper bound on the optimal predicted quality (dual bound)
 
 
 def solve_milp(problem: Problem, budget: float, time_limit: float = 60.0, mip_rel_gap: float = 1e-9) -> MilpResult:
@@ -458,10 +459,15 @@ def solve_milp(problem: Problem, budget: float, time_limit: float = 60.0, mip_re
                options={"time_limit": time_limit, "mip_rel_gap": mip_rel_gap})
     seconds = time.perf_counter() - t0
     status = {0: "optimal", 1: "limit", 2: "infeasible", 3: "unbounded"}.get(res.status, "error")
+    dual = getattr(res, "mip_dual_bound", None)
+    upper = problem.J0 - float(dual) if dual is not None and np.isfinite(dual) else np.inf
     if res.x is None:
-        return MilpResult(None, -np.inf, status, seconds, None)
+        return MilpResult(None, -np.inf, status, seconds, None, upper)
     row = res.x[:nx].reshape(L, M).argmax(axis=1)
-    return MilpResult(row, float(problem.quality(row)[0]), status, seconds, getattr(res, "mip_gap", None))
+    quality = float(problem.quality(row)[0])
+    if status == "optimal":
+        upper = min(upper, quality) if np.isfinite(upper) else quality
+    return MilpResult(row, quality, status, seconds, getattr(res, "mip_gap", None), upper)
 
 
 # -- high level -----------------------------------------------------------------------------------
