@@ -32,6 +32,9 @@ def _print_fit(console: Console, surrogate, fit_seconds: float) -> None:
         f"RMSE {d['cv_rmse']:.3g} (quality std {d['quality_std']:.3g}); pair terms carry "
         f"{100 * d['pair_variance_share']:.1f}% of the predicted variance (max |J_ij| {d['pair_max_abs']:.3g})"
     )
+    if d["n"] < d.get("num_terms", 0):
+        console.print(f"  [yellow]note:[/] {d['n']} evaluations for {d['num_terms']} possible terms: the fit leans on "
+                      "the penalty; measure more placements (a few hundred) for reliable presets")
     if d.get("alpha_at_grid_edge"):
         console.print("  [yellow]note:[/] the chosen penalty is at the edge of the search grid")
 

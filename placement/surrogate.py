@@ -403,6 +403,7 @@ def _diagnostics(model: ClusterExpansion, P: np.ndarray, y: np.ndarray, oof: np.
         "n": int(len(y)),
         "folds": int(folds),
         "num_features": int(np.count_nonzero(model.h) + np.count_nonzero(model.Jp)),
+        "num_terms": int(model.num_layers * (len(model.mixers) - 1) + len(model.pairs) * (len(model.mixers) - 1) ** 2),
         "cv_spearman": cv["spearman"],
         "cv_r2": cv["r2"],
         "cv_rmse": cv["rmse"],
