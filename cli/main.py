@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import model_cmds, placement_cmds, serving_cmds, training_cmds
+from cli import demo_cmd, model_cmds, placement_cmds, serving_cmds, training_cmds
 
 app = typer.Typer(
     name="supernet",
@@ -15,6 +15,7 @@ app = typer.Typer(
 
 for module in (model_cmds, training_cmds, placement_cmds, serving_cmds):
     module.register(app)
+app.command()(demo_cmd.demo)
 
 
 def main() -> None:  # pragma: no cover - console entry

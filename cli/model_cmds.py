@@ -19,7 +19,7 @@ def load_checkpoint(path: str, dtype: str = "float32", device: str = "cpu"):
     import torch
     from transformers import AutoTokenizer
 
-    import supernet  # noqa: F401  (registers the Auto classes)
+    import supernet.model  # noqa: F401  (registers the Auto classes for model_type "supernet")
     from supernet.model import SupernetForCausalLM
 
     folder = Path(path)
@@ -121,7 +121,7 @@ def generate(
                     model, ids, draft_placement=draft, target_placement=model.placement,
                     k=draft_k, max_new_tokens=max_new_tokens,
                 )
-                new = tokens[0, ids.shape[1]:]
+                new = torch.tensor(tokens)
             else:
                 out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
                 new = out[0, ids.shape[1]:]
@@ -129,7 +129,7 @@ def generate(
         print(tokenizer.decode(new, skip_special_tokens=True))
         msg = f"placement {model.placement.summary()}: {len(new)} tokens in {dt:.2f}s ({len(new) / dt:.1f} tok/s)"
         if stats is not None:
-            msg += f"; draft {draft_preset}: acceptance {stats['acceptance_rate']:.2f}"
+            msg += f"; draft {draft_preset}: acceptance {stats.acceptance_rate:.2f}, {stats.tokens_per_round:.2f} tokens per target forward"
         console.print(msg)
 
 

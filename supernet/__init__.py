@@ -1,22 +1,36 @@
 """supernet: one checkpoint, many speeds.
 
 Every decoder layer carries four trained token mixers (fa, swa, gdn, kda); a placement picks one per
-layer, switchable at run time without reloading weights. Importing the package registers the model
-with transformers' Auto classes (model_type "supernet").
+layer, switchable at run time without reloading weights.
+
+Imports are lazy (PEP 562) so that light users such as `placement optimize` do not pay for torch and
+transformers. Touching `supernet.SupernetForCausalLM` / `supernet.SupernetConfig` (or importing
+`supernet.model`) registers model_type "supernet" with transformers' Auto classes.
 """
-from supernet.cache import SupernetCache
-from supernet.config import SupernetConfig
-from supernet.model import SupernetForCausalLM, SupernetModel, register_auto_classes
-from supernet.placement import MIXERS, Placement, PlacementError
+from __future__ import annotations
 
-register_auto_classes()
+from typing import Any
 
-__all__ = [
-    "MIXERS",
-    "Placement",
-    "PlacementError",
-    "SupernetCache",
-    "SupernetConfig",
-    "SupernetForCausalLM",
-    "SupernetModel",
-]
+_LAZY = {
+    "SupernetCache": "supernet.cache",
+    "SupernetConfig": "supernet.config",
+    "SupernetForCausalLM": "supernet.model",
+    "SupernetModel": "supernet.model",
+    "register_auto_classes": "supernet.model",
+    "MIXERS": "supernet.placement",
+    "Placement": "supernet.placement",
+    "PlacementError": "supernet.placement",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'supernet' has no attribute {name!r}")
+    import importlib
+
+    module = importlib.import_module(_LAZY[name])
+    if _LAZY[name] in ("supernet.config", "supernet.model"):
+        importlib.import_module("supernet.model")  # registers the Auto classes
+    return getattr(module, name)

@@ -228,3 +228,6 @@ def register_auto_classes() -> None:
         AutoModelForCausalLM.register(SupernetConfig, SupernetForCausalLM)
     except ValueError:
         pass
+
+
+register_auto_classes()

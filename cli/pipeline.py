@@ -1,0 +1,283 @@
+"""The whole pipeline, step by step: convert -> distill -> evaluate placements -> costs -> presets ->
+measure each preset (speed, quality, retrieval) -> self-speculative decoding.
+
+`supernet demo` runs a miniature on the CPU; `benchmarks/e2e.py` runs the full size on a GPU. Each
+step writes its files into the work folder and is skipped when they exist, so an interrupted run
+resumes where it stopped (each step also runs as its own command: `--step NAME`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from rich.console import Console
+
+console = Console(stderr=True)
+STEPS = ("convert", "distill", "evaluate", "costs", "presets", "measure", "report")
+
+
+@dataclass
+class PipelineSettings:
+    workdir: Path
+    teacher: str = "smollm2"
+    train_data: str = "../shared/data/pydocs-train.jsonl"
+    eval_data: str = "../shared/data/pydocs-eval.jsonl"
+    swa_window: int = 512
+    distill_config: str = "training/configs/smollm2_h100.yaml"
+    distill_steps: int = 400
+    distill_set: list[str] = field(default_factory=list)
+    eval_n: int = 200
+    eval_seq_len: int = 512
+    eval_sequences: int = 32
+    eval_batch: int = 8
+    cost_context: int = 8192
+    cost_batch: int = 64
+    measure_costs: bool = True
+    speedups: list[float] = field(default_factory=lambda: [1.5, 2.0, 3.0, 4.0])
+    quality_seq_len: int = 1024
+    quality_sequences: int = 64
+    throughput_batch: int = 64
+    throughput_context: int = 8192
+    throughput_tokens: int = 64
+    needle_contexts: list[int] = field(default_factory=lambda: [2048, 4096, 8192])
+    spec_k: int = 4
+    spec_tokens: int = 128
+    spec_prompts: int = 4
+    device: str = "auto"
+
+    @property
+    def ckpt_init(self) -> Path:
+        return self.workdir / "supernet-init"
+
+    @property
+    def distill_dir(self) -> Path:
+        return self.workdir / "distill"
+
+    @property
+    def trained(self) -> Path:
+        return self.distill_dir / "final"
+
+    @property
+    def final(self) -> Path:
+        return self.workdir / "supernet-final"
+
+
+def _run(cmd: list[str], log: Path) -> None:
+    """Run one CLI step, echoing its output to the console and a log file; fail loudly."""
+    console.print(f"$ {' '.join(cmd)}", style="bold cyan", markup=False)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as fh:
+        fh.write(f"\n$ {' '.join(cmd)}\n")
+        fh.flush()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stderr.write(line)
+            fh.write(line)
+        if proc.wait() != 0:
+            raise RuntimeError(f"step failed ({' '.join(cmd[:3])} ...): see {log}")
+
+
+def _supernet() -> list[str]:
+    return [sys.executable, "-m", "cli.main"]
+
+
+def _device(s: PipelineSettings) -> str:
+    if s.device != "auto":
+        return s.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# -- steps ---------------------------------------------------------------------------------------
+def step_convert(s: PipelineSettings) -> None:
+    if (s.ckpt_init / "config.json").exists():
+        return
+    _run(_supernet() + ["convert", s.teacher, str(s.ckpt_init), "--swa-window", str(s.swa_window)], s.workdir / "log.txt")
+
+
+def step_distill(s: PipelineSettings) -> None:
+    if (s.trained / "config.json").exists():
+        return
+    cmd = _supernet() + [
+        "distill", s.distill_config, "--out-dir", str(s.distill_dir), "--max-steps", str(s.distill_steps),
+        "--set", f"student.path={s.ckpt_init}", "--set", f"teacher.path={s.teacher}",
+        "--set", f"data.train=[{s.train_data}]", "--set", f"data.eval=[{s.eval_data}]",
+    ]
+    for item in s.distill_set:
+        cmd += ["--set", item]
+    _run(cmd, s.workdir / "log.txt")
+
+
+def step_evaluate(s: PipelineSettings) -> None:
+    out = s.workdir / "evaluations.jsonl"
+    done = sum(1 for _ in out.open()) if out.exists() else 0
+    if done >= s.eval_n:
+        return
+    _run(_supernet() + [
+        "eval-placements", str(s.trained), "--data", s.eval_data, "--n", str(s.eval_n), "--out", str(out),
+        "--seq-len", str(s.eval_seq_len), "--sequences", str(s.eval_sequences), "--batch-size", str(s.eval_batch),
+        "--context", str(s.cost_context), "--batch", str(s.cost_batch), "--device", _device(s),
+    ], s.workdir / "log.txt")
+
+
+def step_costs(s: PipelineSettings) -> None:
+    out = s.workdir / "costs.json"
+    if out.exists():
+        return
+    cmd = _supernet() + ["costs", str(s.trained), "--context", str(s.cost_context), "--batch", str(s.cost_batch),
+                         "--out", str(out), "--device", _device(s)]
+    if s.measure_costs:
+        cmd += ["--measure", "--layers", "0"]
+    _run(cmd, s.workdir / "log.txt")
+
+
+def step_presets(s: PipelineSettings) -> None:
+    out = s.workdir / "presets.json"
+    if out.exists() and (s.final / "config.json").exists():
+        return
+    from placement.cost import load_costs
+
+    costs = load_costs(s.workdir / "costs.json")
+    num_layers = json.loads((s.trained / "config.json").read_text())["num_hidden_layers"]
+    matrix = costs.matrix(list(costs.mixers), num_layers)
+    max_speedup = costs.reference_cost(num_layers) / (costs.fixed + matrix.min(axis=1).sum())
+    speedups = sorted({*(x for x in s.speedups if x < max_speedup), round(max_speedup * 0.999, 3)})
+    cmd = [sys.executable, "-m", "cli.placement_cli", "optimize", "--evaluations", str(s.workdir / "evaluations.jsonl"),
+           "--costs", str(s.workdir / "costs.json"), "--out", str(out), "--plot", str(s.workdir / "frontier.png"),
+           "--frontier", "--save-surrogate", str(s.workdir / "surrogate.json")]
+    for x in speedups:
+        cmd += ["--speedup", str(x)]
+    _run(cmd, s.workdir / "log.txt")
+    install_presets(s.trained, out, s.final)
+
+
+def install_presets(ckpt: Path, presets_json: Path, out: Path) -> None:
+    """Copy a checkpoint and write the optimised presets into its config (no weights change)."""
+    import shutil
+
+    from supernet.placement import load_presets
+
+    config = json.loads((ckpt / "config.json").read_text())
+    presets = load_presets(presets_json, config["num_hidden_layers"])
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(ckpt, tmp)
+    config["presets"] = {"all-fa": ["fa"] * config["num_hidden_layers"], **{k: v.to_list() for k, v in presets.items()}}
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def step_measure(s: PipelineSettings) -> None:
+    """Per preset: decode throughput vs all-fa (same run), quality on held-out text, needle retrieval."""
+    out = s.workdir / "measurements.json"
+    if out.exists():
+        return
+    import torch
+    from transformers import AutoTokenizer
+
+    from placement.evaluate import build_evaluator, load_texts
+    from placement.needle import needle_score
+    from supernet.placement import Placement
+    from supernet.throughput import measure_decode
+
+    device = _device(s)
+    evaluator, model = build_evaluator(s.final, s.eval_data, seq_len=s.quality_seq_len, sequences=s.quality_sequences,
+                                       top_k=0, batch_size=s.eval_batch, device=device)
+    tokenizer = AutoTokenizer.from_pretrained(s.final)
+    haystack = load_texts(s.eval_data)
+    presets = {"all-fa": Placement.uniform("fa", model.config.num_hidden_layers), **model.presets}
+    info = json.loads((s.workdir / "presets.json").read_text())
+    predicted = {p["name"]: p for p in info["presets"]}
+    rows = []
+    for name, placement in presets.items():
+        console.print(f"[bold]measuring {name}[/] ({placement.summary()})")
+        quality = evaluator(placement)
+        speed = measure_decode(model, placement, batch=s.throughput_batch, context=s.throughput_context,
+                               new_tokens=s.throughput_tokens)
+        needle = needle_score(model, tokenizer, placement, haystack, contexts=s.needle_contexts)
+        rows.append({"preset": name, "placement": placement.to_list(), "counts": placement.counts(),
+                     "predicted_speedup": predicted.get(name, {}).get("speedup", 1.0),
+                     "predicted_quality": predicted.get(name, {}).get("predicted_quality"),
+                     "quality": quality["quality"], "kl": quality["kl"], "top1_agreement": quality["top1_agreement"],
+                     "tokens_per_s": speed["tokens_per_s"], "ms_per_step": speed["ms_per_step"],
+                     "needle": needle})
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    base = rows[0]
+    for r in rows:
+        r["decode_speedup"] = r["tokens_per_s"] / base["tokens_per_s"]
+        r["quality_retention"] = r["quality"] / base["quality"] if base["quality"] else None
+    spec = measure_speculative(model, tokenizer, haystack, rows, s)
+    payload = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()},
+               "quality_metric": evaluator.metric, "presets": rows, "speculative": spec}
+    out.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def measure_speculative(model, tokenizer, haystack, rows, s: PipelineSettings) -> dict:
+    """Try draft/target pairs among the presets; report the best measured speedup (greedy, lossless)."""
+    import torch
+
+    from serving.speculative import greedy_generate, speculative_generate
+
+    device = next(model.parameters()).device
+    prompts = [torch.tensor(tokenizer(t[:1500]).input_ids[:256])[None].to(device) for t in haystack[: s.spec_prompts]]
+    by_speed = sorted(rows, key=lambda r: r["decode_speedup"])
+    targets = [r for r in by_speed if r["decode_speedup"] < 1.6][:2] or by_speed[:1]
+    drafts = [r for r in by_speed if r["decode_speedup"] >= 2.0]
+    pairs = []
+    for target in targets:
+        t0 = time.perf_counter()
+        reference = [greedy_generate(model, p, target["placement"], s.spec_tokens) for p in prompts]
+        target_s = time.perf_counter() - t0
+        for draft in drafts:
+            t0 = time.perf_counter()
+            outs, accepted, drafted = [], 0, 0
+            for p in prompts:
+                tokens, stats = speculative_generate(model, p, draft["placement"], target["placement"],
+                                                     k=s.spec_k, max_new_tokens=s.spec_tokens)
+                outs.append(tokens)
+                accepted += stats.accepted
+                drafted += stats.drafted
+            spec_s = time.perf_counter() - t0
+            lossless = all(list(a) == list(b) for a, b in zip(outs, reference))
+            pairs.append({"draft": draft["preset"], "target": target["preset"], "k": s.spec_k,
+                          "acceptance_rate": accepted / max(1, drafted), "speedup": target_s / spec_s,
+                          "lossless": lossless, "target_seconds": target_s, "speculative_seconds": spec_s})
+            console.print(f"spec {draft['preset']} -> {target['preset']}: x{target_s / spec_s:.2f}, "
+                          f"acceptance {accepted / max(1, drafted):.2f}, lossless {lossless}")
+    best = max(pairs, key=lambda p: p["speedup"]) if pairs else None
+    return {"pairs": pairs, "best": best}
+
+
+def step_report(s: PipelineSettings) -> None:
+    from cli.report import write_report
+
+    write_report(s.workdir)
+
+
+STEP_FUNCTIONS: dict[str, Callable[[PipelineSettings], None]] = {
+    "convert": step_convert, "distill": step_distill, "evaluate": step_evaluate, "costs": step_costs,
+    "presets": step_presets, "measure": step_measure, "report": step_report,
+}
+
+
+def run_pipeline(s: PipelineSettings, steps: tuple[str, ...] = STEPS) -> None:
+    s.workdir.mkdir(parents=True, exist_ok=True)
+    (s.workdir / "settings.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
+                                                         for k, v in asdict(s).items()}, indent=2))
+    for name in steps:
+        t0 = time.time()
+        console.rule(f"[bold]{name}")
+        STEP_FUNCTIONS[name](s)
+        console.print(f"[green]{name} done[/] in {time.time() - t0:.0f}s; files in {s.workdir}")
