@@ -1,0 +1,34 @@
+"""The H100 training benchmark runs end to end on the CPU with tiny shapes (--smoke)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_bench_training_smoke(tmp_path):
+    out = tmp_path / "training_smoke.json"
+    proc = subprocess.run([sys.executable, "benchmarks/bench_training.py", "--smoke", "--out", str(out),
+                           "--work-dir", str(tmp_path / "work")], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stage-1 throughput" in proc.stdout and "held-out KL" in proc.stdout
+    res = json.loads(out.read_text())
+    ours, base = res["ours"], res["baseline"]
+    assert ours["tokens_per_s"] > 0 and base["tokens_per_s"] > 0 and res["speedup_vs_baseline"] > 0
+    assert set(ours["kl_before"]) == {"all-fa", "all-swa", "all-gdn", "all-kda"}
+    assert ours["kl_before"]["all-fa"] < 1e-6  # the converted teacher
+    assert ours["kl_after"]["all-gdn"] < ours["kl_before"]["all-gdn"]
+    assert ours["flops_per_token"] > 0 and len(ours["losses"]) == ours["steps"] == len(ours["placements"])
+    # comparing a run with itself: identical losses, efficiency 1
+    again = subprocess.run([sys.executable, "-c", (
+        "import json,sys; sys.path.insert(0, '.'); from benchmarks.bench_training import compare; "
+        f"r = json.load(open({str(out)!r})); print(json.dumps(compare(r['ours'], {str(out)!r})))")],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    cmp = json.loads(again.stdout.strip().splitlines()[-1])
+    assert cmp["scaling_efficiency"] == pytest.approx(1.0) and cmp["max_rel_loss_diff"] == 0.0

@@ -1,0 +1,328 @@
+"""Training configuration: nested dataclasses read from YAML, with strict key checking.
+
+A typo in a config key silently falling back to a default would waste a GPU-day, so every unknown
+key is an error that names the key and the known ones. `--set a.b=value` overrides use the same
+path syntax and the same checks.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message is one line naming the key and the fix."""
+
+
+@dataclass
+class StudentConfig:
+    # A supernet checkpoint folder. Null: convert the teacher at start into <out_dir>/student-init.
+    path: str | None = None
+    # Config overrides for the conversion (e.g. swa_window, gdn_num_heads); ignored when path is set.
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TeacherConfig:
+    # online: a frozen teacher model runs beside the student on the same micro-batch.
+    # self-fa: the student itself under the all-fa placement, no grad (valid only when the shared
+    #          weights and the fa mixers are frozen, i.e. equal to the converted teacher).
+    # offline: top-K log-probabilities read from a cache written by `supernet cache-logits`.
+    source: str = "online"
+    # HF folder or .gguf file; `builtin:tiny-llama` builds a tiny seeded teacher (smoke tests).
+    path: str | None = None
+    gguf_file: str | None = None
+    cache_dir: str | None = None  # offline: the training top-K cache
+    eval_cache_dir: str | None = None  # offline: a top-K cache of the held-out set (for eval)
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=list)  # jsonl / txt files or globs
+    eval: list[str] = field(default_factory=list)
+    format: str = "auto"  # auto | text | chat
+    seq_len: int = 2048
+    separator: str = "eos"  # token after each text document: eos | bos | a literal token string
+    shuffle: bool = True
+    cache_dir: str | None = None  # tokenised-corpus cache; default <out_dir>/data-cache
+    max_documents: int | None = None  # read only the first N documents of each split
+
+
+@dataclass
+class LossConfig:
+    kind: str = "fkl"  # fkl (forward KL) | rkl (reverse KL) | jsd (Jensen-Shannon, beta 0.5)
+    temperature: float = 1.0
+    kl_weight: float = 1.0
+    ce_weight: float = 0.0  # cross-entropy on the next token (temperature 1)
+    hidden_weight: float = 0.0  # per-layer hidden-state matching (relative squared error)
+    hidden_layers: list[int] | None = None  # decoder layers to match; null = all
+    chunk_tokens: int = 4096  # tokens per chunk of the fused lm_head + loss
+    compile: str = "auto"  # torch.compile the per-chunk KL math: auto (on CUDA) | true | false
+
+
+@dataclass
+class SamplingConfig:
+    strategy: str = "uniform"  # uniform | weighted
+    mixers: list[str] = field(default_factory=lambda: ["fa", "swa", "gdn", "kda"])
+    weights: dict[str, float] = field(default_factory=dict)  # weighted: mixer -> weight
+    presets: list[Any] = field(default_factory=list)  # target placements: all-gdn, lists, names
+    preset_prob: float = 0.0  # probability of drawing one of `presets` instead of sampling
+    presets_file: str | None = None  # presets.json whose placements join `presets`
+
+
+@dataclass
+class TrainConfig:
+    trainable: str = "mixers"  # mixers (shared weights frozen) | all
+    train_mixers: list[str] = field(default_factory=lambda: ["fa", "swa", "gdn", "kda"])
+    micro_batch_size: int = 4
+    grad_accum: int = 1
+    max_steps: int = 1000
+    max_tokens: int | None = None  # token budget; if set, max_steps = ceil(budget / tokens per step)
+    lr: float = 1e-3
+    # LR multiplier per mixer (and "shared"), e.g. {fa: 0.1, swa: 0.1}: mixers that start as exact
+    # copies of the teacher's attention need smaller steps than the freshly initialised linear ones.
+    mixer_lr_scale: dict[str, float] = field(default_factory=dict)
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0
+    activation_checkpointing: bool = False
+    compile: bool = False
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+    frozen_bf16: str = "auto"  # store frozen weights and the teacher in bf16: auto (on CUDA) | true | false
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class EvalConfig:
+    every: int = 200  # 0 = never (except at_start / at_end)
+    num_sequences: int = 16
+    batch_size: int = 4
+    placements: list[Any] = field(default_factory=lambda: ["all-fa", "all-swa", "all-gdn", "all-kda"])
+    at_start: bool = True
+    at_end: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500  # 0 = only at the end
+    keep_last: int = 3
+    resume: str = "auto"  # auto (latest in out_dir) | none | path to a checkpoint folder
+    save_final: bool = True  # write <out_dir>/final as a supernet HF folder
+
+
+@dataclass
+class LogConfig:
+    every: int = 10
+    tensorboard: bool = False
+    progress: bool = True
+
+
+@dataclass
+class DistributedConfig:
+    strategy: str = "auto"  # auto (FSDP2 under torchrun, none otherwise) | fsdp | ddp | none
+    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU)
+
+
+@dataclass
+class RunConfig:
+    stage: str = "distill"  # distill | sft
+    out_dir: str = "runs/default"
+    seed: int = 0
+    student: StudentConfig = field(default_factory=StudentConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "stage": ("distill", "sft"),
+    "teacher.source": ("online", "self-fa", "offline"),
+    "data.format": ("auto", "text", "chat"),
+    "loss.kind": ("fkl", "rkl", "jsd"),
+    "loss.compile": ("auto", "true", "false"),
+    "sampling.strategy": ("uniform", "weighted"),
+    "train.trainable": ("mixers", "all"),
+    "train.precision": ("auto", "bf16", "fp32"),
+    "train.frozen_bf16": ("auto", "true", "false"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "distributed.strategy": ("auto", "fsdp", "ddp", "none"),
+    "distributed.backend": ("auto", "nccl", "gloo"),
+}
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check/convert one YAML value against a dataclass field type."""
+    origin = get_origin(hint)
+    args = get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {type(value).__name__}")
+        return _build(hint, value, key + ".")
+    if value is None:
+        if type(None) in args or hint is Any:
+            return None
+        raise ConfigError(f"config key '{key}' must not be null")
+    if origin is not None and type(None) in args:  # Optional[X]
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key) if len(inner) == 1 else value
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        return int(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if isinstance(value, bool):  # YAML turns `true` into a bool; our string enums say "true"
+            return "true" if value else "false"
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        return str(value)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(v, args[0] if args else Any, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        vt = args[1] if len(args) == 2 else Any
+        return {str(k): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}'; known keys here: {', '.join(sorted(names))}"
+        )
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    obj = cls(**kwargs)
+    for path, allowed in CHOICES.items():
+        if not path.startswith(prefix) or "." in path[len(prefix):]:
+            continue
+        name = path[len(prefix):]
+        if getattr(obj, name) not in allowed:
+            raise ConfigError(f"config key '{path}' is {getattr(obj, name)!r}; choose one of {', '.join(allowed)}")
+    return obj
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """`["loss.kl_weight=0.5", "data.train=[a.jsonl]"]` -> nested dict (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.path=value")
+        key, raw = item.split("=", 1)
+        _set_path(out, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return out
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def config_from_dict(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> RunConfig:
+    cfg = _build(RunConfig, _merge(data or {}, overrides or {}))
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None = None,
+                stage: str | None = None) -> RunConfig:
+    """Read a YAML config; relative data/teacher/student paths stay relative to the working dir."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; see training/configs/ for examples")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    if stage is not None:
+        data.setdefault("stage", stage)
+        if data["stage"] != stage:
+            raise ConfigError(f"config {path} says stage '{data['stage']}' but this command runs '{stage}'")
+    ov = parse_overrides(overrides) if isinstance(overrides, list) else (overrides or {})
+    return config_from_dict(data, ov)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cross-field checks that a single key's type cannot express."""
+    from supernet.placement import MIXERS
+
+    for m in cfg.sampling.mixers + cfg.train.train_mixers + list(cfg.sampling.weights) + \
+            [k for k in cfg.train.mixer_lr_scale if k != "shared"]:
+        if m not in MIXERS:
+            raise ConfigError(f"unknown mixer {m!r} in the sampling/train config; choose from {', '.join(MIXERS)}")
+    if not cfg.sampling.mixers:
+        raise ConfigError("sampling.mixers is empty; list at least one mixer")
+    if not 0.0 <= cfg.sampling.preset_prob <= 1.0:
+        raise ConfigError("sampling.preset_prob must lie in [0, 1]")
+    if cfg.sampling.preset_prob > 0 and not (cfg.sampling.presets or cfg.sampling.presets_file):
+        raise ConfigError("sampling.preset_prob > 0 needs sampling.presets or sampling.presets_file")
+    if cfg.data.seq_len < 2:
+        raise ConfigError("data.seq_len must be at least 2")
+    if cfg.train.micro_batch_size < 1 or cfg.train.grad_accum < 1:
+        raise ConfigError("train.micro_batch_size and train.grad_accum must be >= 1")
+    if cfg.loss.temperature <= 0:
+        raise ConfigError("loss.temperature must be positive")
+    if cfg.loss.kl_weight == 0 and cfg.loss.ce_weight == 0 and cfg.loss.hidden_weight == 0:
+        raise ConfigError("all loss weights are zero; set loss.kl_weight, loss.ce_weight or loss.hidden_weight")
+    needs_teacher = cfg.loss.kl_weight > 0 or cfg.loss.hidden_weight > 0
+    src = cfg.teacher.source
+    if needs_teacher and src == "online" and not cfg.teacher.path:
+        raise ConfigError("teacher.path is required for an online teacher (or set teacher.source: offline / self-fa)")
+    if needs_teacher and src == "offline" and not cfg.teacher.cache_dir:
+        raise ConfigError("teacher.cache_dir is required with teacher.source: offline (write it with `supernet cache-logits`)")
+    if src == "offline" and cfg.loss.hidden_weight > 0:
+        raise ConfigError("loss.hidden_weight needs teacher hidden states; the offline cache has only logits (use source online)")
+    if src == "offline" and cfg.loss.kind != "fkl":
+        raise ConfigError("the offline top-K cache supports loss.kind fkl only (tail mass is a single bucket)")
+    if src == "self-fa" and (cfg.train.trainable == "all" or "fa" in cfg.train.train_mixers):
+        raise ConfigError("teacher.source self-fa needs frozen fa mixers and shared weights: "
+                          "set train.trainable: mixers and drop fa from train.train_mixers")
+    if cfg.student.path is None and not cfg.teacher.path:
+        raise ConfigError("student.path is not set, so the student is converted from the teacher; set teacher.path")
+    if not cfg.data.train and not (src == "offline" and cfg.teacher.cache_dir):
+        raise ConfigError("data.train lists no files; give at least one jsonl/txt path")
+    if cfg.loss.chunk_tokens < 1:
+        raise ConfigError("loss.chunk_tokens must be >= 1")

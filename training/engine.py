@@ -1,0 +1,104 @@
+"""`DistillPair`: the student, the frozen teacher and the loss in one module.
+
+Why one module: under FSDP2 the pair is the root unit, so its own parameters (embeddings, final
+norms, the lm_heads — tied to the embeddings in SmolLM2) are gathered during its forward. The
+fused lm_head loss needs those weights as plain tensors, so it runs inside this forward.
+
+Teacher modes:
+* online: `teacher` is a separate frozen model; it runs under no_grad on the same micro-batch.
+* self-fa: no separate teacher; the student itself under the all-fa placement, no grad. A converted
+  supernet's all-fa placement computes exactly the teacher's function, so while the shared weights
+  and the fa mixers stay frozen this *is* the teacher, at no extra memory. It is refused when they
+  train (the config check says so).
+* offline: the teacher's top-K log-probabilities come with the batch (no teacher forward).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from supernet.placement import Placement
+from training.losses import LossSpec, TopKTargets, fused_lm_head_loss, hidden_match_loss
+
+
+class DistillPair(nn.Module):
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, mode: str, spec: LossSpec,
+                 hidden_weight: float = 0.0, hidden_layers: list[int] | None = None,
+                 compute_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.student = student
+        self.teacher = teacher  # registered (and so sharded by FSDP2) only for the online mode
+        self.mode = mode
+        self.spec = spec
+        self.hidden_weight = hidden_weight
+        n = student.config.num_hidden_layers
+        self.hidden_layers = list(range(n)) if hidden_layers is None else list(hidden_layers)
+        if any(not 0 <= i < n for i in self.hidden_layers):
+            raise ValueError(f"loss.hidden_layers must lie in 0..{n - 1}")
+        self.all_fa = Placement.uniform("fa", n)
+        self.compute_dtype = compute_dtype
+
+    def _teacher_hidden(self, input_ids: Tensor, want_layers: bool) -> tuple[Tensor, tuple[Tensor, ...] | None, Tensor]:
+        """(final normed hidden [B,T,D], per-layer hidden states or None, lm_head weight), no grad."""
+        with torch.no_grad():
+            if self.mode == "self-fa":
+                out = self.student.model(input_ids=input_ids, placement=self.all_fa, use_cache=False,
+                                         output_hidden_states=want_layers)
+                weight = self.student.lm_head.weight
+            else:
+                if hasattr(self.teacher, "unshard"):  # FSDP2 unit, not entered through its forward
+                    self.teacher.unshard()
+                out = self.teacher.model(input_ids=input_ids, use_cache=False, output_hidden_states=want_layers)
+                weight = self.teacher.lm_head.weight
+        return out.last_hidden_state, out.hidden_states, weight
+
+    def forward(self, input_ids: Tensor, token_weight: Tensor, placement: Placement, labels: Tensor | None = None,
+                rows: Tensor | None = None, topk: TopKTargets | None = None,
+                spec: LossSpec | None = None, hidden_weight: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Loss of one micro-batch, already weighted per token (sum over micro-batches = global mean).
+
+        `rows`: flat token positions that carry weight (skip the rest); `topk`: offline teacher
+        signals for those rows. Returns (differentiable loss, detached stats).
+        """
+        spec = spec or self.spec
+        hw = self.hidden_weight if hidden_weight is None else hidden_weight
+        want_layers = hw > 0
+        need_teacher = (spec.kl_weight > 0 and topk is None) or want_layers
+        t_final = t_layers = t_weight = None
+        if need_teacher:
+            if self.mode == "offline":
+                raise ValueError("the offline teacher needs top-K targets with every batch")
+            t_final, t_layers, t_weight = self._teacher_hidden(input_ids, want_layers)
+        out = self.student.model(input_ids=input_ids, placement=placement, use_cache=False,
+                                 output_hidden_states=want_layers)
+        d = out.last_hidden_state.shape[-1]
+        h = out.last_hidden_state.reshape(-1, d)
+        tw = token_weight.reshape(-1).float()
+        lab = labels.reshape(-1) if labels is not None else None
+        th = t_final.reshape(-1, d) if t_final is not None else None
+        if rows is not None:
+            h, tw = h[rows], tw[rows]
+            lab = lab[rows] if lab is not None else None
+            th = th[rows] if th is not None else None
+        logit = fused_lm_head_loss(
+            h, self.student.lm_head.weight, tw, spec,
+            teacher_hidden=th if spec.kl_weight and topk is None else None,
+            teacher_weight=t_weight, topk=topk if spec.kl_weight else None, labels=lab,
+            compute_dtype=self.compute_dtype,
+        )
+        if self.teacher is not None and hasattr(self.teacher, "reshard"):
+            self.teacher.reshard()
+        loss = logit.loss
+        stats = {"kl": logit.kl, "ce": logit.ce}
+        if want_layers:
+            # hidden_states[i + 1] is layer i's output (the last one after the final norm, in both)
+            s_h = [out.hidden_states[i + 1] for i in self.hidden_layers]
+            t_h = [t_layers[i + 1] for i in self.hidden_layers]
+            hid = hidden_match_loss(s_h, t_h, token_weight.float())
+            loss = loss + hw * hid
+            stats["hidden"] = hid.detach()
+        else:
+            stats["hidden"] = torch.zeros((), device=loss.device)
+        return loss, stats

@@ -1,0 +1,84 @@
+"""Load the teacher, the tokenizer and the student for a run.
+
+The student is a supernet checkpoint; without one, the teacher is converted first (rank 0 writes
+`<out_dir>/student-init`, the other ranks wait and load it), so every rank starts from identical
+weights even if conversion draws random numbers.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+BUILTIN_TINY = "builtin:tiny-llama"
+
+
+def teacher_location(path: str, gguf_file: str | None) -> tuple[str, str | None]:
+    """`builtin:tiny-llama` -> the cached tiny teacher folder; anything else unchanged."""
+    if path == BUILTIN_TINY:
+        from training.testing import tiny_teacher_dir
+
+        return str(tiny_teacher_dir()), None
+    return path, gguf_file
+
+
+def load_teacher_model(path: str, gguf_file: str | None = None) -> tuple[nn.Module, Any]:
+    """(frozen LlamaForCausalLM in eval mode, tokenizer)."""
+    from supernet.teacher import load_teacher
+
+    loc, gguf = teacher_location(path, gguf_file)
+    model, tokenizer = load_teacher(loc, gguf)
+    model.requires_grad_(False)
+    return model.eval(), tokenizer
+
+
+def load_tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def prepare_student(student_path: str | None, out_dir: str | Path, teacher: nn.Module | None,
+                    teacher_tokenizer: Any, overrides: dict[str, Any], is_main: bool,
+                    barrier: Callable[[], None]) -> Path:
+    """The student checkpoint folder to load: the configured one, or a fresh conversion."""
+    if student_path is not None:
+        p = Path(student_path)
+        if not (p / "config.json").is_file():
+            raise FileNotFoundError(f"student checkpoint {p} has no config.json; run `supernet convert` first")
+        return p
+    out = Path(out_dir) / "student-init"
+    if is_main and not (out / "config.json").is_file():
+        if teacher is None:
+            raise ValueError("student.path is not set and there is no teacher model to convert")
+        from supernet.convert import save_checkpoint, supernet_from_teacher
+
+        save_checkpoint(supernet_from_teacher(teacher, **overrides), out, teacher_tokenizer)
+    barrier()
+    return out
+
+
+def load_student(path: str | Path) -> nn.Module:
+    import supernet.model  # noqa: F401  (registers the Auto classes for model_type "supernet")
+    from supernet.model import SupernetForCausalLM
+
+    return SupernetForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+
+
+def set_trainable(student: nn.Module, trainable: str, train_mixers: list[str]) -> list[str]:
+    """Freeze everything except what trains; return the names of the trainable parameters."""
+    names = []
+    for name, p in student.named_parameters():
+        if trainable == "all":
+            keep = True
+        else:
+            parts = name.split(".")
+            keep = "mixers" in parts and parts[parts.index("mixers") + 1] in train_mixers
+        p.requires_grad_(keep)
+        if keep:
+            names.append(name)
+    if not names:
+        raise ValueError("no parameter is trainable; check train.trainable and train.train_mixers")
+    return names

@@ -1,0 +1,469 @@
+"""The training loop shared by stage 1 (`distill`) and stage 2 (`sft`).
+
+One optimizer step:
+  1. draw a placement (seeded sampler: same on every rank, restored on resume);
+  2. for each micro-batch: student forward under that placement, teacher signals (online forward,
+     self-fa forward, or offline top-K), fused chunked loss, backward — gradients are summed, with
+     each token weighted by 1 / (target tokens in the global batch), so the result equals one big
+     batch whatever the split over micro-batches and ranks;
+  3. all-reduce the loss, clip gradients, stop on a non-finite loss or gradient norm *before* the
+     optimizer step (weights and the last checkpoint stay good), step AdamW and the LR schedule.
+Evaluation (KL to the teacher on held-out windows for fixed placements), JSONL metrics, checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from supernet.placement import Placement
+from training import checkpoint as ckpt
+from training.config import RunConfig
+from training.data import GlobalOrder, PackedDataset, build_token_stream, eval_indices
+from training.distributed import (DistEnv, apply_ddp, apply_fsdp, gradient_sync, init_distributed,
+                                  resolve_strategy, unwrap)
+from training.engine import DistillPair
+from training.losses import LossSpec, TopKTargets
+from training.models import load_student, load_teacher_model, load_tokenizer, prepare_student, set_trainable
+from training.sampling import build_sampler, resolve_placements
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm became NaN/inf; raised before the optimizer step."""
+
+
+def cosine_schedule(warmup: int, total: int, min_ratio: float):
+    """LR multiplier: linear warm-up from 0, then cosine decay to `min_ratio` at `total` steps."""
+
+    def f(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        span = max(1, total - warmup)
+        progress = min(1.0, (step - warmup) / span)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    losses: dict[int, float] = field(default_factory=dict)  # step -> loss (this process' run)
+    evals: dict[int, dict[str, float]] = field(default_factory=dict)
+    tokens_per_s: float = 0.0
+    final_dir: Path | None = None
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, config_text: str | None = None, env: DistEnv | None = None) -> None:
+        self.cfg = cfg
+        self.config_text = config_text or yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+        self.env = env or init_distributed(cfg.train.device, cfg.distributed.backend)
+        self.out = Path(cfg.out_dir)
+        self._setup()
+
+    # ------------------------------------------------------------------------------------------
+    # setup
+    # ------------------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        cfg, env = self.cfg, self.env
+        if env.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        env.barrier()
+        torch.manual_seed(cfg.seed)
+        dev = env.device
+        if dev.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and dev.type == "cuda")
+        if self.bf16 and dev.type != "cuda":
+            self.bf16 = False  # bf16 autocast is slower than fp32 on CPUs (FACTS.md); keep CPU runs exact
+        self.compute_dtype = torch.bfloat16 if self.bf16 else torch.float32
+        src = cfg.teacher.source
+        needs_teacher_signal = cfg.loss.kl_weight > 0 or cfg.loss.hidden_weight > 0
+
+        teacher, tokenizer = None, None
+        if (src == "online" and needs_teacher_signal) or cfg.student.path is None:
+            teacher, tokenizer = load_teacher_model(cfg.teacher.path, cfg.teacher.gguf_file)
+        student_dir = prepare_student(cfg.student.path, self.out, teacher, tokenizer, cfg.student.overrides,
+                                      env.is_main, env.barrier)
+        if src != "online" or not needs_teacher_signal:
+            teacher = None
+        self.has_teacher = needs_teacher_signal
+        self.student_dir = student_dir
+        student = load_student(student_dir)
+        if tokenizer is None:
+            tokenizer = load_tokenizer(str(student_dir))
+        self.tokenizer = tokenizer
+        self.trainable_names = set_trainable(student, cfg.train.trainable, cfg.train.train_mixers)
+        if teacher is not None:
+            if teacher.config.vocab_size != student.config.vocab_size:
+                raise ValueError(f"teacher vocab {teacher.config.vocab_size} != student vocab {student.config.vocab_size}")
+            frozen_bf16 = cfg.train.frozen_bf16 == "true" or (cfg.train.frozen_bf16 == "auto" and self.bf16)
+            teacher.to(device=dev, dtype=torch.bfloat16 if frozen_bf16 else torch.float32)
+        student.to(dev)
+        self.num_layers = student.config.num_hidden_layers
+
+        # data
+        seq = cfg.data.seq_len
+        data_cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.out / "data-cache"
+        if src == "offline" and needs_teacher_signal:
+            from training.logit_cache import TopKCache
+
+            self.train_ds = TopKCache(cfg.teacher.cache_dir)
+            self.train_ds.check_compatible(seq, cfg.loss.temperature, tokenizer)
+            self.eval_ds = None
+            if cfg.teacher.eval_cache_dir:
+                self.eval_ds = TopKCache(cfg.teacher.eval_cache_dir)
+                self.eval_ds.check_compatible(seq, self.eval_ds.temperature, tokenizer)
+        else:
+            stream = build_token_stream(cfg.data.train, tokenizer, data_cache, cfg.data.format, cfg.data.separator,
+                                        cfg.data.max_documents, env.is_main, env.barrier, cfg.log.progress and env.is_main)
+            self.train_ds = PackedDataset(stream, seq)
+            self.eval_ds = None
+            if cfg.data.eval:
+                ev = build_token_stream(cfg.data.eval, tokenizer, data_cache, cfg.data.format, cfg.data.separator,
+                                        cfg.data.max_documents, env.is_main, env.barrier, False)
+                self.eval_ds = PackedDataset(ev, seq)
+        self.order = GlobalOrder(len(self.train_ds), cfg.train.micro_batch_size, cfg.train.grad_accum,
+                                 env.world_size, env.rank, cfg.seed, cfg.data.shuffle)
+        self.tokens_per_step = self.order.global_batch * seq
+        self.max_steps = cfg.train.max_steps
+        if cfg.train.max_tokens:
+            self.max_steps = math.ceil(cfg.train.max_tokens / self.tokens_per_step)
+
+        # model wrapping
+        compiled = cfg.loss.compile == "true" or (cfg.loss.compile == "auto" and dev.type == "cuda")
+        spec = LossSpec(cfg.loss.kind, cfg.loss.temperature, cfg.loss.kl_weight, cfg.loss.ce_weight,
+                        cfg.loss.chunk_tokens, compiled)
+        self.loss_spec = spec
+        mode = src if needs_teacher_signal else "online"
+        pair = DistillPair(student, teacher, mode, spec, cfg.loss.hidden_weight, cfg.loss.hidden_layers, self.compute_dtype)
+        if cfg.train.activation_checkpointing:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.train.compile:  # per decoder layer (student and teacher): fuses norms, RoPE, SiLU, residuals
+            for layer in list(student.model.layers) + (list(teacher.model.layers) if teacher is not None else []):
+                layer.compile()
+        self.strategy = resolve_strategy(cfg.distributed.strategy, env)
+        if self.strategy == "fsdp":
+            self.module = apply_fsdp(pair, student.model.layers, teacher, env)
+        elif self.strategy == "ddp":
+            self.module = apply_ddp(pair, env)
+        else:
+            self.module = pair
+        self.pair = unwrap(self.module)
+        self.grad_scale = float(env.world_size) if self.strategy in ("fsdp", "ddp") else 1.0
+        self.student = student
+
+        # optimizer and schedule (after wrapping: FSDP2 replaces parameters by sharded ones)
+        self.params = [p for p in student.parameters() if p.requires_grad]
+        # (layer, mixer) of every trainable mixer parameter: gradients of mixers outside a step's
+        # placement are dropped, so AdamW skips them (under FSDP2 they arrive as zeros, which
+        # would still move them by their momentum)
+        self.mixer_params: list[tuple[int, str, torch.nn.Parameter]] = []
+        for name, p in student.named_parameters():
+            parts = name.split(".")
+            if p.requires_grad and "mixers" in parts and "layers" in parts:
+                self.mixer_params.append((int(parts[parts.index("layers") + 1]), parts[parts.index("mixers") + 1], p))
+        kwargs: dict[str, Any] = {}
+        if dev.type == "cuda":
+            kwargs["fused" if self.strategy == "none" else "foreach"] = True
+        self.optimizer = torch.optim.AdamW(self._param_groups(student), lr=cfg.train.lr,
+                                           betas=tuple(cfg.train.betas), **kwargs)
+        self._init_optimizer_state()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, cosine_schedule(cfg.train.warmup_steps, self.max_steps, cfg.train.min_lr_ratio))
+        self.sampler = build_sampler(cfg.sampling, self.num_layers, cfg.seed, student.config.presets)
+        self.eval_placements = resolve_placements(
+            cfg.eval.placements, self.num_layers,
+            {k: Placement.parse(v, self.num_layers) for k, v in student.config.presets.items()})
+        self.step = 0
+        self.tokens_seen = 0
+        self._resume()
+        self._tb = None
+        if cfg.log.tensorboard and env.is_main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.out / "tensorboard"))
+            except Exception:
+                print("warning: tensorboard is not installed; metrics go to metrics.jsonl only")
+
+    def _param_groups(self, student: torch.nn.Module) -> list[dict[str, Any]]:
+        """AdamW groups: per mixer (its LR scale) x decay (matrices) / no decay (norms, gates, biases)."""
+        cfg = self.cfg.train
+        groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
+        for name, p in student.named_parameters():
+            if not p.requires_grad:
+                continue
+            parts = name.split(".")
+            mixer = parts[parts.index("mixers") + 1] if "mixers" in parts else "shared"
+            groups.setdefault((mixer, p.ndim >= 2), []).append(p)
+        out = []
+        for (mixer, decay), params in sorted(groups.items()):
+            scale = float(cfg.mixer_lr_scale.get(mixer, 1.0))
+            out.append({"params": params, "lr": cfg.lr * scale, "weight_decay": cfg.weight_decay if decay else 0.0,
+                        "name": f"{mixer}.{'decay' if decay else 'no_decay'}"})
+        return out
+
+    @torch.no_grad()
+    def _init_optimizer_state(self) -> None:
+        """Create AdamW's state for every trainable parameter now, exactly as its first step would.
+
+        Mixers that a run has not sampled yet would otherwise have no state, so a checkpoint's set
+        of keys would depend on the sampled placements and could not be loaded into a fresh
+        optimizer. A step with zero gradients and lr 0 creates the state; resetting `step` to 0
+        makes it identical to AdamW's lazy initialisation.
+        """
+        saved = [g["lr"] for g in self.optimizer.param_groups]
+        for g in self.optimizer.param_groups:
+            g["lr"] = 0.0
+            for p in g["params"]:
+                p.grad = torch.zeros_like(p)
+        self.optimizer.step()
+        for g, lr in zip(self.optimizer.param_groups, saved):
+            g["lr"] = lr
+            for p in g["params"]:
+                p.grad = None
+                st = self.optimizer.state[p]
+                st["step"].zero_() if torch.is_tensor(st["step"]) else st.update(step=0)
+                st["exp_avg"].zero_()
+                st["exp_avg_sq"].zero_()
+
+    def _resume(self) -> None:
+        mode = self.cfg.checkpoint.resume
+        if mode == "none":
+            return
+        path = ckpt.find_latest(self.out) if mode == "auto" else Path(mode)
+        if path is None:
+            return
+        state = ckpt.load_checkpoint(path, self.student, self.optimizer, self.env.rank)
+        self.step = int(state["step"])
+        self.tokens_seen = int(state["tokens_seen"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        if self.env.is_main:
+            print(f"resumed from {path} at step {self.step}")
+
+    # ------------------------------------------------------------------------------------------
+    # one step
+    # ------------------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.bf16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast(self.env.device.type, enabled=False)
+
+    def _micro_inputs(self, batch, normaliser: float) -> dict[str, Any]:
+        """Move a batch to the device; keep only weighted rows when many are masked."""
+        dev = self.env.device
+        flat = batch.mask.reshape(-1)
+        rows = None
+        if float(flat.mean()) < 0.9:
+            rows = flat.nonzero().squeeze(1)
+        topk = None
+        if batch.extras:
+            ids = batch.extras["topk_ids"].reshape(-1, batch.extras["topk_ids"].shape[-1])
+            lps = batch.extras["topk_logprobs"].reshape(ids.shape)
+            tail = batch.extras["topk_tail"].reshape(-1)
+            if rows is not None:
+                ids, lps, tail = ids[rows], lps[rows], tail[rows]
+            topk = TopKTargets(ids.to(dev), lps.to(dev), tail.to(dev))
+        return dict(input_ids=batch.input_ids.to(dev), token_weight=(batch.mask / normaliser).to(dev),
+                    labels=batch.labels.to(dev), rows=rows.to(dev) if rows is not None else None, topk=topk)
+
+    def train_step(self, placement: Placement) -> dict[str, float]:
+        cfg, env = self.cfg, self.env
+        count = self.train_ds.target_counts(self.order.step_indices(self.step))
+        if count == 0:
+            raise ValueError(f"step {self.step}: the global batch has no target tokens (check the data masks)")
+        sums = torch.zeros(4, device=env.device)  # loss, kl, ce, hidden
+        for m in range(cfg.train.grad_accum):
+            batch = self.train_ds.get(self.order.micro_indices(self.step, m))
+            inputs = self._micro_inputs(batch, float(count))
+            with gradient_sync(self.module, m == cfg.train.grad_accum - 1), self._autocast():
+                loss, stats = self.module(placement=placement, **inputs)
+            # token weights already normalise by the global batch, so rank gradients must be
+            # summed; FSDP2 and DDP average them, hence the factor (a power of two is exact)
+            (loss * self.grad_scale if self.grad_scale != 1 else loss).backward()
+            sums += torch.stack([loss.detach().float(), stats["kl"].float(), stats["ce"].float(),
+                                 stats["hidden"].float()])
+        env.all_reduce_sum(sums)
+        for layer, mixer, p in self.mixer_params:
+            if placement[layer] != mixer:
+                p.grad = None
+        clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+        gnorm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        if hasattr(gnorm, "full_tensor"):
+            gnorm = gnorm.full_tensor()
+        values = torch.cat([sums, gnorm.reshape(1).float().to(sums.device)]).tolist()
+        loss_v, kl_v, ce_v, hid_v, gn_v = values
+        if not (math.isfinite(loss_v) and math.isfinite(gn_v)):
+            self.optimizer.zero_grad(set_to_none=True)
+            latest = ckpt.find_latest(self.out)
+            raise TrainingDiverged(
+                f"loss became {loss_v} (grad norm {gn_v}) at step {self.step} under placement "
+                f"{placement.summary()}; stopped before the optimizer step, the weights are unchanged; "
+                f"last good checkpoint: {latest or 'none'}; lower train.lr or check the data")
+        lr = self.cfg.train.lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss_v, "kl": kl_v, "ce": ce_v, "hidden": hid_v, "grad_norm": gn_v, "lr": lr}
+
+    # ------------------------------------------------------------------------------------------
+    # evaluation
+    # ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, placements: list[Placement] | None = None) -> dict[str, float]:
+        """Mean per-token KL(teacher || student) at temperature 1 on the held-out windows
+        (cross-entropy when the run has no teacher signal), per placement."""
+        if self.eval_ds is None:
+            return {}
+        env, cfg = self.env, self.cfg
+        n = len(eval_indices(len(self.eval_ds), cfg.eval.num_sequences))
+        n -= n % env.world_size
+        if n == 0:
+            return {}
+        mine = list(range(n))[env.rank::env.world_size]
+        count = self.eval_ds.target_counts(range(n))
+        offline = hasattr(self.eval_ds, "top_k")
+        if self.has_teacher:
+            spec = LossSpec("fkl", self.eval_ds.temperature if offline else 1.0, 1.0, 0.0, cfg.loss.chunk_tokens,
+                            self.loss_spec.compiled)
+        else:  # no teacher (e.g. SFT without distillation): held-out cross-entropy instead
+            spec = LossSpec("fkl", 1.0, 0.0, 1.0, cfg.loss.chunk_tokens)
+        key = "kl" if self.has_teacher else "ce"
+        out: dict[str, float] = {}
+        for p in placements or self.eval_placements:
+            total = torch.zeros((), device=env.device)
+            for s in range(0, len(mine), cfg.eval.batch_size):
+                batch = self.eval_ds.get(mine[s: s + cfg.eval.batch_size])
+                inputs = self._micro_inputs(batch, float(count))
+                with self._autocast():
+                    _, stats = self.module(placement=p, spec=spec, hidden_weight=0.0, **inputs)
+                total += stats[key].float()
+            env.all_reduce_sum(total)
+            name = f"all-{p[0]}" if len(set(p)) == 1 else str(p)
+            out[name] = float(total)
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    # the loop
+    # ------------------------------------------------------------------------------------------
+    def _log(self, record: dict[str, Any]) -> None:
+        if not self.env.is_main:
+            return
+        with (self.out / "metrics.jsonl").open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self._tb.add_scalar(k, v, record["step"])
+                elif isinstance(v, dict):
+                    for kk, vv in v.items():
+                        self._tb.add_scalar(f"{k}/{kk}", vv, record["step"])
+
+    def save(self) -> Path:
+        state = {"step": self.step, "tokens_seen": self.tokens_seen, "scheduler": self.scheduler.state_dict(),
+                 "sampler": self.sampler.state_dict()}
+        return ckpt.save_checkpoint(self.out, self.step, self.student, self.optimizer, state, self.config_text,
+                                    self.env.rank, self.env.barrier, self.cfg.checkpoint.keep_last)
+
+    def save_final(self) -> Path:
+        """The trained supernet as an HF folder (`<out_dir>/final`), loadable by every other part."""
+        from supernet.convert import save_checkpoint
+        from supernet.model import SupernetForCausalLM
+
+        sd = ckpt.full_model_state(self.student)
+        final = self.out / "final"
+        if self.env.is_main:
+            fresh = SupernetForCausalLM(self.student.config)
+            fresh.load_state_dict(sd, strict=False)
+            if fresh.config.tie_word_embeddings:
+                fresh.tie_weights()
+            save_checkpoint(fresh, final, self.tokenizer)
+        self.env.barrier()
+        return final
+
+    @property
+    def eval_key(self) -> str:
+        return "eval_kl" if self.has_teacher else "eval_ce"
+
+    def train(self, stop_at_step: int | None = None) -> TrainResult:
+        """Run to max_steps (or stop after `stop_at_step` completed steps, as a crash would)."""
+        cfg, env = self.cfg, self.env
+        result = TrainResult(steps=self.step)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=self.max_steps, initial=self.step, unit="step", desc=cfg.stage,
+                   disable=not (cfg.log.progress and env.is_main), dynamic_ncols=True)
+        if cfg.eval.at_start and self.step == 0 and self.eval_ds is not None:
+            ev = self.evaluate()
+            result.evals[0] = ev
+            self._log({"step": 0, self.eval_key: ev})
+        timed_tokens, timed_s = 0, 0.0
+        window_tokens, window_t0 = 0, time.perf_counter()
+        if env.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        while self.step < self.max_steps:
+            placement = self.sampler.sample()
+            t0 = time.perf_counter()
+            rec = self.train_step(placement)
+            if env.device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            timed_tokens += self.tokens_per_step
+            timed_s += dt
+            window_tokens += self.tokens_per_step
+            result.losses[self.step] = rec["loss"]
+            self.step += 1
+            self.tokens_seen += self.tokens_per_step
+            record = {"step": self.step, **rec, "tokens": self.tokens_seen, "tokens_per_s": self.tokens_per_step / dt,
+                      "placement": str(placement), "epoch": round(self.order.epoch_of(self.step), 4)}
+            if env.device.type == "cuda":
+                record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            self._log(record)
+            bar.update(1)
+            if self.step % max(1, cfg.log.every) == 0 or self.step == self.max_steps:
+                rate = window_tokens / max(1e-9, time.perf_counter() - window_t0)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", kl=f"{rec['kl']:.4f}", tok_s=f"{rate:,.0f}")
+                window_tokens, window_t0 = 0, time.perf_counter()
+            if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < self.max_steps:
+                ev = self.evaluate()
+                result.evals[self.step] = ev
+                self._log({"step": self.step, self.eval_key: ev})
+            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < self.max_steps:
+                self.save()
+            if stop_at_step is not None and self.step >= stop_at_step:
+                bar.close()
+                result.steps = self.step
+                result.tokens_per_s = timed_tokens / timed_s if timed_s else 0.0
+                return result
+        bar.close()
+        if cfg.eval.at_end and self.eval_ds is not None:
+            ev = self.evaluate()
+            result.evals[self.step] = ev
+            self._log({"step": self.step, self.eval_key: ev})
+        self.save()
+        if cfg.checkpoint.save_final:
+            result.final_dir = self.save_final()
+        result.steps = self.step
+        result.tokens_per_s = timed_tokens / timed_s if timed_s else 0.0
+        return result
+
+
+def run(cfg: RunConfig, config_text: str | None = None) -> TrainResult:
+    """Build a trainer, train, shut the process group down."""
+    from training.distributed import shutdown
+
+    trainer = Trainer(cfg, config_text)
+    try:
+        return trainer.train()
+    finally:
+        shutdown(trainer.env)
