@@ -1,0 +1,108 @@
+"""What a server instantiates: the placements it serves, the mixers each layer needs, the draft.
+
+Pure Python on top of `SupernetConfig`, shared by the vLLM model, its config hook, the request
+router and the CLI, so every process derives the same plan from the same config keys:
+
+- `preset` (existing key): serve that preset only (else the default `placement`);
+- `switchable: true`: serve the default placement and every preset in one engine; a request picks
+  one (model name `NAME:PRESET` or `vllm_xargs={"preset": ...}`);
+- `draft_preset`: the preset whose mixers the self-speculative drafter needs as well.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from supernet.placement import MIXERS, Placement, PlacementError
+
+DEFAULT = "default"
+LINEAR_MIXERS = ("gdn", "kda")
+ATTENTION_MIXERS = ("fa", "swa")
+
+
+@dataclass(frozen=True)
+class ServingPlan:
+    placements: dict[str, Placement]  # served name -> placement; the first one is the default
+    layer_mixers: tuple[tuple[str, ...], ...]  # mixers served through vLLM layers, per layer
+    draft: Placement | None
+    draft_only: tuple[tuple[str, ...], ...]  # mixers only the drafter uses, per layer
+    switchable: bool
+
+    @property
+    def default_name(self) -> str:
+        return next(iter(self.placements))
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_mixers)
+
+    def used_kinds(self) -> set[str]:
+        return {m for layer in self.layer_mixers for m in layer}
+
+    def layer_types(self) -> list[str]:
+        """vLLM's `layer_types` spelling: hybrid iff some layer holds a linear mixer."""
+        out = []
+        for mixers in self.layer_mixers:
+            if any(m in LINEAR_MIXERS for m in mixers):
+                out.append("linear_attention")
+            elif mixers == ("swa",):
+                out.append("sliding_attention")
+            else:
+                out.append("full_attention")
+        return out
+
+    def resolve(self, name: str | None) -> str:
+        """A request's preset name -> a served name; one-line error naming the choices."""
+        if name is None or name == "":
+            return self.default_name
+        if name in self.placements:
+            return name
+        known = ", ".join(self.placements)
+        raise PlacementError(f"unknown preset {name!r}; this server serves: {known}")
+
+
+def _truthy(value) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
+def serving_plan(config) -> ServingPlan:
+    """Derive the plan from a `SupernetConfig` (after vLLM applied `--hf-overrides`)."""
+    n = config.num_hidden_layers
+    presets = {name: Placement.parse(p, n) for name, p in (config.presets or {}).items()}
+    preset = getattr(config, "preset", None)
+    switchable = _truthy(getattr(config, "switchable", False))
+    if preset is not None and preset not in presets:
+        known = ", ".join(sorted(presets)) or "none"
+        raise PlacementError(f"unknown preset {preset!r}; this checkpoint has: {known}")
+    base = Placement.parse(config.placement, n)
+    if switchable:
+        placements: dict[str, Placement] = {}
+        first = preset or DEFAULT
+        placements[first] = presets[preset] if preset else base
+        if DEFAULT not in placements:
+            placements[DEFAULT] = base
+        for name, p in presets.items():
+            placements.setdefault(name, p)
+    else:
+        placements = {preset: presets[preset]} if preset else {DEFAULT: base}
+    layer_mixers = tuple(
+        tuple(m for m in MIXERS if any(p[i] == m for p in placements.values())) for i in range(n)
+    )
+    draft = None
+    draft_only: tuple[tuple[str, ...], ...] = tuple(() for _ in range(n))
+    draft_name = getattr(config, "draft_preset", None)
+    if draft_name:
+        if draft_name in presets:
+            draft = presets[draft_name]
+        else:
+            try:
+                draft = Placement.parse(draft_name, n)  # a placement string or all-<mixer>
+            except PlacementError:
+                known = ", ".join(sorted(presets)) or "none"
+                raise PlacementError(
+                    f"draft preset {draft_name!r} is neither a preset of this checkpoint ({known}) "
+                    f"nor a placement of {n} mixers"
+                ) from None
+        draft_only = tuple(() if draft[i] in layer_mixers[i] else (draft[i],) for i in range(n))
+    return ServingPlan(placements, layer_mixers, draft, draft_only, switchable)

@@ -1,0 +1,108 @@
+"""vLLM general plugin (entry point `vllm.general_plugins: supernet = serving.plugin:register`).
+
+vLLM calls `register()` in every process it starts (API server, engine core, workers) before it
+reads the model config. We:
+
+1. register `SupernetForCausalLM` (lazily, by import path) with vLLM's `ModelRegistry` and make
+   `AutoConfig` know model_type "supernet";
+2. add a config hook for the architecture (`MODELS_CONFIG_MAP`): it resolves `--hf-overrides`
+   (`preset`, `placement`, `switchable`, `draft_preset`) into a serving plan, fails early with one
+   line on a bad preset, tells vLLM which layers are linear (`layer_types`, so a preset without
+   GDN/KDA is an ordinary attention model), turns prefix caching off where cached KV would depend
+   on the preset or recurrent states could not be restored, and installs the request router;
+3. in the API server, map a request's model name `NAME:PRESET` to `extra_args["preset"]`.
+"""
+from __future__ import annotations
+
+import os
+
+ARCHITECTURE = "SupernetForCausalLM"
+MODEL_PATH = "serving.vllm_model:SupernetForCausalLM"
+_registered = False
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    # The router follows rows of the V1 runner's persistent batch (see serving.routing).
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    import supernet.model  # noqa: F401  (registers the Auto classes for model_type "supernet")
+    from vllm import ModelRegistry
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(ARCHITECTURE, MODEL_PATH)
+    MODELS_CONFIG_MAP[ARCHITECTURE] = _config_hook()
+    _patch_request_model_names()
+
+
+def _config_hook():
+    from vllm.model_executor.models.config import VerifyAndUpdateConfig
+
+    class SupernetConfigHook(VerifyAndUpdateConfig):
+        @staticmethod
+        def verify_and_update_model_config(model_config) -> None:
+            from serving import routing
+            from serving.plan import serving_plan
+
+            hf_config = model_config.hf_config
+            plan = serving_plan(hf_config)  # raises PlacementError (one line) on a bad preset
+            hf_config.layer_types = plan.layer_types()
+            routing.remember_plan(str(model_config.model), plan)
+
+        @staticmethod
+        def verify_and_update_config(vllm_config) -> None:
+            from serving import routing
+            from serving.plan import serving_plan
+
+            model_config = vllm_config.model_config
+            plan = serving_plan(model_config.hf_config)
+            has_linear = "linear_attention" in plan.layer_types()
+            spec = vllm_config.speculative_config
+            if plan.switchable and spec is not None:
+                raise ValueError(
+                    "speculative decoding serves one target preset; drop switchable or the "
+                    "speculative config"
+                )
+            if (has_linear or plan.switchable) and vllm_config.cache_config.enable_prefix_caching:
+                # cached KV of a preset is wrong for another; recurrent states are not paged
+                vllm_config.cache_config.enable_prefix_caching = False
+            if spec is None:
+                procs = list(model_config.logits_processors or [])
+                if routing.ROUTER_FQCN not in procs and routing.PresetRouter not in procs:
+                    model_config.logits_processors = procs + [routing.ROUTER_FQCN]
+
+    return SupernetConfigHook
+
+
+def _patch_request_model_names() -> None:
+    """`model="supernet:fast"` -> SamplingParams.extra_args["preset"] = "fast" (API server side).
+
+    vLLM accepts every name given to `--served-model-name` and answers an unknown one with 404;
+    `supernet serve --switchable` lists `NAME:PRESET` for every preset."""
+    try:
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    except Exception:  # pragma: no cover - entrypoints not importable in this process
+        return
+    from serving.routing import PRESET_KEY, validate_preset
+
+    for cls in (CompletionRequest, ChatCompletionRequest):
+        original = cls.to_sampling_params
+        if getattr(original, "_supernet_patched", False):
+            continue
+
+        def to_sampling_params(self, *args, __original=original, **kwargs):
+            params = __original(self, *args, **kwargs)
+            model = getattr(self, "model", None) or ""
+            if ":" in model:
+                extra = dict(params.extra_args or {})
+                extra.setdefault(PRESET_KEY, model.rsplit(":", 1)[1])
+                params.extra_args = extra
+            validate_preset(params)  # ValueError -> HTTP 400, also when no router is installed
+            return params
+
+        to_sampling_params._supernet_patched = True
+        cls.to_sampling_params = to_sampling_params

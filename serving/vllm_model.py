@@ -1,0 +1,302 @@
+"""`SupernetForCausalLM` for vLLM, built from vLLM's own layers.
+
+FA and SWA are vLLM `Attention` layers (paged KV cache, `per_layer_sliding_window` for SWA; vLLM
+frees blocks that fall out of the window), the MLP and projections are vLLM's (tensor-parallel)
+linear layers, GDN and KDA are `SupernetLinearAttention` (`MambaBase`: vLLM owns their state
+pages). Checkpoints load as saved by `supernet` (names in the spec); q/k/v and gate/up are merged
+on load.
+
+Only the mixers of the served placement(s) exist (`serving.plan`): a server for one preset
+allocates KV cache for its attention layers only. In switchable mode a layer holds every mixer
+that some served preset uses there; each mixer runs once over the whole batch when at least one
+request in the batch needs it, and every token keeps the output of its own preset's mixer (the
+caches of mixers a request does not use receive writes that nobody reads).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from vllm.config import VllmConfig
+from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.forward_context import get_forward_context
+from vllm.model_executor.layers.activation import SiluAndMul
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.model_executor.models.interfaces import IsHybrid
+from vllm.sequence import IntermediateTensors
+from vllm.v1.kv_cache_interface import MambaSpec
+
+from serving import routing
+from serving.linear_layers import SupernetLinearAttention, linear_state_dtypes, linear_state_shapes
+from serving.plan import LINEAR_MIXERS, serving_plan
+from supernet.placement import MIXERS
+
+
+def rope_parameters(config) -> dict:
+    """vLLM's `rope_parameters` for our config (default or llama3 scaling, as the reference)."""
+    params = {"rope_type": "default", "rope_theta": config.rope_theta}
+    scaling = dict(config.rope_scaling or {})
+    kind = scaling.pop("rope_type", scaling.pop("type", "default"))
+    if kind not in (None, "default"):
+        params.update(scaling)
+        params["rope_type"] = kind
+    return params
+
+
+class SupernetAttention(nn.Module):
+    """FA (`window=None`) or SWA: the teacher's attention on vLLM's paged KV cache."""
+
+    def __init__(self, config, window: int | None, vllm_config: VllmConfig, prefix: str) -> None:
+        super().__init__()
+        tp = get_tensor_model_parallel_world_size()
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads // tp
+        self.num_kv_heads = max(1, config.num_key_value_heads // tp)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size, self.head_dim, config.num_attention_heads, config.num_key_value_heads,
+            bias=config.attention_bias, quant_config=vllm_config.quant_config, prefix=f"{prefix}.qkv_proj",
+        )
+        self.o_proj = RowParallelLinear(
+            config.num_attention_heads * self.head_dim, config.hidden_size, bias=config.attention_bias,
+            quant_config=vllm_config.quant_config, prefix=f"{prefix}.o_proj",
+        )
+        self.rotary_emb = get_rope(
+            self.head_dim, max_position=config.max_position_embeddings, is_neox_style=True,
+            rope_parameters=rope_parameters(config),
+        )
+        self.attn = Attention(
+            self.num_heads, self.head_dim, self.head_dim**-0.5, num_kv_heads=self.num_kv_heads,
+            cache_config=vllm_config.cache_config, quant_config=vllm_config.quant_config,
+            per_layer_sliding_window=window, prefix=f"{prefix}.attn",
+        )
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        qkv, _ = self.qkv_proj(hidden_states)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self.rotary_emb(positions, q, k)
+        out, _ = self.o_proj(self.attn(q, k, v))
+        return out
+
+
+class SupernetMLP(nn.Module):
+    def __init__(self, config, vllm_config: VllmConfig, prefix: str) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size, [config.intermediate_size] * 2, bias=config.mlp_bias,
+            quant_config=vllm_config.quant_config, prefix=f"{prefix}.gate_up_proj",
+        )
+        self.down_proj = RowParallelLinear(
+            config.intermediate_size, config.hidden_size, bias=config.mlp_bias,
+            quant_config=vllm_config.quant_config, prefix=f"{prefix}.down_proj",
+        )
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, _ = self.gate_up_proj(x)
+        x, _ = self.down_proj(self.act_fn(x))
+        return x
+
+
+def build_mixer(config, name: str, vllm_config: VllmConfig, prefix: str) -> nn.Module:
+    if name == "fa":
+        return SupernetAttention(config, None, vllm_config, prefix)
+    if name == "swa":
+        return SupernetAttention(config, config.swa_window, vllm_config, prefix)
+    return SupernetLinearAttention(config, name, prefix)
+
+
+class SupernetDecoderLayer(nn.Module):
+    """Shared norms and MLP; `mixers` holds the mixers this server needs at this layer."""
+
+    def __init__(self, config, layer_idx: int, mixers: tuple[str, ...], vllm_config: VllmConfig, prefix: str) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = SupernetMLP(config, vllm_config, f"{prefix}.mlp")
+        self.mixers = nn.ModuleDict({m: build_mixer(config, m, vllm_config, f"{prefix}.mixers.{m}") for m in mixers})
+
+    def run_mixer(self, name: str, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        mixer = self.mixers[name]
+        return mixer(positions, x) if isinstance(mixer, SupernetAttention) else mixer(x)
+
+    def forward(self, positions, hidden_states, residual, route: "routing.BatchRoute | None"):
+        if residual is None:
+            residual = hidden_states
+            x = self.input_layernorm(hidden_states)
+        else:
+            x, residual = self.input_layernorm(hidden_states, residual)
+        if route is None or len(self.mixers) == 1:
+            out = self.run_mixer(next(iter(self.mixers)), positions, x)
+        else:
+            out = None
+            for name, mask in route.layer_masks(self.layer_idx):
+                part = self.run_mixer(name, positions, x)
+                out = part if out is None else torch.where(mask[:, None], part, out)
+        x, residual = self.post_attention_layernorm(out, residual)
+        return self.mlp(x), residual
+
+
+class SupernetModel(nn.Module):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        self.config = config
+        self.plan = serving_plan(config)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, prefix=f"{prefix}.embed_tokens")
+        self.layers = nn.ModuleList(
+            SupernetDecoderLayer(config, i, self.plan.layer_mixers[i], vllm_config, f"{prefix}.layers.{i}")
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        # mixers only the self-speculative drafter runs: plain reference modules, no vLLM cache
+        self.draft_mixers = nn.ModuleDict()
+        for i, names in enumerate(self.plan.draft_only):
+            for m in names:
+                from supernet.mixers import mixer_class
+
+                self.draft_mixers[f"{i}_{m}"] = mixer_class(m)(config, i)
+        self.router = routing.Router(self.plan) if self.plan.switchable else None
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None) -> torch.Tensor:
+        hidden = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+        route = self.router.route(get_forward_context(), hidden.shape[0], hidden.device) if self.router else None
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual, route)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class SupernetForCausalLM(nn.Module, IsHybrid):
+    """vLLM entry class; registered by `serving.plugin.register` under the checkpoint's architecture."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        self.config = config
+        self.vllm_config = vllm_config
+        self.model = SupernetModel(vllm_config=vllm_config, prefix="model")
+        if config.tie_word_embeddings:
+            self.lm_head = self.model.embed_tokens
+        else:
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, prefix="lm_head")
+        self.logits_processor = LogitsProcessor(config.vocab_size)
+
+    @property
+    def plan(self):
+        return self.model.plan
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_input_ids(input_ids)
+
+    def forward(self, input_ids, positions, intermediate_tensors: IntermediateTensors | None = None,
+                inputs_embeds=None, **kwargs) -> torch.Tensor:
+        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    # -- hybrid cache description (read before the model exists) --------------------------------
+    @classmethod
+    def _linear_kinds(cls, vllm_config: VllmConfig) -> list[str]:
+        plan = serving_plan(vllm_config.model_config.hf_config)
+        return [m for m in LINEAR_MIXERS if m in plan.used_kinds()]
+
+    @classmethod
+    def get_mamba_specs_from_config(cls, vllm_config: VllmConfig) -> tuple[MambaSpec, ...]:
+        config = vllm_config.model_config.hf_config
+        dtypes = linear_state_dtypes(vllm_config.model_config.dtype)
+        return tuple(
+            MambaSpec(shapes=linear_state_shapes(config, kind), dtypes=dtypes, block_size=-1)
+            for kind in cls._linear_kinds(vllm_config)
+        )
+
+    @classmethod
+    def get_mamba_state_shape_from_config(cls, vllm_config: VllmConfig):
+        specs = cls.get_mamba_specs_from_config(vllm_config)
+        if not specs:
+            return linear_state_shapes(vllm_config.model_config.hf_config, "gdn")
+        return max(specs, key=lambda s: s.page_size_bytes).shapes
+
+    @classmethod
+    def get_mamba_state_dtype_from_config(cls, vllm_config: VllmConfig):
+        return linear_state_dtypes(vllm_config.model_config.dtype)
+
+    @classmethod
+    def get_mamba_state_copy_func(cls):
+        from vllm.model_executor.layers.mamba.mamba_utils import get_temporal_copy_spec
+
+        return (get_temporal_copy_spec, get_temporal_copy_spec)
+
+    # -- weights -----------------------------------------------------------------------------
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            target = self._load_one(name, tensor, params)
+            if target:
+                loaded.add(target)
+        return loaded
+
+    def _load_one(self, name: str, tensor: torch.Tensor, params: dict[str, nn.Parameter]) -> str | None:
+        if name == "lm_head.weight" and self.config.tie_word_embeddings:
+            return None
+        if ".mixers." in name:
+            head, rest = name.split(".mixers.", 1)
+            layer_idx = int(head.rsplit(".", 1)[1])
+            mixer, sub = rest.split(".", 1)
+            key = f"{layer_idx}_{mixer}"
+            if key in self.model.draft_mixers:
+                module = self.model.draft_mixers[key]
+                dict(module.named_parameters())[sub].data.copy_(tensor)
+                return f"model.draft_mixers.{key}.{sub}"
+            layer = self.model.layers[layer_idx]
+            if mixer not in layer.mixers:
+                return None  # a mixer this server does not serve
+            module = layer.mixers[mixer]
+            prefix = f"{head}.mixers.{mixer}"
+            if isinstance(module, SupernetLinearAttention):
+                param_name = module.load_checkpoint_tensor(sub, tensor)
+                if param_name is None:
+                    raise ValueError(f"unexpected checkpoint tensor {name}")
+                return f"{prefix}.{param_name}"
+            proj, kind = sub.rsplit(".", 1)
+            if proj in ("q_proj", "k_proj", "v_proj"):
+                target = f"{prefix}.qkv_proj.{kind}"
+                param = params[target]
+                param.weight_loader(param, tensor, proj[0])
+                return target
+            target = f"{prefix}.{sub}"
+        elif ".mlp.gate_proj." in name or ".mlp.up_proj." in name:
+            shard = 0 if ".gate_proj." in name else 1
+            target = name.replace(".gate_proj.", ".gate_up_proj.").replace(".up_proj.", ".gate_up_proj.")
+            param = params[target]
+            param.weight_loader(param, tensor, shard)
+            return target
+        else:
+            target = name
+        if target not in params:
+            raise ValueError(f"checkpoint tensor {name} has no place in this model")
+        param = params[target]
+        getattr(param, "weight_loader", default_weight_loader)(param, tensor)
+        return target
+
+
+__all__ = ["SupernetForCausalLM", "MIXERS"]

@@ -1,0 +1,143 @@
+"""Serving pieces that need no vLLM server: plans, the speculative reference engine, the CLI checks."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from serving.plan import serving_plan
+from serving.speculative import greedy_generate, restore, snapshot, speculative_generate
+from serving.testing import default_presets, make_checkpoint, tiny_config
+from supernet.placement import PlacementError
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls: one thread avoids OpenMP barrier stalls when the CPU is shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("tiny"), tiny_config(), seed=1)
+
+
+@pytest.fixture(scope="module")
+def model(ckpt):
+    from supernet.model import SupernetForCausalLM
+
+    return SupernetForCausalLM.from_pretrained(str(ckpt)).eval()
+
+
+def _config(**keys):
+    config = tiny_config()
+    config.presets = default_presets(4)
+    for k, v in keys.items():
+        setattr(config, k, v)
+    return config
+
+
+def test_plan_one_preset_instantiates_only_its_mixers():
+    plan = serving_plan(_config(preset="balanced"))
+    assert list(plan.placements) == ["balanced"]
+    assert plan.layer_mixers == (("fa",), ("swa",), ("gdn",), ("kda",))
+    assert plan.layer_types() == ["full_attention", "sliding_attention", "linear_attention", "linear_attention"]
+    assert serving_plan(_config(preset="all-fa")).layer_types() == ["full_attention"] * 4
+
+
+def test_plan_switchable_holds_union_per_layer():
+    plan = serving_plan(_config(switchable=True))
+    assert plan.default_name == "default"
+    assert set(plan.placements) == {"default", *default_presets(4)}
+    assert plan.layer_mixers[0] == ("fa", "gdn")
+    assert plan.layer_mixers[1] == ("fa", "swa", "gdn", "kda")
+    assert plan.resolve(None) == "default" and plan.resolve("fast") == "fast"
+    with pytest.raises(PlacementError, match="unknown preset 'nope'; this server serves: default"):
+        plan.resolve("nope")
+
+
+def test_plan_draft_only_mixers():
+    plan = serving_plan(_config(preset="balanced", draft_preset="linear"))
+    # balanced = fa,swa,gdn,kda; linear = gdn,kda,gdn,kda -> layers 0 and 1 need draft-only mixers
+    assert plan.draft_only == (("gdn",), ("kda",), (), ())
+    with pytest.raises(PlacementError, match="draft preset 'bogus' is neither a preset"):
+        serving_plan(_config(preset="balanced", draft_preset="bogus"))
+    with pytest.raises(PlacementError, match="unknown preset 'nope'"):
+        serving_plan(_config(preset="nope"))
+
+
+@pytest.mark.parametrize("target,draft,k", [
+    ("balanced", "linear", 2), ("all-fa", "fast", 4), ("linear", "linear", 5),
+])
+def test_speculative_equals_target_greedy(model, target, draft, k):
+    prompt = torch.tensor([[0] + list(b"The supernet drafts with a fast preset")])
+    expected = greedy_generate(model, prompt, target, 24)
+    tokens, stats = speculative_generate(model, prompt, draft, target, k=k, max_new_tokens=24)
+    assert tokens == expected
+    assert stats.drafted >= stats.accepted >= 0 and stats.rounds > 0
+    if draft == target:
+        assert stats.acceptance_rate == 1.0
+
+
+def test_speculative_exercises_partial_acceptance(model):
+    """balanced vs near differ only in the SWA layer: some drafts pass, some fail (both paths run)."""
+    prompt = torch.tensor([[0] + list(b"Sliding windows forget; full attention remembers everything")])
+    tokens, stats = speculative_generate(model, prompt, "near", "balanced", k=3, max_new_tokens=32)
+    assert tokens == greedy_generate(model, prompt, "balanced", 32)
+    assert 0 < stats.accepted < stats.drafted
+
+
+def test_speculative_stops_at_eos(model):
+    prompt = torch.tensor([[0] + list(b"abc")])
+    free = greedy_generate(model, prompt, "balanced", 30)
+    eos = free[5]
+    tokens, _ = speculative_generate(model, prompt, "near", "balanced", k=3, max_new_tokens=30, eos_token_id=eos)
+    assert tokens == free[: free.index(eos) + 1]
+
+
+def test_snapshot_restore_undoes_tokens(model):
+    from supernet.cache import SupernetCache
+
+    placement = model.config.resolve("balanced")
+    cache = SupernetCache(4)
+    ids = torch.tensor([[0] + list(b"0123456789abcdef")])
+    model(input_ids=ids, past_key_values=cache, use_cache=True, placement=placement)
+    snap = snapshot(cache)
+    before = model(input_ids=torch.tensor([[5]]), past_key_values=cache.clone(), use_cache=True, placement=placement).logits
+    model(input_ids=torch.tensor([[7, 8, 9]]), past_key_values=cache, use_cache=True, placement=placement)
+    restore(cache, snap)
+    after = model(input_ids=torch.tensor([[5]]), past_key_values=cache, use_cache=True, placement=placement).logits
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def _supernet(*args):
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True)
+
+
+def test_cli_serve_checks_before_starting_vllm(ckpt, tmp_path):
+    from cli.errors import UserError
+    from cli.serving_cmds import _prepare
+
+    with pytest.raises(UserError, match="no config.json"):
+        _prepare(tmp_path / "missing", None, False, None, 4, "supernet", "127.0.0.1", 8000, [])
+    with pytest.raises(UserError, match="drop --switchable"):
+        _prepare(ckpt, None, True, "fast", 4, "supernet", "127.0.0.1", 8000, [])
+    cmd, _env = _prepare(ckpt, None, True, None, 4, "m", "127.0.0.1", 8000, [])
+    names = cmd[cmd.index("--served-model-name") + 1 : cmd.index("--hf-overrides")]
+    assert names[:2] == ["m", "m:default"]
+    assert sorted(names[2:]) == ["m:all-fa", "m:balanced", "m:fast", "m:linear", "m:near"]
+    bad = _supernet("serve", str(ckpt), "--preset", "nope")
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1] == "error: unknown preset 'nope'; this checkpoint has: all-fa, balanced, fast, linear, near"
+    assert "Traceback" not in bad.stderr
+    dry = _supernet("serve", str(ckpt), "--preset", "fast", "--draft-preset", "linear", "--dry-run", "--max-model-len", "512")
+    assert dry.returncode == 0, dry.stderr
+    line = dry.stderr.strip().splitlines()[-1]
+    assert "vllm.entrypoints.openai.api_server" in line and "--max-model-len 512" in line
+    assert '"preset": "fast"' in line and '"draft_preset": "linear"' in line and "serving.drafter.SupernetDrafter" in line
+    assert "supernet:fast" in line
