@@ -9,6 +9,8 @@ One run, on one device (or N GPUs under torchrun, FSDP2):
 3. quality: held-out KL(teacher || student) for all-fa / all-swa / all-gdn / all-kda before, and
    after training on --budget-tokens tokens (stops early at --time-limit seconds; the JSON says how
    many tokens were actually trained).
+4. offline (single process; --offline-topk 0 skips): write a top-K cache of --offline-sequences
+   windows (teacher tokens/s, bytes/token), then train from it without a teacher (tokens/s).
 Losses and placements of every step go into the JSON, so two runs (1 GPU vs 2 GPUs with the same
 global batch) can be compared with --compare-to: scaling efficiency and loss-curve difference.
 
@@ -114,13 +116,13 @@ def flops_per_token(student: torch.nn.Module, seq: int, mixer_mix: dict[str, flo
 # the baseline: plain HF Llama distillation step
 # ---------------------------------------------------------------------------------------------
 def run_baseline(teacher_path: str, seq: int, batch: int, warmup: int, steps: int) -> dict[str, Any]:
-    from training.models import load_teacher_model
+    from training.models import cast_params, load_teacher_model
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bf16 = dev.type == "cuda"
     teacher, _ = load_teacher_model(teacher_path)
     student, _ = load_teacher_model(teacher_path)
-    teacher.to(dev, dtype=torch.bfloat16 if bf16 else torch.float32)
+    cast_params(teacher, torch.bfloat16 if bf16 else torch.float32).to(dev)
     student.to(dev).train().requires_grad_(True)
     vocab = teacher.config.vocab_size
     opt = torch.optim.AdamW(student.parameters(), lr=1e-5, fused=dev.type == "cuda")
@@ -206,7 +208,7 @@ def run_ours(args: argparse.Namespace, cfg: Any, t_start: float) -> dict[str, An
     budget_steps = max(args.warmup + args.steps, math.ceil(args.budget_tokens / trainer.tokens_per_step))
     deadline = t_start + args.time_limit
     for i in range(budget_steps):
-        placement = trainer.sampler.sample()
+        placement = trainer.next_placement()
         sync()
         t = time.perf_counter()
         rec = trainer.train_step(placement)
@@ -239,8 +241,61 @@ def run_ours(args: argparse.Namespace, cfg: Any, t_start: float) -> dict[str, An
         "flops_per_token": fpt, "mfu": fpt * tps / (peak * env.world_size) if (peak and tps) else None,
         "mixer_mix_measured": mix, "trained_tokens": trained_tokens, "steps": len(losses),
         "kl_before": kl_before, "kl_after": kl_after, "losses": losses, "placements": placements,
-        "setup_s": setup_s, "eval_s": eval_s, "rank": env.rank, "student": trainer.student, "env": env,
+        "setup_s": setup_s, "eval_s": eval_s, "rank": env.rank, "env": env,
+        "baseline_flops_per_token": flops_per_token(trainer.student, args.seq_len, {"fa": 1.0}, teacher=True,
+                                                    full_backward=True),
+        "student_dir": str(trainer.student_dir),
     }
+
+
+def run_offline(args: argparse.Namespace, cfg: Any, data: list[str], student_dir: str) -> dict[str, Any]:
+    """Write a top-K cache for a few windows (teacher throughput, bytes/token), then train from it."""
+    import dataclasses
+
+    from training.logit_cache import write_logit_cache
+    from training.models import cast_params, load_teacher_model
+    from training.trainer import Trainer
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cache_dir = Path(args.work_dir) / f"topk{args.offline_topk}"
+    teacher, tok = load_teacher_model(args.teacher)
+    if dev.type == "cuda":
+        cast_params(teacher, torch.bfloat16)
+    t0 = time.perf_counter()
+    index = write_logit_cache(teacher, tok, data, cache_dir, top_k=args.offline_topk, seq_len=args.seq_len,
+                              batch_size=args.batch, shard_sequences=64, max_sequences=args.offline_sequences,
+                              max_documents=args.max_documents, device=dev, progress=False)
+    cache_s = time.perf_counter() - t0
+    del teacher
+    gc.collect()
+    off = dataclasses.replace(cfg, out_dir=str(Path(args.work_dir) / "run-offline"),
+                              teacher=dataclasses.replace(cfg.teacher, source="offline", cache_dir=str(cache_dir)),
+                              student=dataclasses.replace(cfg.student, path=student_dir))
+    trainer = Trainer(off)
+    sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    timed, tokens = 0.0, 0
+    for i in range(args.warmup + args.steps):
+        placement = trainer.next_placement()
+        sync()
+        t = time.perf_counter()
+        trainer.train_step(placement)
+        sync()
+        trainer.step += 1
+        if i >= args.warmup:
+            timed += time.perf_counter() - t
+            tokens += trainer.tokens_per_step
+    out = {"top_k": args.offline_topk, "bytes_per_token": index["bytes_per_token"],
+           "cache_tokens": index["num_tokens"], "cache_write_s": cache_s,
+           "cache_tokens_per_s": index["throughput_tokens_per_s"],
+           "train_tokens_per_s": tokens / timed if timed else None,
+           "train_peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None}
+    del trainer
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
 
 
 def compare(ours: dict[str, Any], ref_path: str) -> dict[str, Any]:
@@ -281,6 +336,8 @@ def main() -> None:
     ap.add_argument("--eval-batch", type=int, default=8)
     ap.add_argument("--compile", action="store_true", help="torch.compile every decoder layer")
     ap.add_argument("--activation-checkpointing", action="store_true")
+    ap.add_argument("--offline-topk", type=int, default=32, help="top-K of the offline-cache phase (0: skip it)")
+    ap.add_argument("--offline-sequences", type=int, default=256, help="windows written to the offline cache")
     ap.add_argument("--compare-to", default=None, help="a previous result JSON (e.g. the 1-GPU run) to compare with")
     ap.add_argument("--tag", default=None, help="result name: benchmarks/results/training_<tag>.json")
     ap.add_argument("--out", default=None, help="write the JSON here instead")
@@ -300,6 +357,7 @@ def main() -> None:
         args.warmup, args.steps = min(args.warmup, 1), min(args.steps, 3)
         args.budget_tokens = min(args.budget_tokens, 6 * args.batch * args.seq_len * args.grad_accum)
         args.eval_sequences, args.eval_batch, args.swa_window, args.chunk_tokens = 4, 2, 8, 64
+        args.offline_topk, args.offline_sequences = min(args.offline_topk, 8), min(args.offline_sequences, 16)
     else:
         shared = Path(__file__).resolve().parents[2] / "shared" / "data"
         data = [args.data or str(shared / "pydocs-train.jsonl")]
@@ -320,17 +378,22 @@ def main() -> None:
         write_results(f"training_{tag}", {"args": vars(args), "baseline": baseline,
                                           "ours": {"oom": True, "micro_batch": args.batch}}, args.out)
         sys.exit(1)
-    env, student = ours.pop("env"), ours.pop("student")
+    env = ours.pop("env")
     from training.distributed import shutdown
 
     shutdown(env)
     if ours.pop("rank") != 0:
         return
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    offline = None
+    if args.offline_topk and env.world_size == 1:
+        offline = run_offline(args, cfg, data, ours["student_dir"])
     result: dict[str, Any] = {"args": {k: v for k, v in vars(args).items()}, "baseline": baseline, "ours": ours,
-                              "elapsed_s": time.perf_counter() - t_start}
+                              "offline": offline, "elapsed_s": time.perf_counter() - t_start}
     if baseline and baseline.get("tokens_per_s") and ours["tokens_per_s"]:
-        mix = {"fa": 1.0}
-        fpt = flops_per_token(student, args.seq_len, mix, teacher=True, full_backward=True)
+        fpt = ours["baseline_flops_per_token"]
         peak = peak_flops()
         baseline["flops_per_token"] = fpt
         baseline["mfu"] = fpt * baseline["tokens_per_s"] / peak if peak else None
@@ -347,6 +410,10 @@ def main() -> None:
     print_table(rows, ["run", "batch", "tok/s", "MFU", "peak GiB"], f"stage-1 throughput, seq {args.seq_len}")
     if "speedup_vs_baseline" in result:
         print(f"speed-up vs baseline: {result['speedup_vs_baseline']:.2f}x")
+    if offline:
+        print(f"\noffline top-{offline['top_k']}: cache {offline['bytes_per_token']:.0f} bytes/token, teacher pass "
+              f"{offline['cache_tokens_per_s'] or 0:,.0f} tokens/s; training from the cache "
+              f"{offline['train_tokens_per_s'] or 0:,.0f} tokens/s")
     if ours["kl_before"]:
         print_table([{"placement": p, "KL before": ours["kl_before"].get(p), "KL after": ours["kl_after"].get(p)}
                      for p in SINGLE], ["placement", "KL before", "KL after"],

@@ -43,7 +43,7 @@ def _run_stage(stage: str, config: Path, overrides: list[str], out_dir: Optional
         if int(os.environ.get("RANK", "0")) == 0:
             last = {k: round(v, 4) for k, v in (result.evals.get(result.steps) or {}).items()}
             print(f"{stage}: {result.steps} steps, {result.tokens_per_s:,.0f} tokens/s (this run)"
-                  + (f"; held-out KL {last}" if last else "")
+                  + (f"; held-out {result.eval_metric} {last}" if last else "")
                   + (f"; final model: {result.final_dir}" if result.final_dir else ""))
 
 

@@ -25,6 +25,8 @@ def test_bench_training_smoke(tmp_path):
     assert ours["kl_before"]["all-fa"] < 1e-6  # the converted teacher
     assert ours["kl_after"]["all-gdn"] < ours["kl_before"]["all-gdn"]
     assert ours["flops_per_token"] > 0 and len(ours["losses"]) == ours["steps"] == len(ours["placements"])
+    off = res["offline"]
+    assert off["bytes_per_token"] == 8 * 4 + 9 and off["cache_tokens_per_s"] > 0 and off["train_tokens_per_s"] > 0
     # comparing a run with itself: identical losses, efficiency 1
     again = subprocess.run([sys.executable, "-c", (
         "import json,sys; sys.path.insert(0, '.'); from benchmarks.bench_training import compare; "

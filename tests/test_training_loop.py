@@ -189,3 +189,21 @@ def test_cli_distill_and_cache_logits(world, tmp_path):
     r = runner.invoke(app, ["cache-logits", str(world.teacher_dir), str(world.eval), str(tmp_path / "c"),
                             "--top-k", "0"])
     assert r.exit_code == 2 and "--top-k" in r.output
+
+
+def test_placements_without_a_trainable_mixer_are_skipped(world, tmp_path):
+    cfg = world.config(tmp_path / "skip", train={"train_mixers": ["gdn"], "max_steps": 2},
+                       sampling={"mixers": ["fa", "gdn"], "presets": ["all-fa"], "preset_prob": 0.8})
+    t = _trainer(cfg)
+    drawn = [t.next_placement() for _ in range(20)]
+    assert all("gdn" in p for p in drawn)
+    t.train()  # an all-fa draw would have nothing to back-propagate into
+    assert t.step == 2
+
+
+def test_bf16_teacher_keeps_fp32_rope_frequencies(world, tmp_path):
+    t = _trainer(world.config(tmp_path / "bf16", train={"frozen_bf16": "true"}))
+    teacher = t.pair.teacher
+    assert teacher.lm_head.weight.dtype == torch.bfloat16
+    assert teacher.model.rotary_emb.inv_freq.dtype == torch.float32  # rounding it moves RoPE angles
+    assert math.isfinite(t.train_step(Placement.parse("gdn,swa,kda,swa"))["loss"])

@@ -299,6 +299,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("sampling.preset_prob must lie in [0, 1]")
     if cfg.sampling.preset_prob > 0 and not (cfg.sampling.presets or cfg.sampling.presets_file):
         raise ConfigError("sampling.preset_prob > 0 needs sampling.presets or sampling.presets_file")
+    if cfg.train.trainable == "mixers" and not set(cfg.sampling.mixers) & set(cfg.train.train_mixers) \
+            and not cfg.sampling.presets and not cfg.sampling.presets_file:
+        raise ConfigError("no mixer in sampling.mixers is in train.train_mixers, so nothing would train; "
+                          "make them overlap")
     if cfg.data.seq_len < 2:
         raise ConfigError("data.seq_len must be at least 2")
     if cfg.train.micro_batch_size < 1 or cfg.train.grad_accum < 1:

@@ -34,6 +34,14 @@ def load_teacher_model(path: str, gguf_file: str | None = None) -> tuple[nn.Modu
     return model.eval(), tokenizer
 
 
+def cast_params(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast parameters only. `model.to(dtype)` would also round buffers such as RoPE's inverse
+    frequencies to bf16, which shifts the rotary angle by radians at position 2048."""
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model
+
+
 def load_tokenizer(path: str) -> Any:
     from transformers import AutoTokenizer
 

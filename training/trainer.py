@@ -30,7 +30,8 @@ from training.distributed import (DistEnv, apply_ddp, apply_fsdp, gradient_sync,
                                   resolve_strategy, unwrap)
 from training.engine import DistillPair
 from training.losses import LossSpec, TopKTargets
-from training.models import load_student, load_teacher_model, load_tokenizer, prepare_student, set_trainable
+from training.models import (cast_params, load_student, load_teacher_model, load_tokenizer, prepare_student,
+                             set_trainable)
 from training.sampling import build_sampler, resolve_placements
 
 
@@ -58,6 +59,7 @@ class TrainResult:
     evals: dict[int, dict[str, float]] = field(default_factory=dict)
     tokens_per_s: float = 0.0
     final_dir: Path | None = None
+    eval_metric: str = "KL"  # what `evals` holds: KL to the teacher, or CE without a teacher
 
 
 class Trainer:
@@ -106,7 +108,7 @@ class Trainer:
             if teacher.config.vocab_size != student.config.vocab_size:
                 raise ValueError(f"teacher vocab {teacher.config.vocab_size} != student vocab {student.config.vocab_size}")
             frozen_bf16 = cfg.train.frozen_bf16 == "true" or (cfg.train.frozen_bf16 == "auto" and self.bf16)
-            teacher.to(device=dev, dtype=torch.bfloat16 if frozen_bf16 else torch.float32)
+            cast_params(teacher, torch.bfloat16 if frozen_bf16 else torch.float32).to(dev)
         student.to(dev)
         self.num_layers = student.config.num_hidden_layers
 
@@ -254,6 +256,20 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # one step
     # ------------------------------------------------------------------------------------------
+    def next_placement(self) -> Placement:
+        """The next sampled placement that runs at least one trainable mixer.
+
+        A placement made only of frozen mixers (e.g. all-fa when fa is frozen) has nothing to train;
+        such draws are skipped. Deterministic, so resumed and distributed runs agree.
+        """
+        cfg = self.cfg.train
+        for _ in range(1000):
+            p = self.sampler.sample()
+            if cfg.trainable == "all" or any(m in cfg.train_mixers for m in p):
+                return p
+        raise ValueError("the sampler keeps drawing placements without a trainable mixer; "
+                         "make sampling.mixers / sampling.presets overlap train.train_mixers")
+
     def _autocast(self):
         if self.bf16:
             return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -398,7 +414,7 @@ class Trainer:
     def train(self, stop_at_step: int | None = None) -> TrainResult:
         """Run to max_steps (or stop after `stop_at_step` completed steps, as a crash would)."""
         cfg, env = self.cfg, self.env
-        result = TrainResult(steps=self.step)
+        result = TrainResult(steps=self.step, eval_metric="KL" if self.has_teacher else "CE")
         from tqdm.auto import tqdm
 
         bar = tqdm(total=self.max_steps, initial=self.step, unit="step", desc=cfg.stage,
@@ -412,7 +428,7 @@ class Trainer:
         if env.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         while self.step < self.max_steps:
-            placement = self.sampler.sample()
+            placement = self.next_placement()
             t0 = time.perf_counter()
             rec = self.train_step(placement)
             if env.device.type == "cuda":
