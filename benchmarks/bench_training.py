@@ -359,7 +359,9 @@ def main() -> None:
         args.eval_sequences, args.eval_batch, args.swa_window, args.chunk_tokens = 4, 2, 8, 64
         args.offline_topk, args.offline_sequences = min(args.offline_topk, 8), min(args.offline_sequences, 16)
     else:
-        shared = Path(__file__).resolve().parents[2] / "shared" / "data"
+        repo = Path(__file__).resolve().parents[1]
+        shared = next((d for d in (repo.parent / "shared" / "data", repo / "shared" / "data") if d.is_dir()),
+                      repo.parent / "shared" / "data")
         data = [args.data or str(shared / "pydocs-train.jsonl")]
         eval_data = [args.eval_data or str(shared / "pydocs-eval.jsonl")]
     args.work_dir = args.work_dir or tmp or tempfile.mkdtemp(prefix="bench-training-")
