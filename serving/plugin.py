@@ -26,8 +26,6 @@ def register() -> None:
     if _registered:
         return
     _registered = True
-    # The router follows rows of the V1 runner's persistent batch (see serving.routing).
-    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     import supernet.model  # noqa: F401  (registers the Auto classes for model_type "supernet")
     from vllm import ModelRegistry
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
@@ -49,6 +47,9 @@ def _config_hook():
 
             hf_config = model_config.hf_config
             plan = serving_plan(hf_config)  # raises PlacementError (one line) on a bad preset
+            # The router follows rows of the V1 runner's persistent batch (serving.routing); set
+            # before vLLM picks a runner, inherited by the engine processes it starts.
+            os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
             hf_config.layer_types = plan.layer_types()
             routing.remember_plan(str(model_config.model), plan)
 
@@ -61,6 +62,8 @@ def _config_hook():
             plan = serving_plan(model_config.hf_config)
             has_linear = "linear_attention" in plan.layer_types()
             spec = vllm_config.speculative_config
+            if plan.switchable and vllm_config.use_v2_model_runner:
+                raise ValueError("switchable serving needs vLLM's V1 model runner: unset VLLM_USE_V2_MODEL_RUNNER")
             if plan.switchable and spec is not None:
                 raise ValueError(
                     "speculative decoding serves one target preset; drop switchable or the "

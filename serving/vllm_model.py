@@ -40,7 +40,7 @@ from vllm.v1.kv_cache_interface import MambaSpec
 from serving import routing
 from serving.linear_layers import SupernetLinearAttention, linear_state_dtypes, linear_state_shapes
 from serving.plan import LINEAR_MIXERS, serving_plan
-from supernet.placement import MIXERS
+from supernet.mixers import mixer_class
 
 
 def rope_parameters(config) -> dict:
@@ -162,13 +162,10 @@ class SupernetModel(nn.Module):
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        # mixers only the self-speculative drafter runs: plain reference modules, no vLLM cache
-        self.draft_mixers = nn.ModuleDict()
-        for i, names in enumerate(self.plan.draft_only):
-            for m in names:
-                from supernet.mixers import mixer_class
-
-                self.draft_mixers[f"{i}_{m}"] = mixer_class(m)(config, i)
+        # mixers only the self-speculative drafter runs: reference modules, no vLLM cache
+        self.draft_mixers = nn.ModuleDict(
+            {f"{i}_{m}": mixer_class(m)(config, i) for i, names in enumerate(self.plan.draft_only) for m in names}
+        )
         self.router = routing.Router(self.plan) if self.plan.switchable else None
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -298,5 +295,3 @@ class SupernetForCausalLM(nn.Module, IsHybrid):
         getattr(param, "weight_loader", default_weight_loader)(param, tensor)
         return target
 
-
-__all__ = ["SupernetForCausalLM", "MIXERS"]

