@@ -39,15 +39,25 @@ class _GrowingKV:
 class _SlidingKV:
     """Ring buffer of the last `window` keys/values: token at absolute position p sits in slot p % window.
 
-    A one-token step into a full ring overwrites the oldest slot in place and attends over the whole
+    Until the window fills, tokens are appended in place (like FA's buffer, capped at `window`). A
+    one-token step into a full ring overwrites the oldest slot in place and attends over the whole
     ring: softmax attention does not care about key order (RoPE is already applied), so no copy of
-    the window is made per decoded token. Longer steps attend over (ordered tail + new tokens).
+    the window is made per decoded token. A longer step that crosses the window attends over
+    (ordered tail + new tokens) and lays the ring out again.
     """
 
     @staticmethod
     def append(state: dict, k: torch.Tensor, v: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
         seen = state.get("len", 0)
         t = k.shape[2]
+        if seen + t <= window:  # still filling: append in place
+            if "k" not in state:
+                shape = (k.shape[0], k.shape[1], window, k.shape[3])
+                state["k"], state["v"] = k.new_empty(shape), v.new_empty(shape)
+            state["k"][:, :, seen : seen + t] = k
+            state["v"][:, :, seen : seen + t] = v
+            state["len"] = seen + t
+            return state["k"][:, :, : seen + t], state["v"][:, :, : seen + t]
         if t == 1 and seen >= window:
             slot = seen % window
             state["k"][:, :, slot : slot + 1] = k
@@ -58,15 +68,10 @@ class _SlidingKV:
             tail_k, tail_v = _SlidingKV.ordered(state, window)
             k, v = torch.cat([tail_k, k], dim=2), torch.cat([tail_v, v], dim=2)
         total = seen + t
-        keep = min(window, k.shape[2])
-        # Lay the kept tokens out so that absolute position p lands in slot p % window.
-        start = total - keep
-        shift = start % window
-        ring_k, ring_v = k[:, :, -keep:], v[:, :, -keep:]
-        if keep == window and shift:
-            ring_k = torch.roll(ring_k, shifts=shift, dims=2)
-            ring_v = torch.roll(ring_v, shifts=shift, dims=2)
-        state["k"], state["v"] = ring_k.contiguous(), ring_v.contiguous()
+        # Lay the last `window` tokens out so that absolute position p lands in slot p % window.
+        shift = (total - window) % window
+        state["k"] = torch.roll(k[:, :, -window:], shifts=shift, dims=2).contiguous()
+        state["v"] = torch.roll(v[:, :, -window:], shifts=shift, dims=2).contiguous()
         state["len"] = total
         return k, v
 
@@ -75,7 +80,7 @@ class _SlidingKV:
         """The kept keys/values in position order."""
         seen, k, v = state["len"], state["k"], state["v"]
         if seen <= window:
-            return k, v
+            return k[:, :, :seen], v[:, :, :seen]
         shift = seen % window
         return torch.roll(k, shifts=-shift, dims=2), torch.roll(v, shifts=-shift, dims=2)
 

@@ -64,6 +64,14 @@ def causal_attention(
         window = None  # the window covers everything: plain causal attention
     gqa = q.shape[1] != k.shape[1]
 
+    if q.is_cuda and tq == 1 and window is None and gqa:
+        # One decode token sees every cached key: fold the query heads of each KV group into the
+        # query-length axis, so SDPA runs its fused kernels without a GQA expansion of the cache.
+        b, hq, _, d = q.shape
+        hkv = k.shape[1]
+        out = F.scaled_dot_product_attention(q.reshape(b, hkv, hq // hkv, d), k, v, scale=scale)
+        return out.reshape(b, hq, 1, d)
+
     if q.is_cuda:
         flash = _flash_attn_func()
         if flash is not None and q.dtype in (torch.float16, torch.bfloat16):
@@ -73,7 +81,9 @@ def causal_attention(
                 window_size=(window - 1, 0) if window is not None else (-1, -1),
             )
             return out.transpose(1, 2)
-        if window is not None and tq > 1:
+        if window is not None and tq == tk and tq % 128 == 0:
+            # FlexAttention skips the blocks outside the window; it compiles once per shape, so it
+            # is used for the fixed, block-aligned shapes of training and benchmarks only.
             block_mask = _flex_block_mask(tq, tk, window, str(q.device))
             return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
 

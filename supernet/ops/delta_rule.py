@@ -334,12 +334,31 @@ def _fla_kernel(family: str, q: torch.Tensor, tensors: tuple) -> Any | None:
     return kernels[f"{family}_recurrent" if short and not needs_grad else f"{family}_chunk"]
 
 
+@functools.lru_cache(maxsize=None)
+def _gated_chunk_backward_broken(device_index: int) -> bool:
+    """fla 0.6.0 refuses GDN's chunk backward on Hopper with Triton in [3.4, 3.7.1) (wrong results).
+
+    KDA's chunk kernels have their own backward, and GDN is KDA with the per-head decay repeated over
+    the key channels, so on such systems GDN trains through `chunk_kda` instead.
+    """
+    import triton
+
+    numbers = [int(part) for part in triton.__version__.split("+")[0].split(".")[:3] if part.isdigit()]
+    version = tuple(numbers + [0] * (3 - len(numbers)))
+    return torch.cuda.get_device_capability(device_index) == (9, 0) and (3, 4, 0) <= version < (3, 7, 1)
+
+
 def _dispatch(family, q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm):
     _check_shapes(q, k, v, g, beta)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if initial_state is not None:
         initial_state = initial_state.float()
     kernel = _fla_kernel(family, q, (q, k, v, g, beta, initial_state))
+    if (kernel is not None and kernel is _fla_kernels()["gdn_chunk"]
+            and _gated_chunk_backward_broken(q.device.index or 0)
+            and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, g, beta))):
+        kernel = _fla_kernels()["kda_chunk"]
+        g = g.float()[..., None].expand(*g.shape, q.shape[-1]).contiguous()
     if kernel is not None:
         return kernel(
             q=q, k=k, v=v, g=g, beta=beta, scale=scale,
