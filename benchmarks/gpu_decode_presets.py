@@ -23,7 +23,7 @@ from benchmarks.gpu_model import smollm2_config  # noqa: E402
 from placement.cost import measure_costs  # noqa: E402
 from supernet.model import SupernetForCausalLM  # noqa: E402
 from supernet.placement import Placement  # noqa: E402
-from supernet.throughput import measure_decode  # noqa: E402
+from supernet.throughput import compare_decode  # noqa: E402
 
 
 def main() -> None:
@@ -48,13 +48,7 @@ def main() -> None:
     placements = {m: Placement.uniform(m, 30) for m in ("fa", "swa", "gdn", "kda")}
     placements = {f"all-{k}": v for k, v in placements.items()}
     placements.update({p["name"]: Placement.parse(p["placement"], 30) for p in presets})
-    speeds = {}
-    for timed in (False, True):
-        for name, p in placements.items():
-            speeds[name] = measure_decode(model, p, batch=args.batch, context=args.context,
-                                          new_tokens=args.tokens if timed else 2)
-            if device == "cuda":
-                torch.cuda.empty_cache()
+    speeds = compare_decode(model, placements, batch=args.batch, context=args.context, new_tokens=args.tokens)
     base = speeds["all-fa"]["tokens_per_s"]
     rows = [{"preset": n, "placement": placements[n].summary(), "ms_per_step": s["ms_per_step"],
              "tokens_per_s": s["tokens_per_s"], "speedup_vs_all_fa": s["tokens_per_s"] / base}

@@ -189,7 +189,7 @@ def step_measure(s: PipelineSettings) -> None:
     from placement.evaluate import build_evaluator, load_texts
     from placement.needle import needle_score
     from supernet.placement import Placement
-    from supernet.throughput import measure_decode
+    from supernet.throughput import compare_decode
 
     device = _device(s)
     evaluator, model = build_evaluator(s.final, s.eval_data, seq_len=s.quality_seq_len, sequences=s.quality_sequences,
@@ -199,15 +199,8 @@ def step_measure(s: PipelineSettings) -> None:
     presets = {"all-fa": Placement.uniform("fa", model.config.num_hidden_layers), **model.presets}
     info = json.loads((s.workdir / "presets.json").read_text())
     predicted = {p["name"]: p for p in info["presets"]}
-    speeds = {}
-    # Two passes over every preset: the first pays for allocator growth and kernel compilation (it
-    # once made the first preset measured look 3x slower), the second is timed. Same run, side by side.
-    for timed in (False, True):
-        for name, placement in presets.items():
-            speeds[name] = measure_decode(model, placement, batch=s.throughput_batch, context=s.throughput_context,
-                                          new_tokens=s.throughput_tokens if timed else 2)
-            if device == "cuda":
-                torch.cuda.empty_cache()
+    speeds = compare_decode(model, presets, batch=s.throughput_batch, context=s.throughput_context,
+                            new_tokens=s.throughput_tokens)
     rows = []
     for name, placement in presets.items():
         console.print(f"[bold]measuring {name}[/] ({placement.summary()})")

@@ -59,3 +59,27 @@ def measure_decode(
         "ms_per_step": 1e3 * elapsed / new_tokens,
         "tokens_per_s": batch * new_tokens / elapsed,
     }
+
+
+def compare_decode(
+    model: SupernetForCausalLM,
+    placements: dict[str, PlacementLike],
+    *,
+    batch: int,
+    context: int,
+    new_tokens: int,
+) -> dict[str, dict]:
+    """Decode speed of several placements side by side: a warm-up pass over all, then a timed pass.
+
+    The first pass pays for allocator growth and kernel compilation, which once made the first
+    placement measured look three times slower than the same placement measured later.
+    """
+    results: dict[str, dict] = {}
+    device = next(model.parameters()).device
+    for timed in (False, True):
+        for name, placement in placements.items():
+            results[name] = measure_decode(model, placement, batch=batch, context=context,
+                                           new_tokens=new_tokens if timed else 2)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return results
