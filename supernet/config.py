@@ -124,6 +124,11 @@ class SupernetConfig(PretrainedConfig):
         """A preset name or a placement in any accepted form -> validated Placement."""
         if isinstance(value, str) and value in self.presets:
             return Placement.parse(self.presets[value], self.num_hidden_layers)
+        if isinstance(value, str) and value.strip() not in MIXERS and not any(c in value for c in ",[") \
+                and not value.startswith("all-"):
+            known = ", ".join(sorted(self.presets)) or "none"
+            raise PlacementError(f"unknown preset {value!r}; this checkpoint has: {known} "
+                                 "(or give a placement such as 'fa,swa,...')")
         return Placement.parse(value, self.num_hidden_layers)
 
     @property

@@ -11,6 +11,7 @@ from supernet.placement import MIXERS
 class ParameterCounts:
     shared: int
     per_mixer: dict[str, int]  # summed over layers
+    num_layers: int = 1
 
     @property
     def total(self) -> int:
@@ -20,8 +21,6 @@ class ParameterCounts:
         """Parameters a single placement actually uses."""
         per_layer = {m: n // max(1, self.num_layers) for m, n in self.per_mixer.items()}
         return self.shared + sum(per_layer[m] for m in placement)
-
-    num_layers: int = 1
 
 
 def count_parameters(model: SupernetForCausalLM) -> ParameterCounts:
