@@ -143,15 +143,10 @@ def costs_from_dict(data: Any, source: str = "costs") -> CostTable:
 
 
 def load_costs(path: str | Path) -> CostTable:
+    from supernet.io_utils import read_json
+
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PlacementError(f"costs file {path} does not exist; write one with `supernet costs CKPT`") from None
-    except json.JSONDecodeError as exc:
-        raise PlacementError(f"costs file {path} is not valid JSON (line {exc.lineno}): {exc.msg}") from None
-    except UnicodeDecodeError:
-        raise PlacementError(f"costs file {path} is not a text file") from None
+    data = read_json(path, "costs file", "write one with `supernet costs CKPT`", PlacementError)
     return costs_from_dict(data, f"costs file {path}")
 
 

@@ -107,13 +107,10 @@ PlacementLike = Union[Placement, str, Sequence[str]]
 # -- presets.json (format in DESIGN.md) ---------------------------------------------------------
 def load_presets(path: str | Path, num_layers: int | None = None) -> dict[str, Placement]:
     """Read presets.json into name -> Placement, validating every entry."""
+    from supernet.io_utils import read_json
+
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PlacementError(f"presets file {path} does not exist; write one with `placement optimize`") from None
-    except json.JSONDecodeError as exc:
-        raise PlacementError(f"presets file {path} is not valid JSON (line {exc.lineno}): {exc.msg}") from None
+    data = read_json(path, "presets file", "write one with `placement optimize`", PlacementError)
     if not isinstance(data, dict) or not isinstance(data.get("presets"), list):
         raise PlacementError(f"presets file {path} must be an object with a 'presets' list")
     layers = num_layers if num_layers is not None else data.get("num_layers")
