@@ -14,6 +14,14 @@ from cli.errors import UserError, friendly_errors
 console = Console(stderr=True)
 
 
+def checkpoint_folder(path: str) -> Path:
+    """The checkpoint folder, or a one-line error when it is not one."""
+    folder = Path(path)
+    if not (folder / "config.json").exists():
+        raise UserError(f"{folder} is not a supernet checkpoint (no config.json); make one with `supernet convert`")
+    return folder
+
+
 def load_checkpoint(path: str, dtype: str = "float32", device: str = "cpu"):
     """(model, tokenizer) from a supernet checkpoint folder, with one-line errors for bad paths."""
     import torch
@@ -22,9 +30,7 @@ def load_checkpoint(path: str, dtype: str = "float32", device: str = "cpu"):
     import supernet.model  # noqa: F401  (registers the Auto classes for model_type "supernet")
     from supernet.model import SupernetForCausalLM
 
-    folder = Path(path)
-    if not (folder / "config.json").exists():
-        raise UserError(f"{folder} is not a supernet checkpoint (no config.json); make one with `supernet convert`")
+    folder = checkpoint_folder(path)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
     if torch_dtype is None:
         raise UserError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
@@ -35,9 +41,7 @@ def load_checkpoint(path: str, dtype: str = "float32", device: str = "cpu"):
 
 def _check_placements(ckpt: str, values: list[Optional[str]]) -> None:
     """Validate placements / preset names against the checkpoint's config alone."""
-    folder = Path(ckpt)
-    if not (folder / "config.json").exists():
-        raise UserError(f"{folder} is not a supernet checkpoint (no config.json); make one with `supernet convert`")
+    folder = checkpoint_folder(ckpt)
     from supernet.config import SupernetConfig
 
     config = SupernetConfig.from_pretrained(folder)
