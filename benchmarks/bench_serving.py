@@ -34,7 +34,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import device_name, print_table, write_results  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pydocs-eval.jsonl"
+import os  # noqa: E402
+
+DATA = Path(os.environ.get("SUPERNET_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "pydocs-eval.jsonl"
 
 
 def preset_table(num_layers: int) -> dict[str, list[str]]:
@@ -198,7 +200,9 @@ def run_vllm(args, ckpt: Path, prompts: list[list[int]]) -> dict:
 # -- reference engine -------------------------------------------------------------------------------
 @torch.no_grad()
 def reference_decode_rate(model, prompts: torch.Tensor, placement, steps: int, device) -> float:
+    """Greedy decode tokens/s after prefilling `prompts`; on CUDA the steps replay a CUDA graph."""
     from supernet.cache import SupernetCache
+    from supernet.static_decode import StaticDecoder
 
     def sync():
         if device.type == "cuda":
@@ -207,12 +211,21 @@ def reference_decode_rate(model, prompts: torch.Tensor, placement, steps: int, d
     cache = SupernetCache(model.config.num_hidden_layers)
     logits = model(input_ids=prompts, past_key_values=cache, use_cache=True, placement=placement, logits_to_keep=1).logits
     token = logits[:, -1].argmax(-1, keepdim=True)
-    for _ in range(2):  # warm-up steps (kernels, allocator)
-        token = model(input_ids=token, past_key_values=cache, use_cache=True, placement=placement).logits[:, -1].argmax(-1, keepdim=True)
+    if device.type == "cuda":  # static decoding, captured after two eager warm-up steps
+        decoder = StaticDecoder(model, placement, cache, max_new_tokens=steps + 3)
+        decoder.start(token)
+        step = decoder.step
+    else:
+        def step():
+            nonlocal token
+            token = model(input_ids=token, past_key_values=cache, use_cache=True,
+                          placement=placement).logits[:, -1].argmax(-1, keepdim=True)
+    for _ in range(3):  # warm-up steps (kernels, allocator; on CUDA the third captures the graph)
+        step()
     sync()
     t0 = time.perf_counter()
     for _ in range(steps):
-        token = model(input_ids=token, past_key_values=cache, use_cache=True, placement=placement).logits[:, -1].argmax(-1, keepdim=True)
+        step()
     sync()
     return prompts.shape[0] * steps / (time.perf_counter() - t0)
 

@@ -278,7 +278,8 @@ def _median_time(fn, repeats: int, warmup: int, device: Any) -> float:
 
 def measure_costs(model: Any, context_length: int, batch_size: int = 1, mode: str = "decode",
                   repeats: int = 10, warmup: int = 2, layers: Sequence[int] | None = None,
-                  mixers: Sequence[str] = MIXERS, progress: bool = True, seed: int = 0) -> CostTable:
+                  mixers: Sequence[str] = MIXERS, progress: bool = True, seed: int = 0,
+                  cuda_graph: bool | None = None) -> CostTable:
     """Time each mixer of each layer of a loaded SupernetForCausalLM on its current device.
 
     decode: prefill N tokens through that mixer alone (its own SupernetCache), then time single-token
@@ -286,11 +287,15 @@ def measure_costs(model: Any, context_length: int, batch_size: int = 1, mode: st
     prefill: time the N-token prefill itself, divided by N. `fixed` times the shared per-layer parts
     (norms + MLP), rotary, the final norm and lm_head. Unmeasured layers (`layers` given) get the
     median of the measured ones. Unit: milliseconds per step (decode) or per token (prefill).
+    On CUDA (`cuda_graph`, default on there) decode steps and the fixed part are replayed as CUDA graphs,
+    10 steps per timed sample, as the whole-model decode is measured (supernet/throughput.py): the
+    table then adds up to what a whole step costs instead of to Python's kernel-launch time.
     """
     import torch
     from tqdm.auto import tqdm
 
     from supernet.cache import SupernetCache
+    from supernet.static_decode import GraphedStep
 
     if mode not in MODES:
         raise PlacementError(f"unknown cost mode {mode!r}; use decode or prefill")
@@ -298,6 +303,8 @@ def measure_costs(model: Any, context_length: int, batch_size: int = 1, mode: st
     L, D, N, B = config.num_hidden_layers, config.hidden_size, context_length, batch_size
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
+    graphs = device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
+    inner = 10 if graphs else 1  # replays per timed sample: a single replay is too short to time alone
     layers = list(range(L)) if layers is None else sorted(set(layers))
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
@@ -317,12 +324,27 @@ def measure_costs(model: Any, context_length: int, batch_size: int = 1, mode: st
         cache.advance(N)
         x1 = randn(B, 1, D)
         pe1 = rotary(x1, torch.full((B, 1), N, device=device))
+        if not graphs:
+            def step() -> None:
+                module(x1, pe1, cache)
+                cache.advance(1)
 
-        def step() -> None:
-            module(x1, pe1, cache)
-            cache.advance(1)
+            return _median_time(step, reps, warm, device)
+        keys = [(i, m) for i, states in enumerate(cache.states) for m in states]
+        for i, m in keys:
+            module.prepare_static(cache.states[i][m], N + (reps + warm) * inner + 1)
+        position = torch.tensor([N], device=device)
 
-        return _median_time(step, reps, warm, device)
+        def static_step() -> None:
+            cache.static_position = position
+            try:
+                module(x1, pe1, cache)
+                position.add_(1)
+            finally:
+                cache.static_position = None
+
+        graphed = GraphedStep(static_step, cache, keys, cuda_graph=device.type == "cuda")
+        return _median_time(lambda: [graphed() for _ in range(inner)], reps, warm, device) / inner
 
     per_layer = {m: np.full(L, np.nan) for m in mixers}
     jobs = [(i, m) for i in layers for m in mixers]
@@ -334,15 +356,16 @@ def measure_costs(model: Any, context_length: int, batch_size: int = 1, mode: st
     for m in mixers:  # layers not timed get the median of the timed ones
         v = per_layer[m]
         v[np.isnan(v)] = np.nanmedian(v)
-    fixed = _measure_fixed(model, N if mode == "prefill" else 1, B, repeats, warmup, randn, device) / (
-        N if mode == "prefill" else 1)
+    fixed = _measure_fixed(model, N if mode == "prefill" else 1, B, repeats, warmup, randn, device,
+                           graphs and mode == "decode") / (N if mode == "prefill" else 1)
     unit = "ms/step" if mode == "decode" else "ms/token"
     meta = {"mode": mode, "source": "measured", "num_layers": L, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-            "repeats": repeats, "layers_timed": len(layers)}
+            "repeats": repeats, "layers_timed": len(layers), "cuda_graph": graphs and mode == "decode" and device.type == "cuda"}
     return CostTable({m: per_layer[m] for m in mixers}, float(fixed), unit, N, B, meta)
 
 
-def _measure_fixed(model: Any, tokens: int, batch: int, repeats: int, warmup: int, randn, device: Any) -> float:
+def _measure_fixed(model: Any, tokens: int, batch: int, repeats: int, warmup: int, randn, device: Any,
+                   cuda_graph: bool = False) -> float:
     """Time of everything a step does besides the mixers (norms, MLPs, rotary, final norm, lm_head)."""
     import torch
 
@@ -361,7 +384,12 @@ def _measure_fixed(model: Any, tokens: int, batch: int, repeats: int, warmup: in
         model.lm_head(inner.norm(h)[:, -1:])
 
     with torch.inference_mode():
-        return _median_time(step, repeats, warmup, device)
+        if not cuda_graph:
+            return _median_time(step, repeats, warmup, device)
+        from supernet.static_decode import GraphedStep
+
+        graphed = GraphedStep(step, None, [], cuda_graph=device.type == "cuda")
+        return _median_time(lambda: [graphed() for _ in range(10)], repeats, max(warmup, 1), device) / 10
 
 
 def load_config(path: str | Path) -> Any:

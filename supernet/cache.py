@@ -18,6 +18,9 @@ class SupernetCache:
         self.num_layers = num_layers
         self.states: list[dict[str, dict[str, Any]]] = [dict() for _ in range(num_layers)]
         self.seen_tokens = 0
+        # Set by static decoding (supernet/static_decode.py): the [1] long device tensor holding the
+        # position of the token being decoded; attention mixers then write and mask by tensor index.
+        self.static_position: torch.Tensor | None = None
 
     def mixer_state(self, layer_idx: int, mixer: str) -> dict[str, Any]:
         """The mutable state dict of `mixer` in layer `layer_idx`, created empty on first use."""

@@ -2,6 +2,9 @@
 
 Used for the speed column of the results table (ratios against all-fa measured in the same run).
 Only the last position's logits are computed, so a long prefill never materialises vocab x context.
+On CUDA the decode steps run as a replayed CUDA graph (supernet/static_decode.py), as a serving
+engine runs them: launched one kernel at a time from Python, a small model's step is bound by launch
+overhead, and every placement would look equally fast.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import torch
 from supernet.cache import SupernetCache
 from supernet.model import SupernetForCausalLM
 from supernet.placement import PlacementLike
+from supernet.static_decode import StaticDecoder
 
 
 def _sync(device: torch.device) -> None:
@@ -30,9 +34,15 @@ def measure_decode(
     warmup: int = 3,
     prefill_chunk: int = 2048,
     seed: int = 0,
+    cuda_graph: bool | None = None,
 ) -> dict:
-    """Tokens/s of greedy decoding after a `context`-token prefill (random tokens), batch `batch`."""
+    """Tokens/s of greedy decoding after a `context`-token prefill (random tokens), batch `batch`.
+
+    `cuda_graph` (default: on CUDA) times static decoding replayed as a CUDA graph; False times
+    ordinary eager decoding with the growing cache.
+    """
     device = next(model.parameters()).device
+    cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
     g = torch.Generator(device="cpu").manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=g).to(device)
     cache = SupernetCache(model.config.num_hidden_layers)
@@ -43,15 +53,26 @@ def measure_decode(
     _sync(device)
     prefill_s = time.perf_counter() - t0
     token = out.logits[:, -1:].argmax(-1)
+    if cuda_graph:
+        decoder = StaticDecoder(model, placement, cache, max_new_tokens=warmup + 1 + new_tokens, cuda_graph=True)
+        decoder.start(token)
+        step = decoder.step
+        warmup += 1  # the first graphed step after the eager warm-ups captures the graph
+    else:
+        def step() -> torch.Tensor:
+            nonlocal token
+            token = model(token, past_key_values=cache, use_cache=True, placement=placement).logits.argmax(-1)
+            return token
     for _ in range(warmup):
-        token = model(token, past_key_values=cache, use_cache=True, placement=placement).logits.argmax(-1)
+        step()
     _sync(device)
     t0 = time.perf_counter()
     for _ in range(new_tokens):
-        token = model(token, past_key_values=cache, use_cache=True, placement=placement).logits.argmax(-1)
+        step()
     _sync(device)
     elapsed = time.perf_counter() - t0
     return {
+        "cuda_graph": cuda_graph,
         "batch": batch,
         "context": context,
         "new_tokens": new_tokens,
@@ -68,6 +89,7 @@ def compare_decode(
     batch: int,
     context: int,
     new_tokens: int,
+    cuda_graph: bool | None = None,
 ) -> dict[str, dict]:
     """Decode speed of several placements side by side: a warm-up pass over all, then a timed pass.
 
@@ -79,7 +101,7 @@ def compare_decode(
     for timed in (False, True):
         for name, placement in placements.items():
             results[name] = measure_decode(model, placement, batch=batch, context=context,
-                                           new_tokens=new_tokens if timed else 2)
+                                           new_tokens=new_tokens if timed else 2, cuda_graph=cuda_graph)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return results

@@ -129,3 +129,15 @@ def test_measured_costs_on_a_tiny_model(mode, tmp_path):
     # only some layers timed: the others take the median of the timed ones
     part = measure_costs(model, 16, 1, mode, repeats=1, warmup=0, layers=[1], progress=False)
     assert np.all(part.per_layer["gdn"] == part.per_layer["gdn"][1])
+
+
+def test_static_decode_costs_run_on_the_cpu_path_of_the_graphed_timing():
+    """cuda_graph=True on the CPU times the same static steps eagerly (the graph itself needs CUDA)."""
+    from placement.cost import measure_costs
+
+    model = _tiny_model()
+    t = measure_costs(model, context_length=12, batch_size=2, mode="decode", repeats=2, warmup=1,
+                      progress=False, cuda_graph=True)
+    for m in MIXERS:
+        assert np.all(np.isfinite(t.per_layer[m])) and np.all(t.per_layer[m] > 0)
+    assert t.fixed > 0 and t.meta["cuda_graph"] is False  # no graph was captured on the CPU

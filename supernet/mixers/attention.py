@@ -2,6 +2,11 @@
 
 Both have the teacher's projection shapes, so conversion copies the teacher's weights into each.
 FA's cache grows with the context; SWA's never holds more than `config.swa_window` tokens.
+
+Static decoding (`cache.static_position` set, see supernet/static_decode.py): a one-token step writes
+its key/value at a slot given by a device tensor and attends over the whole fixed-size buffer with a
+validity mask, so no Python int decides a shape or an index and the step can be replayed as a CUDA
+graph.
 """
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from torch import nn
 from supernet.cache import SupernetCache
 from supernet.config import SupernetConfig
 from supernet.mixers.rotary import apply_rotary
-from supernet.ops.attention import causal_attention
+from supernet.ops.attention import causal_attention, masked_decode_attention
 
 
 class _GrowingKV:
@@ -34,6 +39,28 @@ class _GrowingKV:
         state["v"][:, :, length:new_len] = v
         state["len"] = new_len
         return state["k"][:, :, :new_len], state["v"][:, :, :new_len]
+
+    @staticmethod
+    def reserve(state: dict, capacity: int) -> None:
+        """Grow the buffer to `capacity` slots once, zeroing the unused tail (masked keys must be finite)."""
+        length, k = state["len"], state["k"]
+        if k.shape[2] < capacity:
+            shape = (k.shape[0], k.shape[1], capacity, k.shape[3])
+            for name in ("k", "v"):
+                grown = state[name].new_zeros(shape)
+                grown[:, :, :length] = state[name][:, :, :length]
+                state[name] = grown
+        else:
+            state["k"][:, :, length:].zero_()
+            state["v"][:, :, length:].zero_()
+
+    @staticmethod
+    def write_at(state: dict, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor):
+        """Store one token at slot `position` ([1] long tensor); keys valid up to and including it."""
+        state["k"].index_copy_(2, position, k)
+        state["v"].index_copy_(2, position, v)
+        valid = torch.arange(state["k"].shape[2], device=k.device) <= position
+        return state["k"], state["v"], valid
 
 
 class _SlidingKV:
@@ -74,6 +101,23 @@ class _SlidingKV:
         state["v"] = torch.roll(v[:, :, -window:], shifts=shift, dims=2).contiguous()
         state["len"] = total
         return k, v
+
+    @staticmethod
+    def reserve(state: dict, window: int) -> None:
+        """The ring already has `window` slots; zero the ones not filled yet (masked keys must be finite)."""
+        seen = state["len"]
+        if seen < window:
+            state["k"][:, :, seen:].zero_()
+            state["v"][:, :, seen:].zero_()
+
+    @staticmethod
+    def write_at(state: dict, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor, window: int):
+        """Store one token at slot `position % window`; slots are valid once written (key order is free)."""
+        slot = torch.remainder(position, window)
+        state["k"].index_copy_(2, slot, k)
+        state["v"].index_copy_(2, slot, v)
+        valid = torch.arange(window, device=k.device) <= position
+        return state["k"], state["v"], valid
 
     @staticmethod
     def ordered(state: dict, window: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,6 +161,16 @@ class AttentionMixer(nn.Module):
         if position_embeddings is None:
             raise ValueError("attention mixers need rotary position embeddings (cos, sin)")
         q, k = apply_rotary(q, k, *position_embeddings)
+        if cache is not None and cache.static_position is not None:
+            if t != 1:
+                raise ValueError(f"static decoding takes one token per step, got {t}")
+            state = cache.mixer_state(self.layer_idx, self.name)
+            if self.window is None:
+                k, v, valid = _GrowingKV.write_at(state, k, v, cache.static_position)
+            else:
+                k, v, valid = _SlidingKV.write_at(state, k, v, cache.static_position, self.window)
+            out = masked_decode_attention(q, k, v, valid, scale=self.scale)
+            return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
         if cache is not None:
             k, v = self._update_cache(cache.mixer_state(self.layer_idx, self.name), k, v, t)
         out = causal_attention(q, k, v, scale=self.scale, window=self.window)
@@ -126,6 +180,13 @@ class AttentionMixer(nn.Module):
         if self.window is None:
             return _GrowingKV.append(state, k, v)
         return _SlidingKV.append(state, k, v, self.window)
+
+    def prepare_static(self, state: dict, capacity: int) -> None:
+        """Make this mixer's cache fixed-size for static decoding up to `capacity` total tokens."""
+        if self.window is None:
+            _GrowingKV.reserve(state, capacity)
+        else:
+            _SlidingKV.reserve(state, self.window)
 
     @torch.no_grad()
     def init_from_attention(

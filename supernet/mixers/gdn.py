@@ -116,6 +116,9 @@ class LinearMixerBase(nn.Module):
         self.k_conv1d = nn.Conv1d(key_dim, key_dim, W, groups=key_dim, bias=False)
         self.v_conv1d = nn.Conv1d(value_dim, value_dim, W, groups=value_dim, bias=False)
 
+    def prepare_static(self, state: dict, capacity: int) -> None:
+        """Conv tails and the recurrent matrix already have fixed sizes: nothing to do."""
+
     def _state(self, cache: SupernetCache | None) -> dict | None:
         return None if cache is None else cache.mixer_state(self.layer_idx, self.cache_name)
 

@@ -55,6 +55,24 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
+def masked_decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, *, scale: float
+) -> torch.Tensor:
+    """One query token per sequence over a fixed-size key buffer; `valid` [Tk] marks the live keys.
+
+    The query heads of each KV group are folded into the query-length axis, so the cache is read
+    once per KV head instead of being expanded to every query head.
+    """
+    b, hq, tq, d = q.shape
+    hkv = k.shape[1]
+    if tq != 1:
+        raise ValueError(f"masked decode attention takes one query token, got {tq}")
+    folded = q.reshape(b, hkv, hq // hkv, d)
+    mask = valid.view(1, 1, 1, -1)
+    out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask, scale=scale)
+    return out.reshape(b, hq, 1, d)
+
+
 def causal_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, window: int | None = None
 ) -> torch.Tensor:
