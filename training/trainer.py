@@ -24,6 +24,7 @@ import yaml
 
 from supernet.placement import Placement
 from training import checkpoint as ckpt
+from training.compile import eager_region
 from training.config import RunConfig
 from training.data import GlobalOrder, PackedDataset, build_token_stream, eval_indices
 from training.distributed import (DistEnv, apply_ddp, apply_fsdp, gradient_sync, init_distributed,
@@ -149,9 +150,11 @@ class Trainer:
         pair = DistillPair(student, teacher, mode, spec, cfg.loss.hidden_weight, cfg.loss.hidden_layers, self.compute_dtype)
         if cfg.train.activation_checkpointing:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.train.compile:  # per decoder layer (student and teacher): fuses norms, RoPE, SiLU, residuals
-            for layer in list(student.model.layers) + (list(teacher.model.layers) if teacher is not None else []):
-                layer.compile()
+        self.compiled_layers = bool(cfg.train.compile)
+        if self.compiled_layers:  # per decoder layer (student and teacher): fuses norms, RoPE, SiLU, residuals
+            from training.compile import compile_layers
+
+            compile_layers(student, teacher)
         self.strategy = resolve_strategy(cfg.distributed.strategy, env)
         if self.strategy == "fsdp":
             self.module = apply_fsdp(pair, student.model.layers, teacher, env)
@@ -356,18 +359,23 @@ class Trainer:
             spec = LossSpec("fkl", 1.0, 0.0, 1.0, cfg.loss.chunk_tokens)
         key = "kl" if self.has_teacher else "ce"
         out: dict[str, float] = {}
-        for p in placements or self.eval_placements:
-            total = torch.zeros((), device=env.device)
-            for s in range(0, len(mine), cfg.eval.batch_size):
-                batch = self.eval_ds.get(mine[s: s + cfg.eval.batch_size])
-                inputs = self._micro_inputs(batch, float(count))
-                with self._autocast():
-                    _, stats = self.module(placement=p, spec=spec, hidden_weight=0.0, **inputs)
-                total += stats[key].float()
-            env.all_reduce_sum(total)
-            name = f"all-{p[0]}" if len(set(p)) == 1 else str(p)
-            out[name] = float(total)
+        with eager_region(self.compiled_layers):  # no recompiles for eval shapes / no-grad mode
+            for p in placements or self.eval_placements:
+                out.update(self._evaluate_one(p, mine, count, spec, key))
         return out
+
+    def _evaluate_one(self, p: Placement, mine: list[int], count: int, spec: LossSpec, key: str) -> dict[str, float]:
+        env, cfg = self.env, self.cfg
+        total = torch.zeros((), device=env.device)
+        for s in range(0, len(mine), cfg.eval.batch_size):
+            batch = self.eval_ds.get(mine[s: s + cfg.eval.batch_size])
+            inputs = self._micro_inputs(batch, float(count))
+            with self._autocast():
+                _, stats = self.module(placement=p, spec=spec, hidden_weight=0.0, **inputs)
+            total += stats[key].float()
+        env.all_reduce_sum(total)
+        name = f"all-{p[0]}" if len(set(p)) == 1 else str(p)
+        return {name: float(total)}
 
     # ------------------------------------------------------------------------------------------
     # the loop
