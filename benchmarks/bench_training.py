@@ -18,7 +18,13 @@ MFU counts the FLOPs the algorithm needs (matmuls and attention; see `flops_per_
 the dense bf16 peak (989 TFLOP/s for H100/H200 SXM). For ours the backward of frozen weights
 costs only the input gradient (one matmul), which the count reflects.
 
-Usage (GPU):  python benchmarks/bench_training.py --teacher PATH_OR_smollm2 [--compile]
+The JSON is rewritten as phases finish; a run stopped by the time limit or by SIGTERM (`timeout`)
+keeps what it measured, marked `partial: true`. With --compile every variant is compiled before
+the timed steps (`precompile_s`), `compiles_during_timing` says whether any compilation slipped in,
+and --eager-control also measures the eager run on the same card (it is also the fallback when
+the compiled run fails).
+
+Usage (GPU):  python benchmarks/bench_training.py --teacher PATH_OR_smollm2 [--compile [--eager-control]]
               torchrun --nproc_per_node 2 benchmarks/bench_training.py --no-baseline --tag fsdp2 ...
 Usage (CPU):  python benchmarks/bench_training.py --smoke
 """
@@ -29,6 +35,7 @@ import gc
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -40,7 +47,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, print_table, write_results  # noqa: E402
+from benchmarks.common import RESULTS, device_name, print_table, write_results  # noqa: E402
 
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
 SINGLE = ("all-fa", "all-swa", "all-gdn", "all-kda")
@@ -190,24 +197,79 @@ def build_config(args: argparse.Namespace, out_dir: str, data: list[str], eval_d
     })
 
 
-def run_ours(args: argparse.Namespace, cfg: Any, t_start: float) -> dict[str, Any]:
+class Interrupted(BaseException):  # not an Exception: compilers must not swallow it
+    """SIGTERM/SIGINT (e.g. from `timeout`): stop where we are and write what was measured."""
+
+
+def _raise_interrupted(signum: int, _frame: Any) -> None:
+    raise Interrupted(f"signal {signum}")
+
+
+class Report:
+    """The result JSON, rewritten (atomically) as phases progress, so a run that is cut short
+    still leaves its measurements behind, marked `partial: true`."""
+
+    def __init__(self, path: Path, args: argparse.Namespace) -> None:
+        self.path = path
+        self.result: dict[str, Any] = {"partial": True, "phase": "start", "args": dict(vars(args))}
+        self.t_start = time.perf_counter()
+
+    def flush(self, phase: str | None = None) -> None:
+        if phase is not None:
+            self.result["phase"] = phase
+        self.result["elapsed_s"] = time.perf_counter() - self.t_start
+        payload = {"device": device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
+                   **self.result}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+        os.replace(tmp, self.path)
+
+
+def _compile_stats() -> dict[str, int] | None:
+    try:
+        from training.compile import compile_stats
+
+        return compile_stats()
+    except Exception:  # noqa: BLE001 - statistics only
+        return None
+
+
+def run_ours(args: argparse.Namespace, cfg: Any, live: dict[str, Any], flush: Any, deadline: float) -> dict[str, Any]:
+    """Train with `training.Trainer`; `live` is filled in as it goes (it is the partial result)."""
     from training.trainer import Trainer
 
+    t_run = time.perf_counter()
+    live.update(status="setting up", compile=bool(cfg.train.compile), micro_batch=args.batch,
+                grad_accum=args.grad_accum)
     trainer = Trainer(cfg)
     env = trainer.env
     dev = env.device
     sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
-    setup_s = time.perf_counter() - t_start
+    live.update(setup_s=time.perf_counter() - t_run, world_size=env.world_size, rank=env.rank,
+                global_batch_tokens=trainer.tokens_per_step, status="compiling" if cfg.train.compile else "training")
+    flush()
+    live["precompile_s"] = trainer.precompile()  # every compiled variant, before anything is timed
+    live.update(status="evaluating (before)" if args.budget_tokens else "training")
+    flush()
     t0 = time.perf_counter()
     kl_before = trainer.evaluate() if args.budget_tokens else {}
     eval_s = time.perf_counter() - t0
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    losses, placements, counts = [], [], {m: 0 for m in ("fa", "swa", "gdn", "kda")}
-    measured_s, measured_tokens = 0.0, 0
+    losses: list[float] = []
+    placements: list[str] = []
+    step_s: list[float] = []
+    counts = {m: 0 for m in ("fa", "swa", "gdn", "kda")}
+    measured_s, measured_tokens, measured_steps = 0.0, 0, 0
     budget_steps = max(args.warmup + args.steps, math.ceil(args.budget_tokens / trainer.tokens_per_step))
-    deadline = t_start + args.time_limit
+    compile_before_timing = compile_after_timing = None
+    live.update(status="training", kl_before=kl_before, losses=losses, placements=placements, step_s=step_s,
+                requested_timed_steps=args.steps, warmup_steps=args.warmup)
+    stopped = None
     for i in range(budget_steps):
+        if i == args.warmup:
+            compile_before_timing = _compile_stats()
         placement = trainer.next_placement()
         sync()
         t = time.perf_counter()
@@ -217,35 +279,62 @@ def run_ours(args: argparse.Namespace, cfg: Any, t_start: float) -> dict[str, An
         trainer.step += 1
         losses.append(rec["loss"])
         placements.append(str(placement))
-        if args.warmup <= i < args.warmup + args.steps:
+        step_s.append(dt)
+        timed = args.warmup <= i < args.warmup + args.steps
+        if timed:
             measured_s += dt
             measured_tokens += trainer.tokens_per_step
+            measured_steps += 1
             for m in placement:
                 counts[m] += 1
-        if i >= args.warmup + args.steps and time.perf_counter() > deadline:
-            break
+            if measured_steps == args.steps:
+                compile_after_timing = _compile_stats()
+        if i < args.warmup + args.steps or i % 10 == 0:
+            live.update(timed_steps=measured_steps,
+                        tokens_per_s=measured_tokens / measured_s if measured_s else None,
+                        compile_stats_before_timing=compile_before_timing)
+            flush()
+        now = time.perf_counter()
+        if now > deadline:
+            if i >= args.warmup + args.steps - 1:
+                break  # the quality phase ends at the time limit
+            if measured_steps >= 1 or now > deadline + 60:
+                stopped = f"time limit reached after {measured_steps} of {args.steps} timed steps"
+                break
+    if compile_after_timing is None and measured_steps:
+        compile_after_timing = _compile_stats()
     trained_tokens = len(losses) * trainer.tokens_per_step
     t0 = time.perf_counter()
-    kl_after = trainer.evaluate() if args.budget_tokens else {}
+    kl_after = trainer.evaluate() if args.budget_tokens and stopped is None else {}
     eval_s += time.perf_counter() - t0
     total = sum(counts.values()) or 1
     mix = {m: c / total for m, c in counts.items()}
     tps = measured_tokens / measured_s if measured_s else None
     fpt = flops_per_token(trainer.student, args.seq_len, mix, teacher=cfg.teacher.source != "offline")
     peak = peak_flops()
-    return {
+    compiles_during_timing = None
+    if compile_before_timing and compile_after_timing:
+        compiles_during_timing = compile_after_timing["unique_graphs"] - compile_before_timing["unique_graphs"]
+    live.update({
+        "status": "done" if stopped is None else "stopped: " + stopped,
         "world_size": env.world_size, "micro_batch": args.batch, "grad_accum": args.grad_accum,
-        "global_batch_tokens": trainer.tokens_per_step, "tokens_per_s": tps,
+        "global_batch_tokens": trainer.tokens_per_step, "tokens_per_s": tps, "timed_steps": measured_steps,
         "tokens_per_s_per_gpu": tps / env.world_size if tps else None,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None,
         "flops_per_token": fpt, "mfu": fpt * tps / (peak * env.world_size) if (peak and tps) else None,
         "mixer_mix_measured": mix, "trained_tokens": trained_tokens, "steps": len(losses),
         "kl_before": kl_before, "kl_after": kl_after, "losses": losses, "placements": placements,
-        "setup_s": setup_s, "eval_s": eval_s, "rank": env.rank, "env": env,
+        "step_s": step_s, "first_step_s": step_s[0] if step_s else None,
+        "compile_stats_before_timing": compile_before_timing, "compile_stats_after_timing": compile_after_timing,
+        "compiles_during_timing": compiles_during_timing,
+        "eval_s": eval_s, "rank": env.rank, "env": env,
         "baseline_flops_per_token": flops_per_token(trainer.student, args.seq_len, {"fa": 1.0}, teacher=True,
                                                     full_backward=True),
         "student_dir": str(trainer.student_dir),
-    }
+    })
+    if stopped is not None:
+        live["partial"] = True
+    return live
 
 
 def run_offline(args: argparse.Namespace, cfg: Any, data: list[str], student_dir: str) -> dict[str, Any]:
@@ -336,6 +425,10 @@ def main() -> None:
     ap.add_argument("--eval-batch", type=int, default=8)
     ap.add_argument("--compile", action="store_true", help="torch.compile every decoder layer")
     ap.add_argument("--activation-checkpointing", action="store_true")
+    ap.add_argument("--eager-control", action="store_true",
+                    help="with --compile: also measure the eager run on the same card, if time is left")
+    ap.add_argument("--eager-min-s", type=float, default=75.0,
+                    help="seconds that must be left before the time limit to start the eager run")
     ap.add_argument("--offline-topk", type=int, default=32, help="top-K of the offline-cache phase (0: skip it)")
     ap.add_argument("--offline-sequences", type=int, default=256, help="windows written to the offline cache")
     ap.add_argument("--compare-to", default=None, help="a previous result JSON (e.g. the 1-GPU run) to compare with")
@@ -368,64 +461,153 @@ def main() -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     tag = args.tag or ("smoke" if args.smoke else ("h100" if world == 1 else f"fsdp2_{world}gpu"))
 
-    baseline = None
-    if not args.no_baseline and world == 1:
-        baseline = run_baseline(args.teacher, args.seq_len, args.baseline_batch, args.warmup, args.steps)
+    out_path = Path(args.out) if args.out else RESULTS / f"training_{tag}.json"
+    report = Report(out_path, args)
+    report.t_start = t_start
+    result = report.result
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _raise_interrupted)
+    deadline = t_start + args.time_limit
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    flush = report.flush if is_main else (lambda *a, **k: None)
     cfg = build_config(args, str(Path(args.work_dir) / "run"), data, eval_data)
+    env = None
+    exit_code = 0
     try:
-        ours = run_ours(args, cfg, t_start)
+        baseline = None
+        if not args.no_baseline and world == 1:
+            result["baseline"] = {"status": "running"}
+            flush("baseline")
+            baseline = run_baseline(args.teacher, args.seq_len, args.baseline_batch, args.warmup, args.steps)
+            result["baseline"] = baseline
+        result["ours"] = {}
+        flush("ours")
+        try:
+            run_ours(args, cfg, result["ours"], flush, deadline)
+        except (Interrupted, torch.cuda.OutOfMemoryError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a compiled run that fails still leaves the eager one
+            if not args.compile or world != 1:
+                raise
+            import traceback
+
+            result["ours"].update(status="failed", error=f"{type(exc).__name__}: {exc}"[:2000],
+                                  traceback=traceback.format_exc()[-6000:])
+            print(f"error: the compiled run failed ({type(exc).__name__}: {str(exc)[:300]}); "
+                  f"measuring the eager one", file=sys.stderr)
+        env = result["ours"].pop("env", None)
+        result["ours"].pop("rank", None)
+        # the eager run on the same card: a control for --compile, or the fallback when it failed
+        ours_failed = result["ours"].get("tokens_per_s") is None
+        left = deadline - time.perf_counter()
+        want_eager = args.compile and world == 1 and (ours_failed or args.eager_control)
+        if want_eager and left > args.eager_min_s:
+            _release_gpu()
+            import dataclasses
+
+            result["ours_eager"] = {}
+            flush("ours (eager)")
+            eager_cfg = dataclasses.replace(cfg, out_dir=str(Path(args.work_dir) / "run-eager"),
+                                            train=dataclasses.replace(cfg.train, compile=False),
+                                            student=dataclasses.replace(
+                                                cfg.student, path=result["ours"].get("student_dir") or cfg.student.path))
+            eager_args = argparse.Namespace(**{**vars(args), "budget_tokens": 0})
+            run_ours(eager_args, eager_cfg, result["ours_eager"], flush, deadline)
+            result["ours_eager"].pop("env", None)
+            result["ours_eager"].pop("rank", None)
+            for k in ("losses", "placements", "kl_before", "kl_after"):
+                result["ours_eager"].pop(k, None)
+        elif want_eager:
+            result["ours_eager"] = {"status": f"skipped: {left:.0f} s left before the time limit"}
+        if args.offline_topk and world == 1 and result["ours"].get("student_dir"):
+            _release_gpu()
+            flush("offline")
+            result["offline"] = run_offline(args, cfg, data, result["ours"]["student_dir"])
+        result["partial"] = bool(result["ours"].get("partial"))
+    except Interrupted as exc:
+        exit_code = 3
+        result["interrupted"] = f"{exc} during phase {result.get('phase')!r}"
+        print(f"\ninterrupted ({exc}) during {result.get('phase')}: writing the partial results", file=sys.stderr)
     except torch.cuda.OutOfMemoryError:
         print(f"error: out of GPU memory at micro-batch {args.batch}; try --batch {max(1, args.batch // 2)} "
               f"--grad-accum {args.grad_accum * 2} or --activation-checkpointing", file=sys.stderr)
-        write_results(f"training_{tag}", {"args": vars(args), "baseline": baseline,
-                                          "ours": {"oom": True, "micro_batch": args.batch}}, args.out)
-        sys.exit(1)
-    env = ours.pop("env")
-    from training.distributed import shutdown
+        result.setdefault("ours", {}).update(oom=True, micro_batch=args.batch)
+        exit_code = 1
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if env is not None and exit_code == 0:
+        from training.distributed import shutdown
 
-    shutdown(env)
-    if ours.pop("rank") != 0:
+        shutdown(env)
+    if not is_main:
         return
+    summarize(result, args)
+    flush("done" if exit_code == 0 else result.get("phase"))
+    print(f"\nwrote {out_path}" + (" (partial)" if result.get("partial") else ""))
+    if exit_code:
+        sys.exit(exit_code)
+
+
+def _release_gpu() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    offline = None
-    if args.offline_topk and env.world_size == 1:
-        offline = run_offline(args, cfg, data, ours["student_dir"])
-    result: dict[str, Any] = {"args": {k: v for k, v in vars(args).items()}, "baseline": baseline, "ours": ours,
-                              "offline": offline, "elapsed_s": time.perf_counter() - t_start}
-    if baseline and baseline.get("tokens_per_s") and ours["tokens_per_s"]:
-        fpt = ours["baseline_flops_per_token"]
-        peak = peak_flops()
+
+
+def summarize(result: dict[str, Any], args: argparse.Namespace) -> None:
+    """Speed-ups, MFU of the baseline, and the printed tables."""
+    baseline = result.get("baseline") or None
+    ours = result.get("ours") or {}
+    eager = result.get("ours_eager") or {}
+    peak = peak_flops()
+    fpt = ours.get("baseline_flops_per_token") or eager.get("baseline_flops_per_token")
+    if baseline and baseline.get("tokens_per_s") and fpt:
         baseline["flops_per_token"] = fpt
         baseline["mfu"] = fpt * baseline["tokens_per_s"] / peak if peak else None
-        result["speedup_vs_baseline"] = ours["tokens_per_s"] / baseline["tokens_per_s"]
-    if args.compare_to:
+    for key, run in (("speedup_vs_baseline", ours), ("speedup_eager_vs_baseline", eager)):
+        if baseline and baseline.get("tokens_per_s") and run.get("tokens_per_s"):
+            result[key] = run["tokens_per_s"] / baseline["tokens_per_s"]
+    if ours.get("tokens_per_s") and eager.get("tokens_per_s"):
+        result["compile_speedup"] = ours["tokens_per_s"] / eager["tokens_per_s"]
+    if args.compare_to and ours.get("losses"):
         result["comparison"] = compare(ours, args.compare_to)
 
     rows = []
     if baseline:
-        rows.append({"run": "baseline (HF, full-vocab fp32 KL)", "batch": baseline["batch"],
-                     "tok/s": baseline.get("tokens_per_s"), "MFU": baseline.get("mfu"), "peak GiB": baseline.get("peak_mem_gib")})
-    rows.append({"run": f"ours ({cfg.teacher.source}, {env.world_size} proc)", "batch": args.batch,
-                 "tok/s": ours["tokens_per_s"], "MFU": ours["mfu"], "peak GiB": ours["peak_mem_gib"]})
-    print_table(rows, ["run", "batch", "tok/s", "MFU", "peak GiB"], f"stage-1 throughput, seq {args.seq_len}")
-    if "speedup_vs_baseline" in result:
-        print(f"speed-up vs baseline: {result['speedup_vs_baseline']:.2f}x")
+        rows.append({"run": "baseline (HF, full-vocab fp32 KL)", "batch": baseline.get("batch"),
+                     "tok/s": baseline.get("tokens_per_s"), "MFU": baseline.get("mfu"),
+                     "peak GiB": baseline.get("peak_mem_gib"), "status": baseline.get("status", "done")})
+    for name, run in (("ours" + (" (compiled)" if args.compile else ""), ours), ("ours (eager)", eager)):
+        if run:
+            rows.append({"run": name, "batch": args.batch, "tok/s": run.get("tokens_per_s"), "MFU": run.get("mfu"),
+                         "peak GiB": run.get("peak_mem_gib"), "first step s": run.get("first_step_s"),
+                         "timed steps": run.get("timed_steps"), "status": run.get("status")})
+    print_table(rows, ["run", "batch", "tok/s", "MFU", "peak GiB", "first step s", "timed steps", "status"],
+                f"stage-1 throughput, seq {args.seq_len}")
+    for key, label in (("speedup_vs_baseline", "speed-up vs baseline"),
+                       ("speedup_eager_vs_baseline", "speed-up of the eager run vs baseline"),
+                       ("compile_speedup", "compiled vs eager")):
+        if key in result:
+            print(f"{label}: {result[key]:.2f}x")
+    if ours.get("tokens_per_s"):
+        ok = result.get("speedup_vs_baseline", 0) >= 1.5 and ours["tokens_per_s"] >= 150_000
+        print(f"issue-4 target (>= 1.5x the baseline and >= 150k tokens/s): {'met' if ok else 'not met'}")
+    if ours.get("compiles_during_timing"):
+        print(f"warning: {ours['compiles_during_timing']} graphs were compiled during the timed steps")
+    offline = result.get("offline")
     if offline:
         print(f"\noffline top-{offline['top_k']}: cache {offline['bytes_per_token']:.0f} bytes/token, teacher pass "
               f"{offline['cache_tokens_per_s'] or 0:,.0f} tokens/s; training from the cache "
               f"{offline['train_tokens_per_s'] or 0:,.0f} tokens/s")
-    if ours["kl_before"]:
-        print_table([{"placement": p, "KL before": ours["kl_before"].get(p), "KL after": ours["kl_after"].get(p)}
+    if ours.get("kl_before"):
+        print_table([{"placement": p, "KL before": ours["kl_before"].get(p), "KL after": (ours.get("kl_after") or {}).get(p)}
                      for p in SINGLE], ["placement", "KL before", "KL after"],
-                    f"held-out KL(teacher || student), {ours['trained_tokens']:,} training tokens")
+                    f"held-out KL(teacher || student), {ours.get('trained_tokens', 0):,} training tokens")
     if "comparison" in result:
         c = result["comparison"]
         print(f"\nvs {c['reference']}: scaling efficiency {c['scaling_efficiency']}, max relative loss difference "
               f"{c['max_rel_loss_diff']} over {c['steps_compared']} steps (same placements: {c['same_placements']})")
-    write_results(f"training_{tag}", result, args.out)
-
 
 if __name__ == "__main__":
     main()

@@ -66,6 +66,48 @@ def disable_kernel_tracing() -> bool:
     return True
 
 
+# argument-less, lru_cached lookups in supernet.ops.attention that Dynamo would otherwise trace
+# (it ignores lru_cache): `_flash_attn_func` tries `import flash_attn`, and a failed import inside
+# a traced function is a graph break in every fa/swa layer on CUDA hosts without flash-attn
+CONSTANT_LOOKUPS = (("supernet.ops.attention", "_flash_attn_func"), ("supernet.ops.attention", "_compiled_flex"))
+
+
+def resolve_constant_lookups() -> list[str]:
+    """Call each cached lookup once, eagerly, and replace it by a plain function returning that
+    value, which Dynamo traces as a constant. Lookups that are missing, take arguments or fail
+    are left alone. Returns the names replaced."""
+    import importlib
+    import inspect
+
+    done = []
+    for module_name, attr in CONSTANT_LOOKUPS:
+        try:
+            module = importlib.import_module(module_name)
+        except Exception:  # noqa: BLE001
+            continue
+        fn = getattr(module, attr, None)
+        if fn is None or getattr(fn, "_supernet_constant", False):
+            done += [attr] if fn is not None else []
+            continue
+        if not hasattr(fn, "cache_info"):
+            continue
+        try:
+            if inspect.signature(fn).parameters:
+                continue
+            value = fn()
+        except Exception:  # noqa: BLE001 - leave it to the traced code
+            continue
+
+        def constant(_value=value):
+            return _value
+
+        constant._supernet_constant = True  # type: ignore[attr-defined]
+        constant.cache_clear = fn.cache_clear  # type: ignore[attr-defined]
+        setattr(module, attr, constant)
+        done.append(attr)
+    return done
+
+
 def _inputs_require_grad(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and not output.requires_grad \
             and output.is_floating_point():
@@ -78,6 +120,7 @@ def compile_layers(student: nn.Module, teacher: nn.Module | None = None, *, back
     """torch.compile each decoder layer of the student (and of the teacher) in place."""
     configure_dynamo(suppress_errors)
     disable_kernel_tracing()
+    resolve_constant_lookups()
     # one compiled variant per mixer: every student layer input requires grad in training
     student.get_input_embeddings().register_forward_hook(_inputs_require_grad)
     layers = list(student.model.layers) + (list(teacher.model.layers) if teacher is not None else [])

@@ -84,6 +84,9 @@ class Trainer:
         if dev.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+            # fixed shapes all run long: let cuDNN time its algorithms (the depthwise short convs of
+            # GDN/KDA) once per shape instead of taking its heuristic choice
+            torch.backends.cudnn.benchmark = True
         self.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and dev.type == "cuda")
         if self.bf16 and dev.type != "cuda":
             self.bf16 = False  # bf16 autocast is slower than fp32 on CPUs (FACTS.md); keep CPU runs exact
@@ -273,14 +276,44 @@ class Trainer:
         raise ValueError("the sampler keeps drawing placements without a trainable mixer; "
                          "make sampling.mixers / sampling.presets overlap train.train_mixers")
 
+    def precompile(self) -> float:
+        """With train.compile: compile every training variant now, one forward + backward on the
+        first micro-batch per placement that cycles through all mixers, gradients discarded (no
+        optimizer step, no sampler draw, no random numbers: the run's results do not change).
+        The first real step then runs at speed and no step compiles in the middle of a run.
+        Returns the seconds spent (0 without train.compile)."""
+        if not self.compiled_layers:
+            return 0.0
+        t0 = time.perf_counter()
+        names = list(self.student.model.layers[0].mixers)
+        n = self.num_layers
+        batch = self.train_ds.get(self.order.micro_indices(self.step, 0))
+        inputs = self._micro_inputs(batch, float(max(1, int(batch.mask.sum()))))
+        for offset in range(0, len(names), n):
+            placement = Placement.parse([names[(offset + i) % len(names)] for i in range(n)], n)
+            with self._autocast():
+                loss, _ = self.module(placement=placement, **inputs)
+            loss.backward()
+            self.optimizer.zero_grad(set_to_none=True)
+        if self.env.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
     def _autocast(self):
         if self.bf16:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return torch.autocast(self.env.device.type, enabled=False)
 
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """Host -> device copy. On CUDA through pinned memory and without blocking: a copy from
+        pageable memory waits for the GPU to drain its queue (the previous optimizer step)."""
+        dev = self.env.device
+        if dev.type == "cuda":
+            return t.pin_memory().to(dev, non_blocking=True)
+        return t.to(dev)
+
     def _micro_inputs(self, batch, normaliser: float) -> dict[str, Any]:
         """Move a batch to the device; keep only weighted rows when many are masked."""
-        dev = self.env.device
         flat = batch.mask.reshape(-1)
         rows = None
         if float(flat.mean()) < 0.9:
@@ -292,9 +325,10 @@ class Trainer:
             tail = batch.extras["topk_tail"].reshape(-1)
             if rows is not None:
                 ids, lps, tail = ids[rows], lps[rows], tail[rows]
-            topk = TopKTargets(ids.to(dev), lps.to(dev), tail.to(dev))
-        return dict(input_ids=batch.input_ids.to(dev), token_weight=(batch.mask / normaliser).to(dev),
-                    labels=batch.labels.to(dev), rows=rows.to(dev) if rows is not None else None, topk=topk)
+            topk = TopKTargets(self._to_device(ids), self._to_device(lps), self._to_device(tail))
+        return dict(input_ids=self._to_device(batch.input_ids), token_weight=self._to_device(batch.mask / normaliser),
+                    labels=self._to_device(batch.labels), rows=self._to_device(rows) if rows is not None else None,
+                    topk=topk)
 
     def train_step(self, placement: Placement) -> dict[str, float]:
         cfg, env = self.cfg, self.env
@@ -431,6 +465,10 @@ class Trainer:
             ev = self.evaluate()
             result.evals[0] = ev
             self._log({"step": 0, self.eval_key: ev})
+        if self.compiled_layers and self.step < self.max_steps:
+            secs = self.precompile()
+            if env.is_main and cfg.log.progress:
+                print(f"compiled the decoder layers in {secs:.1f} s")
         timed_tokens, timed_s = 0, 0.0
         window_tokens, window_t0 = 0, time.perf_counter()
         if env.device.type == "cuda":
