@@ -361,6 +361,7 @@ def run_offline(args: argparse.Namespace, cfg: Any, data: list[str], student_dir
                               teacher=dataclasses.replace(cfg.teacher, source="offline", cache_dir=str(cache_dir)),
                               student=dataclasses.replace(cfg.student, path=student_dir))
     trainer = Trainer(off)
+    trainer.precompile()
     sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -502,6 +503,7 @@ def main() -> None:
         left = deadline - time.perf_counter()
         want_eager = args.compile and world == 1 and (ours_failed or args.eager_control)
         if want_eager and left > args.eager_min_s:
+            torch._dynamo.reset()  # drop the compiled run's graphs (and what they hold on the GPU)
             _release_gpu()
             import dataclasses
 

@@ -34,3 +34,15 @@ def test_bench_training_smoke(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=120)
     cmp = json.loads(again.stdout.strip().splitlines()[-1])
     assert cmp["scaling_efficiency"] == pytest.approx(1.0) and cmp["max_rel_loss_diff"] == 0.0
+
+
+def test_bench_training_time_limit_leaves_a_partial_result(tmp_path):
+    out = tmp_path / "training_partial.json"
+    proc = subprocess.run([sys.executable, "benchmarks/bench_training.py", "--smoke", "--budget-tokens", "0",
+                           "--offline-topk", "0", "--time-limit", "0", "--out", str(out),
+                           "--work-dir", str(tmp_path / "work")], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["partial"] is True and res["baseline"]["tokens_per_s"] > 0
+    ours = res["ours"]
+    assert ours["status"].startswith("stopped: time limit") and ours["timed_steps"] == 1 and ours["tokens_per_s"] > 0
