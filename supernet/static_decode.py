@@ -14,6 +14,7 @@ into their fixed tensors at the end of the captured step.
 """
 from __future__ import annotations
 
+import gc
 from typing import Callable
 
 import torch
@@ -33,9 +34,11 @@ class GraphedStep:
     """
 
     def __init__(self, fn: Callable[[], None], cache: SupernetCache | None,
-                 mixers: list[tuple[int, str]], *, cuda_graph: bool, warmup: int = 2) -> None:
+                 mixers: list[tuple[int, str]], *, cuda_graph: bool, warmup: int = 2,
+                 capture_error_mode: str = "global") -> None:
         self.fn, self.cache, self.mixers = fn, cache, mixers
         self.cuda_graph, self.warmup = cuda_graph, warmup
+        self.capture_error_mode = capture_error_mode
         self.graph: torch.cuda.CUDAGraph | None = None
         self.calls = 0
 
@@ -75,10 +78,19 @@ class GraphedStep:
             torch.cuda.current_stream().wait_stream(side)
             return
         bound = self._bound_states()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.fn()
-            self._rebind(bound)
+        torch.cuda.synchronize()
+        # A garbage collection inside the capture could destroy another decoder's graph or free its
+        # memory, which invalidates the capture ("operation failed due to a previous error during
+        # capture", seen when a finished decoder's reference cycle was collected mid-capture).
+        gc.collect()
+        gc.disable()
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode=self.capture_error_mode):
+                self.fn()
+                self._rebind(bound)
+        finally:
+            gc.enable()
         self.graph = graph
         graph.replay()  # capturing records the step without running it
 
