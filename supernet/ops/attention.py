@@ -15,14 +15,18 @@ import torch
 import torch.nn.functional as F
 
 
-@functools.lru_cache(maxsize=1)
-def _flash_attn_func():
+def _load_flash_attn():
     try:
         from flash_attn import flash_attn_func  # type: ignore
 
         return flash_attn_func
     except Exception:
         return None
+
+
+# Resolved once at import: a lookup inside the forward would be traced by torch.compile, and a failed
+# import there is a graph break in every attention layer.
+FLASH_ATTN_FUNC = _load_flash_attn()
 
 
 def _window_mask(tq: int, tk: int, window: int | None, device: torch.device) -> torch.Tensor:
@@ -48,11 +52,14 @@ def _flex_block_mask(tq: int, tk: int, window: int, device: str):
     return create_block_mask(sliding_causal, B=None, H=None, Q_LEN=tq, KV_LEN=tk, device=device)
 
 
-@functools.lru_cache(maxsize=1)
-def _compiled_flex():
+def _compile_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
     return torch.compile(flex_attention, dynamic=False)
+
+
+# torch.compile only wraps here; compilation happens on the first call (fixed, block-aligned shapes).
+COMPILED_FLEX = _compile_flex()
 
 
 def masked_decode_attention(
@@ -91,7 +98,7 @@ def causal_attention(
         return out.reshape(b, hq, 1, d)
 
     if q.is_cuda:
-        flash = _flash_attn_func()
+        flash = FLASH_ATTN_FUNC
         if flash is not None and q.dtype in (torch.float16, torch.bfloat16):
             out = flash(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -103,7 +110,7 @@ def causal_attention(
             # FlexAttention skips the blocks outside the window; it compiles once per shape, so it
             # is used for the fixed, block-aligned shapes of training and benchmarks only.
             block_mask = _flex_block_mask(tq, tk, window, str(q.device))
-            return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+            return COMPILED_FLEX(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
 
     if window is None and tq == tk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)

@@ -348,6 +348,10 @@ def _gated_chunk_backward_broken(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) == (9, 0) and (3, 4, 0) <= version < (3, 7, 1)
 
 
+# Kept out of torch.compile: the kernel choice (lru_cached lookups, a Triton version check) and the
+# torch fallback's Python loop over chunks are not traceable work; a compiled layer gets one clean
+# graph break around its delta-rule kernel, on the CPU as on CUDA.
+@torch.compiler.disable
 def _dispatch(family, q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm):
     _check_shapes(q, k, v, g, beta)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
