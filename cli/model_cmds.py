@@ -140,6 +140,10 @@ def generate(
                     k=draft_k, max_new_tokens=max_new_tokens,
                 )
                 new = torch.tensor(tokens)
+            elif model.device.type == "cuda":  # static decoding replayed as a CUDA graph
+                from supernet.static_decode import greedy_generate_static
+
+                new = greedy_generate_static(model, ids, model.placement, max_new_tokens, tokenizer.eos_token_id)[0]
             else:
                 out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
                 new = out[0, ids.shape[1]:]

@@ -168,3 +168,30 @@ class StaticDecoder:
             if "len" in state:
                 state["len"] = self.cache.seen_tokens
         return self.cache
+
+
+@torch.no_grad()
+def greedy_generate_static(model, input_ids: torch.Tensor, placement: PlacementLike, max_new_tokens: int,
+                           eos_token_id: int | None = None, cuda_graph: bool | None = None) -> torch.Tensor:
+    """Greedy continuation [B, <= max_new_tokens] of `input_ids`: a prefill, then static decoding.
+
+    On CUDA the steps replay a CUDA graph (the fast path of `supernet generate`); with one row it
+    stops after the first `eos_token_id`, as HF `generate` does.
+    """
+    cache = SupernetCache(model.config.num_hidden_layers)
+    logits = model(input_ids, past_key_values=cache, use_cache=True, placement=placement, logits_to_keep=1).logits
+    token = logits[:, -1:].argmax(-1)
+    tokens = [token]
+    if max_new_tokens > 1:
+        decoder = StaticDecoder(model, placement, cache, max_new_tokens=max_new_tokens - 1, cuda_graph=cuda_graph)
+        decoder.start(token)
+        for _ in range(max_new_tokens - 1):
+            if eos_token_id is not None and input_ids.shape[0] == 1 and int(tokens[-1]) == eos_token_id:
+                break
+            tokens.append(decoder.step().clone())
+    out = torch.cat(tokens, dim=1)
+    if eos_token_id is not None and input_ids.shape[0] == 1:
+        hits = (out[0] == eos_token_id).nonzero()
+        if len(hits):
+            out = out[:, : int(hits[0]) + 1]
+    return out

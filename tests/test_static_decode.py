@@ -102,3 +102,23 @@ def test_graphed_step_copies_replaced_state_back():
     replace()
     step._rebind(bound)
     assert cache.states[0]["gdn"]["recurrent"] is fixed and torch.equal(fixed, torch.ones(3))
+
+
+@pytest.mark.parametrize("placement", ["all-fa", "fa,swa,gdn,kda"])
+@torch.no_grad()
+def test_static_greedy_generation_equals_hf_generate(placement):
+    """The `supernet generate` CUDA path (here eager on the CPU) gives HF generate's tokens."""
+    from supernet.static_decode import greedy_generate_static
+
+    torch.manual_seed(0)
+    model = SupernetForCausalLM(tiny_config()).eval()
+    ids = torch.randint(0, 97, (1, 9))
+    model.set_placement(placement)
+    want = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)[:, 9:]
+    got = greedy_generate_static(model, ids, placement, 12, cuda_graph=False)
+    assert torch.equal(got, want)
+    # stopping at an end-of-sequence token includes it, as HF generate does
+    eos = int(want[0, 4])
+    first = int((want[0] == eos).nonzero()[0])
+    stopped = greedy_generate_static(model, ids, placement, 12, eos_token_id=eos, cuda_graph=False)
+    assert torch.equal(stopped, want[:, : first + 1])
