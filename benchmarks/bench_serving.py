@@ -198,36 +198,11 @@ def run_vllm(args, ckpt: Path, prompts: list[list[int]]) -> dict:
 
 
 # -- reference engine -------------------------------------------------------------------------------
-@torch.no_grad()
-def reference_decode_rate(model, prompts: torch.Tensor, placement, steps: int, device) -> float:
+def reference_decode_rate(model, prompts: torch.Tensor, placement, steps: int) -> float:
     """Greedy decode tokens/s after prefilling `prompts`; on CUDA the steps replay a CUDA graph."""
-    from supernet.cache import SupernetCache
-    from supernet.static_decode import StaticDecoder
+    from supernet.throughput import measure_decode
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    cache = SupernetCache(model.config.num_hidden_layers)
-    logits = model(input_ids=prompts, past_key_values=cache, use_cache=True, placement=placement, logits_to_keep=1).logits
-    token = logits[:, -1].argmax(-1, keepdim=True)
-    if device.type == "cuda":  # static decoding, captured after two eager warm-up steps
-        decoder = StaticDecoder(model, placement, cache, max_new_tokens=steps + 3)
-        decoder.start(token)
-        step = decoder.step
-    else:
-        def step():
-            nonlocal token
-            token = model(input_ids=token, past_key_values=cache, use_cache=True,
-                          placement=placement).logits[:, -1].argmax(-1, keepdim=True)
-    for _ in range(3):  # warm-up steps (kernels, allocator; on CUDA the third captures the graph)
-        step()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync()
-    return prompts.shape[0] * steps / (time.perf_counter() - t0)
+    return measure_decode(model, placement, new_tokens=steps, input_ids=prompts)["tokens_per_s"]
 
 
 def run_reference(args, ckpt: Path, prompts: list[list[int]]) -> dict:
@@ -242,7 +217,7 @@ def run_reference(args, ckpt: Path, prompts: list[list[int]]) -> dict:
     batch = torch.tensor(prompts[: args.batch], device=device)
     rows = []
     for preset in args.presets:
-        rate = reference_decode_rate(model, batch, model.config.resolve(preset), args.decode_tokens, device)
+        rate = reference_decode_rate(model, batch, model.config.resolve(preset), args.decode_tokens)
         rows.append({"preset": preset, "decode_tokens_per_s": rate})
         print(f"[reference] {preset}: {rate:.2f} tok/s", flush=True)
     base = next((r["decode_tokens_per_s"] for r in rows if r["preset"] == "all-fa"), None)

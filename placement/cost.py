@@ -276,6 +276,17 @@ def _median_time(fn, repeats: int, warmup: int, device: Any) -> float:
     return statistics.median(times)
 
 
+GRAPH_REPLAYS = 10  # graphed steps per timed sample: one replay is too short to time alone
+
+
+def _median_replay_time(step, cache: Any, keys: list, repeats: int, warmup: int, device: Any) -> float:
+    """Median milliseconds of one static step, replayed as a CUDA graph on CUDA (eagerly elsewhere)."""
+    from supernet.static_decode import GraphedStep
+
+    graphed = GraphedStep(step, cache, keys, cuda_graph=device.type == "cuda")
+    return _median_time(lambda: [graphed() for _ in range(GRAPH_REPLAYS)], repeats, warmup, device) / GRAPH_REPLAYS
+
+
 def measure_costs(model: Any, context_length: int, batch_size: int = 1, mode: str = "decode",
                   repeats: int = 10, warmup: int = 2, layers: Sequence[int] | None = None,
                   mixers: Sequence[str] = MIXERS, progress: bool = True, seed: int = 0,
@@ -295,7 +306,7 @@ def measure_costs(model: Any, context_length: int, batch_size: int = 1, mode: st
     from tqdm.auto import tqdm
 
     from supernet.cache import SupernetCache
-    from supernet.static_decode import GraphedStep
+    from supernet.static_decode import static_position
 
     if mode not in MODES:
         raise PlacementError(f"unknown cost mode {mode!r}; use decode or prefill")
@@ -304,7 +315,6 @@ def measure_costs(model: Any, context_length: int, batch_size: int = 1, mode: st
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     graphs = device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
-    inner = 10 if graphs else 1  # replays per timed sample: a single replay is too short to time alone
     layers = list(range(L)) if layers is None else sorted(set(layers))
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
@@ -332,19 +342,15 @@ def measure_costs(model: Any, context_length: int, batch_size: int = 1, mode: st
             return _median_time(step, reps, warm, device)
         keys = [(i, m) for i, states in enumerate(cache.states) for m in states]
         for i, m in keys:
-            module.prepare_static(cache.states[i][m], N + (reps + warm) * inner + 1)
+            module.prepare_static(cache.states[i][m], N + (reps + warm) * GRAPH_REPLAYS + 1)
         position = torch.tensor([N], device=device)
 
         def static_step() -> None:
-            cache.static_position = position
-            try:
+            with static_position(cache, position):
                 module(x1, pe1, cache)
                 position.add_(1)
-            finally:
-                cache.static_position = None
 
-        graphed = GraphedStep(static_step, cache, keys, cuda_graph=device.type == "cuda")
-        return _median_time(lambda: [graphed() for _ in range(inner)], reps, warm, device) / inner
+        return _median_replay_time(static_step, cache, keys, reps, warm, device)
 
     per_layer = {m: np.full(L, np.nan) for m in mixers}
     jobs = [(i, m) for i in layers for m in mixers]
@@ -386,10 +392,7 @@ def _measure_fixed(model: Any, tokens: int, batch: int, repeats: int, warmup: in
     with torch.inference_mode():
         if not cuda_graph:
             return _median_time(step, repeats, warmup, device)
-        from supernet.static_decode import GraphedStep
-
-        graphed = GraphedStep(step, None, [], cuda_graph=device.type == "cuda")
-        return _median_time(lambda: [graphed() for _ in range(10)], repeats, max(warmup, 1), device) / 10
+        return _median_replay_time(step, None, [], repeats, max(warmup, 1), device)
 
 
 def load_config(path: str | Path) -> Any:

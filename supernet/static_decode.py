@@ -14,8 +14,9 @@ into their fixed tensors at the end of the captured step.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -23,6 +24,16 @@ from supernet.cache import SupernetCache
 from supernet.placement import PlacementLike
 
 StateKey = tuple[int, str, str]  # (layer index, mixer name, state entry)
+
+
+@contextlib.contextmanager
+def static_position(cache: SupernetCache, position: torch.Tensor) -> Iterator[None]:
+    """Inside, attention mixers write and attend by the [1] long device tensor `position`."""
+    cache.static_position = position
+    try:
+        yield
+    finally:
+        cache.static_position = None
 
 
 class GraphedStep:
@@ -134,15 +145,12 @@ class StaticDecoder:
             self.token.copy_(token)
 
     def _body(self) -> None:
-        self.cache.static_position = self.position
-        try:
+        with static_position(self.cache, self.position):
             pos_ids = self.position.view(1, 1).expand(self.token.shape[0], 1)
             logits = self.model(self.token, position_ids=pos_ids, past_key_values=self.cache, use_cache=True,
                                 placement=self.placement).logits
             self.token.copy_(logits[:, -1:].argmax(-1))
             self.position.add_(1)
-        finally:
-            self.cache.static_position = None
 
     def step(self) -> torch.Tensor:
         """Decode one token for every row; returns the new tokens [B, 1] (a buffer: clone to keep)."""
@@ -189,9 +197,4 @@ def greedy_generate_static(model, input_ids: torch.Tensor, placement: PlacementL
             if eos_token_id is not None and input_ids.shape[0] == 1 and int(tokens[-1]) == eos_token_id:
                 break
             tokens.append(decoder.step().clone())
-    out = torch.cat(tokens, dim=1)
-    if eos_token_id is not None and input_ids.shape[0] == 1:
-        hits = (out[0] == eos_token_id).nonzero()
-        if len(hits):
-            out = out[:, : int(hits[0]) + 1]
-    return out
+    return torch.cat(tokens, dim=1)  # the loop stops right after the first end-of-sequence token

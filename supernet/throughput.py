@@ -28,23 +28,31 @@ def measure_decode(
     model: SupernetForCausalLM,
     placement: PlacementLike,
     *,
-    batch: int,
-    context: int,
+    batch: int | None = None,
+    context: int | None = None,
     new_tokens: int,
     warmup: int = 3,
     prefill_chunk: int = 2048,
     seed: int = 0,
     cuda_graph: bool | None = None,
+    input_ids: torch.Tensor | None = None,
 ) -> dict:
-    """Tokens/s of greedy decoding after a `context`-token prefill (random tokens), batch `batch`.
+    """Tokens/s of greedy decoding after a `context`-token prefill, batch `batch`.
 
+    The prefill is random tokens, or `input_ids` [batch, context] when given (real prompts).
     `cuda_graph` (default: on CUDA) times static decoding replayed as a CUDA graph; False times
     ordinary eager decoding with the growing cache.
     """
     device = next(model.parameters()).device
     cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=g).to(device)
+    if input_ids is not None:
+        ids = input_ids.to(device)
+        batch, context = ids.shape
+    elif batch is None or context is None:
+        raise ValueError("measure_decode needs batch and context, or input_ids")
+    else:
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=g).to(device)
     cache = SupernetCache(model.config.num_hidden_layers)
     t0 = time.perf_counter()
     for start in range(0, context, prefill_chunk):  # chunked prefill bounds activation memory

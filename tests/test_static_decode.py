@@ -122,3 +122,15 @@ def test_static_greedy_generation_equals_hf_generate(placement):
     first = int((want[0] == eos).nonzero()[0])
     stopped = greedy_generate_static(model, ids, placement, 12, eos_token_id=eos, cuda_graph=False)
     assert torch.equal(stopped, want[:, : first + 1])
+
+
+def test_measure_decode_takes_real_prompts_or_refuses_missing_shapes():
+    from supernet.throughput import measure_decode
+
+    torch.manual_seed(0)
+    model = SupernetForCausalLM(tiny_config()).eval()
+    prompts = torch.randint(0, 97, (2, 15))
+    row = measure_decode(model, "fa,swa,gdn,kda", new_tokens=3, input_ids=prompts)
+    assert (row["batch"], row["context"], row["new_tokens"]) == (2, 15, 3) and row["tokens_per_s"] > 0
+    with pytest.raises(ValueError, match="needs batch and context, or input_ids"):
+        measure_decode(model, "all-fa", new_tokens=3)
