@@ -18,7 +18,6 @@ negligible. `top_k=0` recomputes the teacher for every placement and uses the fu
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import numpy as np
 
 from placement.evaluations import append_evaluation, read_evaluations
 from placement.sampling import initial_design, propose_active
+from supernet.io_utils import read_jsonl
 from supernet.placement import MIXERS, Placement, PlacementError
 
 METRIC = "1-kl/kl_uniform"
@@ -37,19 +37,8 @@ METRIC = "1-kl/kl_uniform"
 # -- data -----------------------------------------------------------------------------------------
 def load_texts(path: str | Path) -> list[str]:
     """Texts of a `{"id", "text"}` JSONL file."""
-    path = Path(path)
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        raise PlacementError(f"data file {path} does not exist; give a JSONL file with a 'text' per line") from None
     texts = []
-    for k, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise PlacementError(f"data file {path} line {k} is not valid JSON ({exc.msg})") from None
+    for k, row in read_jsonl(path, "data file", "give a JSONL file with a 'text' per line", PlacementError):
         if not isinstance(row, dict) or not isinstance(row.get("text"), str):
             raise PlacementError(f"data file {path} line {k} needs a string field 'text'")
         texts.append(row["text"])

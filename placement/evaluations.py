@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from supernet.io_utils import read_jsonl
 from supernet.placement import Placement, PlacementError
 
 
@@ -35,26 +36,14 @@ class Evaluations:
 def read_evaluations(path: str | Path, num_layers: int | None = None, allow_empty: bool = False) -> Evaluations:
     """Parse and validate evaluations.jsonl (blank lines are skipped)."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        if allow_empty:
-            return Evaluations([], np.zeros(0), [])
-        raise PlacementError(f"evaluations file {path} does not exist; measure placements with "
-                             "`supernet eval-placements`") from None
-    except UnicodeDecodeError:
-        raise PlacementError(f"evaluations file {path} is not a text file") from None
+    if allow_empty and not path.exists():
+        return Evaluations([], np.zeros(0), [])
+    lines = read_jsonl(path, "evaluations file", "measure placements with `supernet eval-placements`", PlacementError)
     placements, quality, rows = [], [], []
     expected = num_layers
     first_line = None
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+    for lineno, row in lines:
         where = f"evaluations file {path} line {lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise PlacementError(f"{where} is not valid JSON ({exc.msg}); fix or delete that line") from None
         if not isinstance(row, dict) or "placement" not in row or "quality" not in row:
             raise PlacementError(f"{where} needs an object with 'placement' and 'quality'")
         try:
