@@ -119,6 +119,18 @@ class LinearMixerBase(nn.Module):
     def prepare_static(self, state: dict, capacity: int) -> None:
         """Conv tails and the recurrent matrix already have fixed sizes: nothing to do."""
 
+    def _delta_rule(self, rule, q, k, v, g, beta, state: dict | None) -> torch.Tensor:
+        """Run `rule` (gated_delta_rule / kda_rule) from the cached recurrent state, storing the new one."""
+        o, recurrent = rule(
+            q, k, v, g, beta, scale=self.scale,
+            initial_state=state.get("recurrent") if state is not None else None,
+            output_final_state=state is not None,
+            use_qk_l2norm=True,
+        )
+        if state is not None:
+            state["recurrent"] = recurrent
+        return o
+
     def _state(self, cache: SupernetCache | None) -> dict | None:
         return None if cache is None else cache.mixer_state(self.layer_idx, self.cache_name)
 
@@ -212,15 +224,9 @@ class GatedDeltaNetMixer(LinearMixerBase):
         q, k, v = self._qkv(x, state)
         g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
         beta = torch.sigmoid(self.b_proj(x).float())
-        o, recurrent = gated_delta_rule(
-            q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, HV, V), g, beta,
-            scale=self.scale,
-            initial_state=state.get("recurrent") if state is not None else None,
-            output_final_state=state is not None,
-            use_qk_l2norm=True,
+        o = self._delta_rule(
+            gated_delta_rule, q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, HV, V), g, beta, state
         )
-        if state is not None:
-            state["recurrent"] = recurrent
         o = self.o_norm(o, self.g_proj(x).view(B, T, HV, V))
         return self.o_proj(o.reshape(B, T, HV * V).to(x.dtype))
 

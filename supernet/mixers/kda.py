@@ -83,15 +83,9 @@ class KimiDeltaAttentionMixer(LinearMixerBase):
         f = self.f_b_proj(self.f_a_proj(x)).float() + self.dt_bias.float()
         g = -self.A_log.float().exp().repeat_interleave(K) * F.softplus(f)  # A_log[h] for every channel of head h
         beta = torch.sigmoid(self.b_proj(x).float())
-        o, recurrent = kda_rule(
-            q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, V), g.view(B, T, H, K), beta,
-            scale=self.scale,
-            initial_state=state.get("recurrent") if state is not None else None,
-            output_final_state=state is not None,
-            use_qk_l2norm=True,
+        o = self._delta_rule(
+            kda_rule, q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, V), g.view(B, T, H, K), beta, state
         )
-        if state is not None:
-            state["recurrent"] = recurrent
         o = self.o_norm(o, self.g_b_proj(self.g_a_proj(x)).view(B, T, H, V))
         return self.o_proj(o.reshape(B, T, H * V).to(x.dtype))
 
