@@ -2,21 +2,28 @@
 # and on two GPUs under torchrun + FSDP2 (16 per GPU), same seed and placements -> scaling efficiency
 # and per-step loss difference (--compare-to). Eager (no --compile): the runs differ only in FSDP2.
 #   call A (carry .whl, .teacher/a): source benchmarks/gpu/setup.sh
-#   call B (carry .teacher/b, .data): bash benchmarks/gpu/run_fsdp2.sh 1     # one GPU, ~5 min
-#   call C (carry .data):             bash benchmarks/gpu/run_fsdp2.sh 2     # two GPUs, ~5 min
-# fla autotunes its training kernels on the first steps (164-178 s seen on an H200), so each run gets
-# its own call and a time limit well past that; the 1-GPU result waits in /tmp/fsdp2 for call C.
+#   call B (carry .teacher/b, .data): bash benchmarks/gpu/run_fsdp2.sh        # 1 GPU, then 2 GPUs
+# fla autotunes its training kernels on the first step (164-178 s seen on an H200). fla 0.6.0 asks
+# Triton to cache autotuning results on disk, so the 2-GPU run after the 1-GPU run in the same call
+# (same TRITON_CACHE_DIR) skips most of it. `run_fsdp2.sh 1` / `run_fsdp2.sh 2` run one of the two
+# (results wait in /tmp/fsdp2 between calls on a held machine).
 source benchmarks/gpu/setup.sh
 nvidia-smi -L
 mkdir -p /tmp/fsdp2
+export TRITON_CACHE_DIR=/tmp/triton-cache
 COMMON="--teacher /tmp/SmolLM2-135M-Instruct.Q4_1.gguf --data .data/pydocs-train.jsonl --eval-data .data/pydocs-eval.jsonl
-  --seq-len 2048 --batch 16 --no-baseline --budget-tokens 0 --offline-topk 0 --warmup 10 --steps 30 --time-limit 480"
-if [ "${1:-1}" = 1 ]; then
-  CUDA_VISIBLE_DEVICES=0 timeout -k 10 520 python3 benchmarks/bench_training.py $COMMON --grad-accum 2 \
+  --seq-len 2048 --batch 16 --no-baseline --budget-tokens 0 --offline-topk 0 --warmup 10 --steps 30"
+MODE=${1:-both}
+if [ "$MODE" = 1 ] || [ "$MODE" = both ]; then
+  CUDA_VISIBLE_DEVICES=0 timeout -k 10 ${LIMIT1:-280} python3 benchmarks/bench_training.py $COMMON --grad-accum 2 \
+    --time-limit $(( ${LIMIT1:-280} - 30 )) \
     --work-dir /tmp/w1 --out /tmp/fsdp2/training_1gpu_accum2.json > /tmp/fsdp2/1gpu.log 2>&1
   echo "1 GPU exit $?"; grep -v "Warn\|warn\|Converting\|Loading\|Writing" /tmp/fsdp2/1gpu.log | tail -8
-else
-  timeout -k 10 520 torchrun --nproc_per_node 2 benchmarks/bench_training.py $COMMON --grad-accum 1 \
+  echo "Triton autotune results cached: $(find $TRITON_CACHE_DIR -name '*.autotune.json' | wc -l)"
+fi
+if [ "$MODE" = 2 ] || [ "$MODE" = both ]; then
+  timeout -k 10 ${LIMIT2:-280} torchrun --nproc_per_node 2 benchmarks/bench_training.py $COMMON --grad-accum 1 \
+    --time-limit $(( ${LIMIT2:-280} - 30 )) \
     --work-dir /tmp/w2 --compare-to /tmp/fsdp2/training_1gpu_accum2.json \
     --out /tmp/fsdp2/training_fsdp2_2gpu.json > /tmp/fsdp2/2gpu.log 2>&1
   echo "2 GPUs exit $?"; grep -v "Warn\|warn\|Converting\|Loading\|Writing" /tmp/fsdp2/2gpu.log | tail -12
