@@ -8,13 +8,23 @@ comparison). Also re-measures the per-layer mixer costs with `placement.cost.mea
 compares the cost model's prediction (fixed + sum of the layers' costs) with each measured step.
 First it checks that graphed static decoding gives the eager decoder's tokens (float32).
 
+Two more tables, side by side in the same run:
+- kernels: the uniform placements with fla's fused norm / SwiGLU / conv / gated-norm kernels
+  (the default on CUDA) against the pure-torch paths (SUPERNET_FUSED_KERNELS=0), after checking
+  that both give the same greedy tokens and close logits (bf16);
+- contexts: the per-layer cost table at several contexts, the cost model's all-fa / all-swa / preset
+  speedups at each, and measured whole steps at the longest context for all-fa and all-swa, to show
+  where the speedup grows as FA's key/value reads grow (speedup_vs_context.png).
+
 Usage: python benchmarks/gpu_decode_presets.py --presets benchmarks/results/e2e_presets.json [--smoke]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -26,6 +36,7 @@ from benchmarks.gpu_model import smollm2_config  # noqa: E402
 from placement.cost import measure_costs  # noqa: E402
 from supernet.cache import SupernetCache  # noqa: E402
 from supernet.model import SupernetForCausalLM  # noqa: E402
+from supernet.ops.fla_backend import ENV_SWITCH  # noqa: E402
 from supernet.placement import Placement  # noqa: E402
 from supernet.static_decode import StaticDecoder  # noqa: E402
 from supernet.throughput import compare_decode  # noqa: E402
@@ -61,12 +72,58 @@ def check_static_equals_eager(config, device: str, placements: dict[str, Placeme
     return rows
 
 
+@contextmanager
+def fused_kernels(on: bool):
+    """Run the block with the fla-fused paths on or off (the switch is read at every call)."""
+    old = os.environ.get(ENV_SWITCH)
+    os.environ[ENV_SWITCH] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ENV_SWITCH, None)
+        else:
+            os.environ[ENV_SWITCH] = old
+
+
+@torch.no_grad()
+def check_fused_equals_torch(model, placements: dict[str, Placement], context: int, new_tokens: int = 16,
+                             batch: int = 2) -> list[dict]:
+    """Greedy tokens and logits of the fused paths vs the torch paths, same model and dtype."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=gen).to(device)
+    rows = []
+    for name, placement in placements.items():
+        runs = {}
+        for on in (False, True):
+            with fused_kernels(on):
+                cache = SupernetCache(model.config.num_hidden_layers)
+                logits = model(ids, past_key_values=cache, use_cache=True, placement=placement,
+                               logits_to_keep=1).logits[:, -1:].float()
+                steps, token = [logits], logits.argmax(-1)
+                for _ in range(new_tokens):
+                    logits = model(token, past_key_values=cache, use_cache=True, placement=placement).logits.float()
+                    steps.append(logits)
+                    token = logits.argmax(-1)
+                runs[on] = torch.cat(steps, 1)
+        ref, fused = runs[False], runs[True]
+        rows.append({"placement": name, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+                     "token_agreement": (ref.argmax(-1) == fused.argmax(-1)).float().mean().item(),
+                     "max_abs_logit_diff": (ref - fused).abs().max().item(),
+                     "rel_logit_err": ((ref - fused).norm() / ref.norm()).item()})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", default="benchmarks/results/e2e_presets.json")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--context", type=int, default=8192)
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--contexts", default="2048,8192,16384,32768",
+                    help="contexts of the per-layer cost curve (comma-separated)")
+    ap.add_argument("--no-kernel-compare", action="store_true", help="skip the fused-vs-torch tables")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -75,7 +132,7 @@ def main() -> None:
     if args.smoke:
         config = smollm2_config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, swa_window=16,
                                 vocab_size=256, num_hidden_layers=30, intermediate_size=128)
-        args.batch, args.context, args.tokens = 2, 64, 4
+        args.batch, args.context, args.tokens, args.contexts = 2, 64, 4, "32,64"
     else:
         config = smollm2_config(swa_window=512)
     presets = json.loads(Path(args.presets).read_text())["presets"]
@@ -112,9 +169,88 @@ def main() -> None:
     cost_rows = [{"mixer": m, "ms_per_layer_step": float(costs.per_layer[m][0])} for m in costs.mixers]
     cost_rows.append({"mixer": "fixed", "ms_per_layer_step": costs.fixed})
     print_table(cost_rows, ["mixer", "ms_per_layer_step"], "measured per-layer decode cost")
-    write_results("gpu_decode_presets" if not args.smoke else "gpu_decode_presets_smoke",
-                  {"batch": args.batch, "context": args.context, "static_vs_eager_check": check, "rows": rows,
-                   "costs": costs.to_dict()}, args.out)
+    result = {"batch": args.batch, "context": args.context, "static_vs_eager_check": check, "rows": rows,
+              "costs": costs.to_dict()}
+    name = "gpu_decode_presets" if not args.smoke else "gpu_decode_presets_smoke"
+    write_results(name, result, args.out)  # what is done so far survives a later failure
+
+    uniform = {k: placements[k] for k in ("all-fa", "all-swa", "all-gdn", "all-kda")}
+    if not args.no_kernel_compare:
+        result["fused_vs_torch_check"] = check_fused_equals_torch(model, {**uniform, **mixed}, check_context)
+        print_table(result["fused_vs_torch_check"], ["placement", "token_agreement", "max_abs_logit_diff",
+                                                     "rel_logit_err"], "fused kernels vs torch paths (bf16)")
+        timing = {}
+        for on in (False, True):
+            with fused_kernels(on):
+                timing[on] = compare_decode(model, uniform, batch=args.batch, context=args.context,
+                                            new_tokens=args.tokens)
+        result["kernels"] = [{"placement": n, "torch_ms_per_step": timing[False][n]["ms_per_step"],
+                              "fused_ms_per_step": timing[True][n]["ms_per_step"],
+                              "fused_speedup": timing[False][n]["ms_per_step"] / timing[True][n]["ms_per_step"]}
+                             for n in uniform]
+        print_table(result["kernels"], ["placement", "torch_ms_per_step", "fused_ms_per_step", "fused_speedup"],
+                    f"graphed decode step, fused kernels vs torch paths (batch {args.batch}, context {args.context})")
+        write_results(name, result, args.out)
+
+    result["contexts"] = context_curve(model, placements, [int(c) for c in args.contexts.split(",")], args)
+    write_results(name, result, args.out)
+    plot_context_curve(result["contexts"], Path(args.out).with_name("speedup_vs_context.png") if args.out
+                       else Path("benchmarks/results/speedup_vs_context.png"))
+
+
+def context_curve(model, placements: dict[str, Placement], contexts: list[int], args) -> dict:
+    """Per-layer costs at each context, the cost model's speedups, and measured steps at the longest."""
+    table = []
+    for n_ctx in contexts:
+        with torch.inference_mode():
+            costs = measure_costs(model, n_ctx, args.batch, layers=[0], repeats=10, progress=False)
+        fa_ms = costs.cost(placements["all-fa"])
+        row = {"context": n_ctx, "fixed_ms": costs.fixed,
+               **{f"{m}_ms_per_layer": float(costs.per_layer[m][0]) for m in costs.mixers},
+               "predicted_speedup": {n: fa_ms / costs.cost(p) for n, p in placements.items()}}
+        table.append(row)
+        print(f"context {n_ctx}: fixed {costs.fixed:.3f} ms, per layer "
+              + ", ".join(f"{m} {float(costs.per_layer[m][0]):.4f}" for m in costs.mixers)
+              + " | predicted speedup " + ", ".join(f"{n} {v:.2f}x" for n, v in row["predicted_speedup"].items()))
+    longest = max(contexts)
+    pair = {k: placements[k] for k in ("all-fa", "all-swa")}
+    measured = compare_decode(model, pair, batch=args.batch, context=longest, new_tokens=args.tokens)
+    check = {"context": longest, "all_fa_ms": measured["all-fa"]["ms_per_step"],
+             "all_swa_ms": measured["all-swa"]["ms_per_step"],
+             "measured_all_swa_speedup": measured["all-fa"]["ms_per_step"] / measured["all-swa"]["ms_per_step"],
+             "predicted_all_swa_speedup": table[-1]["predicted_speedup"]["all-swa"]}
+    print(f"measured at context {longest}: all-fa {check['all_fa_ms']:.2f} ms, all-swa {check['all_swa_ms']:.2f} ms, "
+          f"speedup {check['measured_all_swa_speedup']:.2f}x (predicted {check['predicted_all_swa_speedup']:.2f}x)")
+    return {"batch": args.batch, "table": table, "measured_longest": check}
+
+
+def plot_context_curve(curve: dict, path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot")
+        return
+    table = curve["table"]
+    contexts = [r["context"] for r in table]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name in table[0]["predicted_speedup"]:
+        if name == "all-fa":
+            continue
+        ax.plot(contexts, [r["predicted_speedup"][name] for r in table], marker="o", label=name)
+    m = curve["measured_longest"]
+    ax.scatter([m["context"]], [m["measured_all_swa_speedup"]], marker="*", s=160, color="k",
+               label="all-swa, measured whole step", zorder=5)
+    ax.axhline(4.0, color="grey", linestyle=":", linewidth=1)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel(f"decode speedup vs all-fa (batch {curve['batch']})")
+    ax.set_title("graphed decode step: cost-model speedup by context")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
 
 
 if __name__ == "__main__":

@@ -383,10 +383,8 @@ def _measure_fixed(model: Any, tokens: int, batch: int, repeats: int, warmup: in
     def step() -> None:
         h = inner.embed_tokens(ids)
         inner.rotary_emb(h, pos)
-        for layer in inner.layers:
-            y = layer.input_layernorm(x)
-            h = x + y
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        for layer in inner.layers:  # the layer's own code around its mixer (the norm's output stands in)
+            h = layer.finish(x, layer.input_layernorm(x))
         model.lm_head(inner.norm(h)[:, -1:])
 
     with torch.inference_mode():

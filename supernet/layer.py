@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from supernet.cache import SupernetCache
 from supernet.config import SupernetConfig
 from supernet.mixers import build_mixers
+from supernet.ops.activations import silu_mul
 from supernet.ops.norm import RMSNorm
 from supernet.placement import MIXERS
 
@@ -25,7 +25,7 @@ class MLP(nn.Module):
             raise ValueError(f"unsupported hidden_act {config.hidden_act!r}; supported: silu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class SupernetDecoderLayer(nn.Module):
@@ -48,5 +48,10 @@ class SupernetDecoderLayer(nn.Module):
             raise ValueError(
                 f"layer {self.layer_idx} has no {mixer!r} mixer (this model holds {', '.join(self.mixers)})"
             )
-        h = hidden_states + self.mixers[mixer](self.input_layernorm(hidden_states), position_embeddings, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        mixed = self.mixers[mixer](self.input_layernorm(hidden_states), position_embeddings, cache)
+        return self.finish(hidden_states, mixed)
+
+    def finish(self, hidden_states: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
+        """The shared part after the mixer: residual add + norm (one fused kernel on CUDA), MLP, residual add."""
+        normed, h = self.post_attention_layernorm.add_and_norm(mixed, hidden_states)
+        return h + self.mlp(normed)
