@@ -389,7 +389,10 @@ def run_offline(args: argparse.Namespace, cfg: Any, data: list[str], student_dir
 
 
 def compare(ours: dict[str, Any], ref_path: str) -> dict[str, Any]:
-    ref = json.loads(Path(ref_path).read_text())["ours"]
+    ref = json.loads(Path(ref_path).read_text()).get("ours", {})
+    if not ref.get("losses"):
+        return {"reference": ref_path, "error": f"{ref_path} holds no losses (that run stopped before its "
+                                                 f"first step, status {ref.get('status')!r}): rerun it"}
     n = min(len(ref["losses"]), len(ours["losses"]))
     same_placements = ref["placements"][:n] == ours["placements"][:n]
     rel = [abs(a - b) / max(abs(b), 1e-12) for a, b in zip(ours["losses"][:n], ref["losses"][:n])]
@@ -608,6 +611,9 @@ def summarize(result: dict[str, Any], args: argparse.Namespace) -> None:
                     f"held-out KL(teacher || student), {ours.get('trained_tokens', 0):,} training tokens")
     if "comparison" in result:
         c = result["comparison"]
+        if "error" in c:
+            print(f"\nno comparison: {c['error']}")
+            return
         print(f"\nvs {c['reference']}: scaling efficiency {c['scaling_efficiency']}, max relative loss difference "
               f"{c['max_rel_loss_diff']} over {c['steps_compared']} steps (same placements: {c['same_placements']})")
 
