@@ -303,6 +303,9 @@ def run_ours(args: argparse.Namespace, cfg: Any, live: dict[str, Any], flush: An
                 break
     if compile_after_timing is None and measured_steps:
         compile_after_timing = _compile_stats()
+    if args.profile_steps and stopped is None and dev.type == "cuda":
+        live["profile"] = profile_steps(trainer, args.profile_steps, sync)
+        flush()
     trained_tokens = len(losses) * trainer.tokens_per_step
     t0 = time.perf_counter()
     kl_after = trainer.evaluate() if args.budget_tokens and stopped is None else {}
@@ -335,6 +338,37 @@ def run_ours(args: argparse.Namespace, cfg: Any, live: dict[str, Any], flush: An
     if stopped is not None:
         live["partial"] = True
     return live
+
+
+def profile_steps(trainer: Any, steps: int, sync: Any, top: int = 15) -> dict[str, Any]:
+    """torch.profiler over a few more steps: GPU busy time against wall time, and the top operators.
+
+    Tells a step bound by the GPU (busy ~ wall) from one bound by the host or by waiting on other
+    ranks (busy << wall), and which operators take the time.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    sync()
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            trainer.train_step(trainer.next_placement())
+            trainer.step += 1
+        sync()
+    wall = time.perf_counter() - t
+    events = prof.key_averages()
+
+    def device_us(e: Any) -> float:
+        return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)))
+
+    kernels_us = sum(device_us(e) for e in events)
+    rows = sorted(events, key=device_us, reverse=True)[:top]
+    cpu_rows = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return {
+        "steps": steps, "wall_s_per_step": wall / steps, "gpu_busy_s_per_step": kernels_us / 1e6 / steps,
+        "top_device_ops": [{"op": e.key, "count": e.count, "device_ms": device_us(e) / 1e3} for e in rows],
+        "top_cpu_ops": [{"op": e.key, "count": e.count, "cpu_ms": e.self_cpu_time_total / 1e3} for e in cpu_rows],
+    }
 
 
 def run_offline(args: argparse.Namespace, cfg: Any, data: list[str], student_dir: str) -> dict[str, Any]:
@@ -435,6 +469,8 @@ def main() -> None:
                     help="seconds that must be left before the time limit to start the eager run")
     ap.add_argument("--offline-topk", type=int, default=32, help="top-K of the offline-cache phase (0: skip it)")
     ap.add_argument("--offline-sequences", type=int, default=256, help="windows written to the offline cache")
+    ap.add_argument("--profile-steps", type=int, default=0,
+                    help="after the timed steps, profile this many more (GPU busy vs wall time, top operators)")
     ap.add_argument("--compare-to", default=None, help="a previous result JSON (e.g. the 1-GPU run) to compare with")
     ap.add_argument("--tag", default=None, help="result name: benchmarks/results/training_<tag>.json")
     ap.add_argument("--out", default=None, help="write the JSON here instead")

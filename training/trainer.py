@@ -179,12 +179,7 @@ class Trainer:
             parts = name.split(".")
             if p.requires_grad and "mixers" in parts and "layers" in parts:
                 self.mixer_params.append((int(parts[parts.index("layers") + 1]), parts[parts.index("mixers") + 1], p))
-        kwargs: dict[str, Any] = {}
-        if dev.type == "cuda":
-            kwargs["fused" if self.strategy == "none" else "foreach"] = True
-        self.optimizer = torch.optim.AdamW(self._param_groups(student), lr=cfg.train.lr,
-                                           betas=tuple(cfg.train.betas), **kwargs)
-        self._init_optimizer_state()
+        self.optimizer = self._build_optimizer(student, fused=dev.type == "cuda")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, cosine_schedule(cfg.train.warmup_steps, self.max_steps, cfg.train.min_lr_ratio))
         self.sampler = build_sampler(cfg.sampling, self.num_layers, cfg.seed, student.config.presets)
@@ -219,6 +214,23 @@ class Trainer:
             out.append({"params": params, "lr": cfg.lr * scale, "weight_decay": cfg.weight_decay if decay else 0.0,
                         "name": f"{mixer}.{'decay' if decay else 'no_decay'}"})
         return out
+
+    def _build_optimizer(self, student: torch.nn.Module, fused: bool) -> torch.optim.Optimizer:
+        """AdamW, fused on CUDA (one kernel over all parameters; under FSDP2 one DTensor dispatch
+        instead of one per foreach op), else the foreach/for-loop default; state created up front."""
+        cfg = self.cfg.train
+        if fused:
+            try:
+                self.optimizer = torch.optim.AdamW(self._param_groups(student), lr=cfg.lr,
+                                                   betas=tuple(cfg.betas), fused=True)
+                self._init_optimizer_state()
+                return self.optimizer
+            except (RuntimeError, NotImplementedError) as exc:  # a parameter type the fused kernel refuses
+                print(f"warning: fused AdamW unavailable ({str(exc).splitlines()[0]}); using foreach")
+        self.optimizer = torch.optim.AdamW(self._param_groups(student), lr=cfg.lr, betas=tuple(cfg.betas),
+                                           **({"foreach": True} if fused else {}))
+        self._init_optimizer_state()
+        return self.optimizer
 
     @torch.no_grad()
     def _init_optimizer_state(self) -> None:

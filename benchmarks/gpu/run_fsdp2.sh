@@ -12,7 +12,7 @@ nvidia-smi -L
 mkdir -p /tmp/fsdp2
 export TRITON_CACHE_DIR=/tmp/triton-cache
 COMMON="--teacher /tmp/SmolLM2-135M-Instruct.Q4_1.gguf --data .data/pydocs-train.jsonl --eval-data .data/pydocs-eval.jsonl
-  --seq-len 2048 --batch 16 --no-baseline --budget-tokens 0 --offline-topk 0 --warmup 10 --steps 30"
+  --seq-len 2048 --batch 16 --no-baseline --budget-tokens 0 --offline-topk 0 --warmup 10 --steps 30 --profile-steps ${PROFILE:-2}"
 MODE=${1:-both}
 if [ "$MODE" = 1 ] || [ "$MODE" = both ]; then
   CUDA_VISIBLE_DEVICES=0 timeout -k 10 ${LIMIT1:-280} python3 benchmarks/bench_training.py $COMMON --grad-accum 2 \
