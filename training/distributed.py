@@ -86,8 +86,20 @@ def resolve_strategy(strategy: str, env: DistEnv) -> str:
 
 
 def apply_fsdp(pair: nn.Module, student_layers: nn.ModuleList, teacher: nn.Module | None, env: DistEnv) -> nn.Module:
-    """FSDP2 units: each student layer; each teacher layer and the teacher's remaining weights
-    (its own dtype, often bf16); the pair as root (student embeddings, final norm, lm_head).
+    """FSDP2 units, shaped by what one step of stochastic distillation touches:
+
+    - every mixer of every student layer is its own unit, so a step all-gathers only the mixers
+      its placement uses (a quarter of the mixer weights), and keeps them gathered from forward to
+      backward (`reshard_after_forward=False`: no second all-gather in backward);
+    - frozen student weights (the shared embeddings, norms and MLPs under the default `trainable:
+      mixers`) are left out of FSDP (`ignored_params`): they need no gradient reduction, and
+      replicating them on every rank saves gathering them twice per step;
+    - each teacher layer and the teacher's remaining weights are units (the teacher is sharded);
+    - the pair is the root (whatever student weights are still trainable and outside a layer).
+
+    On a 2 x H200 machine whose GPUs talk at a few GB/s, the all-gathers of whole layers (all four
+    mixers and the frozen MLPs, in fp32, twice per step) took as long as the compute
+    (benchmarks/results/training_fsdp2_2gpu.json, "profile").
 
     Parameters are all-gathered in their stored dtype (fp32 for the student) and compute runs under
     the same bf16 autocast as a single-GPU run, so one and N GPUs give the same numbers. The
@@ -102,9 +114,17 @@ def apply_fsdp(pair: nn.Module, student_layers: nn.ModuleList, teacher: nn.Modul
         for layer in teacher.model.layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(teacher, mesh=mesh)
+    teacher_params = set(teacher.parameters()) if teacher is not None else set()
+    frozen = {p for p in pair.parameters() if not p.requires_grad and p not in teacher_params}
     for layer in student_layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(pair, mesh=mesh)
+        for mixer in getattr(layer, "mixers", {}).values():
+            if any(p.requires_grad for p in mixer.parameters()):
+                fully_shard(mixer, mesh=mesh, reshard_after_forward=False,
+                            ignored_params=frozen & set(mixer.parameters()))
+        layer_frozen = frozen & set(layer.parameters())
+        if len(layer_frozen) < len(list(layer.parameters())):  # something of the layer still unsharded
+            fully_shard(layer, mesh=mesh, ignored_params=layer_frozen)
+    fully_shard(pair, mesh=mesh, ignored_params=frozen)
     return pair
 
 
