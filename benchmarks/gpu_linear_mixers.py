@@ -1,32 +1,47 @@
 """GPU check and timing of the linear mixers, Gated DeltaNet (gdn) and Kimi Delta Attention (kda).
 
-1. Correctness: each mixer's CUDA path (fla's Triton kernels, bf16) against its CPU torch path
-   (float32) with the same weights, relative error ||out - ref|| / ||ref|| < 1e-2, fresh random
-   inputs per check: prefill through the chunk kernel (T=300) and the fused recurrent kernel
-   (T=40), prefill + token-by-token decode with the cache, and a training step (outputs and
-   gradients). Plus the raw ops in float32 against the torch ops (argument conventions, < 1e-3).
+1. Correctness, relative error ||out - ref|| / ||ref|| with fresh random inputs per check:
+   - the fused pieces on the device (bf16, < 1e-2): fla's short conv (prefill, prefill from a tail,
+     the in-place decode update) and gated RMSNorm against our torch paths on the same GPU, and
+     the delta rule with the gates computed inside fla's kernels (raw gate input + A_log, dt_bias,
+     beta logits) against the same kernels fed precomputed gates (chunk and fused recurrent);
+   - each mixer's CUDA path (fla's Triton kernels, bf16) against its CPU torch path (float32) with
+     the same weights (< 1e-2): prefill through the chunk kernel (T=300) and the fused recurrent
+     kernel (T=40), prefill + token-by-token decode with the cache, decode steps replayed as a CUDA
+     graph against the same steps run eagerly, and a training step (outputs and gradients). Plus the
+     raw ops in float32 against the torch ops (argument conventions, < 1e-3).
 2. Timing per layer (median of triton's do_bench): prefill (with a fresh decode cache) and one
    decode step, for our whole mixer layer (projections, convs, gates, kernel, norm, o_proj) and
-   for the raw fla op alone on the same shapes.
-   - SmolLM2 layer (hidden 576, 9 heads x 64): prefill batch 1 and 8 at 2k/8k/32k tokens
-     (batch 64 x 32k would need ~40 GB of activations per layer; batch 8 keeps every case
-     under ~6 GB); decode batch 1 and 64 at context 2k/8k/32k.
-   - FACTS.md's shape (16 heads x 128, hidden 2048): prefill batch 4 at 2k/8k/32k, decode batch 64,
-     to compare with the numbers measured there (GDN 0.59/1.24/4.29 ms, KDA 0.74/2.29/8.86 ms).
+   for the raw fla op alone on the same shapes (precomputed gates). Decode is timed eagerly and as a
+   CUDA graph replay (the layer's one-token step captured with its static cache, as
+   supernet/static_decode.py serves; the raw op captured alike): eager decode is launch-bound.
+   Each layer time is also taken with the fused paths off (SUPERNET_FUSED_KERNELS=0: torch conv,
+   norm and gates, the layer as it was before them), in the same run on the same device.
+   - SmolLM2 layer (hidden 576, 9 heads x 64): prefill batch 1 at 2k/8k/32k tokens and batch 64 at
+     2k/8k (then 64 x 32k and batch 8 if time is left); decode batch 1 and 64 at context 2k/8k/32k.
+   - FACTS.md's shape (16 heads x 128, hidden 2048): prefill batch 4 at 2k, decode batch 64 at
+     4k/32k (then prefill batch 4 at 8k/32k), to compare with FACTS.md (GDN 0.59/1.24/4.29 ms,
+     KDA 0.74/2.29/8.86 ms for prefill batch 4 at 2k/8k/32k).
    A linear mixer's decode state has the same size at every context, so the decode cases start
    from a synthetic state (random conv tails and recurrent matrix) instead of a real prefill; the
    context column is a label that shows the cost does not depend on it.
+3. Kernel breakdown (torch.profiler) of one SmolLM2 prefill (batch 1, 2048 tokens) and one eager
+   decode step (batch 1 and 64), layer, raw op and layer with the fused paths off: kernels per call,
+   GPU kernel time per call, wall
+   time per call, and the top kernels by time, so the gap between layer and op can be attributed.
 
 Robustness (the first run of every new kernel shape pays Triton compilation and fla's autotuning,
 tens of seconds each, so a time-boxed run may not finish):
-  - the work is a list of items run in order of importance: (a) inference checks (prefill, decode
-    with the cache) for gdn and kda on the SmolLM2 shape, which also compile and autotune the
-    forward kernels the timings reuse; (b) SmolLM2 prefill batch 1 at 2k/8k/32k and decode batch
-    1 and 64; (c) the rest: SmolLM2 prefill batch 8, the training-step checks (backward kernels:
-    a new set to compile), the fp32 raw-op checks (another dtype and head count, so a new set
-    too), and the FACTS shape (new head count and size: a new set again);
+  - the work is a list of items run in order of importance: (a) checks of the fused pieces and of
+    inference (prefill, decode with the cache, graphed decode) for gdn and kda on the SmolLM2 shape,
+    which also compile and autotune the forward kernels the timings reuse; (b) the required
+    timings: SmolLM2 prefill batch 1 and 64, decode batch 1 and 64, the kernel breakdown, then the
+    FACTS shape's decode batch 64 and prefill batch 4 at 2k; (c) the rest: SmolLM2 prefill 64 x 32k
+    and batch 8, the training-step checks (backward kernels: a new set to compile), the fp32 raw-op
+    checks (another dtype and head count, so a new set too), FACTS prefill at 8k/32k;
   - within a mixer the rows share kernel shapes (fla's autotune keys hold heads and head size,
-    not batch or length), so only the first row of each group pays the autotuning;
+    not batch or length; its gated norm also keys on the row count in buckets of 65536 rows), so
+    mostly only the first row of each group pays the autotuning;
   - after every check row and every timing row the output JSON is rewritten (atomically) with all
     done so far and "complete": false; "complete": true once every item ran or was skipped;
   - --time-limit: no new item starts after that many seconds; the rest are recorded under
@@ -34,8 +49,9 @@ tens of seconds each, so a time-boxed run may not finish):
     and the run goes on.
 
 Usage: python benchmarks/gpu_linear_mixers.py [--out FILE] [--time-limit S] [--only-smollm2] [--smoke]
-  --smoke: tiny shapes on the CPU (the "device path" is then the torch path in bf16); for testing
-  the script itself. benchmarks/gpu/run_linear.sh runs it on a GPU machine.
+  --smoke: tiny shapes on the CPU (the "device path" is then the torch path in bf16, decode is not
+  graphed, the breakdown lists CPU ops); for testing the script itself.
+  benchmarks/gpu/run_linear.sh runs it on a GPU machine.
 """
 from __future__ import annotations
 
@@ -47,6 +63,7 @@ import os
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -60,7 +77,9 @@ from supernet.cache import SupernetCache  # noqa: E402
 from supernet.config import SupernetConfig  # noqa: E402
 from supernet.mixers.gdn import GatedDeltaNetMixer  # noqa: E402
 from supernet.mixers.kda import KimiDeltaAttentionMixer  # noqa: E402
-from supernet.ops import delta_rule  # noqa: E402
+from supernet.ops import delta_rule, gated_norm, short_conv  # noqa: E402
+from supernet.ops.fla_backend import ENV_SWITCH  # noqa: E402
+from supernet.static_decode import GraphedStep  # noqa: E402
 
 MIXERS = {"gdn": GatedDeltaNetMixer, "kda": KimiDeltaAttentionMixer}
 OUTPUT_TOL = 1e-2
@@ -69,25 +88,34 @@ OP_TOL = 1e-3  # float32 kernels vs float32 torch
 BENCH_WARMUP_MS, BENCH_REP_MS = 5, 20  # do_bench budgets; the median of >= a few calls either way
 SKIPPED_TIME = "skipped (time limit)"
 
-# "required_*": the rows of section (b), run before everything else but the inference checks
+# Per shape: "prefill" [(batch, tokens)] and "decode" [(batch, context)] are section (b), run before
+# everything but the checks; "extra_prefill" goes to section (c). "profile": the kernel breakdown
+# (prefill (batch, tokens) and decode batches) of the main shape, in section (b).
 FULL = {
     "shapes": {
-        "smollm2": dict(hidden=576, heads=9, head_dim=64, prefill_batches=(1, 8), decode_batches=(1, 64),
-                        required_prefill_batches=(1,), required_decode_batches=(1, 64)),
-        "facts-16x128": dict(hidden=2048, heads=16, head_dim=128, prefill_batches=(4,), decode_batches=(64,)),
+        "smollm2": dict(hidden=576, heads=9, head_dim=64,
+                        prefill=[(1, 2048), (1, 8192), (1, 32768), (64, 2048), (64, 8192)],
+                        decode=[(b, c) for b in (1, 64) for c in (2048, 8192, 32768)],
+                        extra_prefill=[(64, 32768), (8, 2048), (8, 8192), (8, 32768)]),
+        "facts-16x128": dict(hidden=2048, heads=16, head_dim=128,
+                             prefill=[(4, 2048)], decode=[(64, 4096), (64, 32768)],
+                             extra_prefill=[(4, 8192), (4, 32768)]),
     },
-    "lengths": (2048, 8192, 32768),
     "main_shape": "smollm2",
+    "profile": dict(prefill=(1, 2048), decode_batches=(1, 64)),
 }
 SMOKE = {
     "shapes": {
-        "tiny": dict(hidden=64, heads=2, head_dim=32, prefill_batches=(1, 2), decode_batches=(1, 4),
-                     required_prefill_batches=(1,), required_decode_batches=(1, 4)),
-        "tiny-wide": dict(hidden=64, heads=1, head_dim=64, prefill_batches=(2,), decode_batches=(4,)),
+        "tiny": dict(hidden=64, heads=2, head_dim=32, prefill=[(1, 64), (1, 130), (4, 64)],
+                     decode=[(1, 64), (4, 130)], extra_prefill=[(2, 130)]),
+        "tiny-wide": dict(hidden=64, heads=1, head_dim=64, prefill=[(2, 64)], decode=[(4, 130)],
+                          extra_prefill=[(2, 130)]),
     },
-    "lengths": (64, 130),
     "main_shape": "tiny",
+    "profile": dict(prefill=(1, 64), decode_batches=(1, 4)),
 }
+PROFILE_ITERS = 3  # calls per profiled case (the breakdown is per call)
+PROFILE_TOP = 15  # kernels listed per case
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -134,6 +162,21 @@ def bench_ms(fn: Callable[[], Any], device: str) -> float:
         torch.cuda.synchronize()
         return float(triton.testing.do_bench(fn, warmup=BENCH_WARMUP_MS, rep=BENCH_REP_MS, return_mode="median"))
     return time_fn(fn, warmup=1, repeat=3) * 1e3
+
+
+@contextmanager
+def fused_paths(on: bool):
+    """Inside, the layer's fla-fused paths (conv, gated norm, in-kernel gates) are on or off
+    (SUPERNET_FUSED_KERNELS, read at every call); off = the torch paths, the layer as it was."""
+    old = os.environ.get(ENV_SWITCH)
+    os.environ[ENV_SWITCH] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ENV_SWITCH, None)
+        else:
+            os.environ[ENV_SWITCH] = old
 
 
 def free_memory(device: str) -> None:
@@ -195,6 +238,73 @@ def check_mixer_pair(kind: str, config: SupernetConfig, device: str, dtype: torc
     return dev_mixer, on_device(dev_mixer, "cpu", torch.float32)
 
 
+def check_fused_ops(spec: dict, config: SupernetConfig, device: str, dtype: torch.dtype, seed: int,
+                    emit: Emit) -> None:
+    """The fused pieces our layers call on CUDA (fla's conv, gated norm, in-kernel gates) against the
+    torch paths on the same device, bf16 inputs (in --smoke mode both sides are the torch path)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rnd(*shape: int, scale: float = 1.0, shift: float = 0.0, dt: torch.dtype = dtype) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * scale + shift).to(device, dt)
+
+    H, K, W = spec["heads"], spec["head_dim"], config.linear_conv_size
+    C = H * K
+    conv, torch_conv = short_conv.causal_conv1d_silu, short_conv.torch_causal_conv1d_silu
+    w = rnd(C, 1, W, scale=0.5)
+    w2 = w.squeeze(1)
+    with torch.inference_mode():
+        x = rnd(2, 300, C)
+        path = "fla" if short_conv._use_fla(x, W) else "torch"
+        y, tail = conv(x, w, None, True)
+        y_ref, tail_ref = torch_conv(x, w2, None, True)
+        # each row: the worse of the output's and the new tail's errors
+        emit(check_row("conv", "prefill T=300", max(rel_err(y, y_ref), rel_err(tail, tail_ref)), OUTPUT_TOL, path=path))
+        x = rnd(2, 37, C)
+        y, tail = conv(x, w, tail, True)
+        y_ref, tail_ref = torch_conv(x, w2, tail_ref, True)
+        emit(check_row("conv", "prefill T=37 from a tail", max(rel_err(y, y_ref), rel_err(tail, tail_ref)),
+                       OUTPUT_TOL, path=path))
+        outs, refs, same_object = [], [], []
+        for _ in range(3):
+            x1 = rnd(2, 1, C)
+            y, new_tail = conv(x1, w, tail, True)
+            same_object.append(new_tail is tail)
+            tail = new_tail
+            y_ref, tail_ref = torch_conv(x1, w2, tail_ref, True)
+            outs.append(y), refs.append(y_ref)
+        # state_kept: the tail stayed the same tensor (fla's in-place update; what graph replay wants)
+        err = max(rel_err(torch.cat(outs, 1), torch.cat(refs, 1)), rel_err(tail, tail_ref))
+        emit(check_row("conv", "3 decode steps (in-place update)", err, OUTPUT_TOL, path=path,
+                       state_kept=all(same_object)))
+        foreign = tail_ref.clone()  # a tail this module did not make (e.g. a snapshot) is never modified
+        y, _ = conv(x1, w, foreign, True)
+        err = max(rel_err(y, torch_conv(x1, w2, tail_ref, True)[0]), rel_err(foreign, tail_ref))
+        emit(check_row("conv", "decode from a contiguous tail (left untouched)", err, OUTPUT_TOL, path=path))
+
+        x, gate, nw = rnd(2, 300, H, K), rnd(2, 300, H, K), rnd(K, scale=0.1, shift=1.0)
+        for act in ("silu", "sigmoid"):
+            out = gated_norm.gated_rms_norm(x, gate, nw, 1e-5, act)
+            ref = gated_norm.torch_gated_rms_norm(x, gate, nw, 1e-5, act)
+            emit(check_row("norm", f"gated rmsnorm ({act})", rel_err(out, ref), OUTPUT_TOL,
+                           path="fla" if gated_norm._use_fla(x) else "torch"))
+
+        for kind, rule in (("gdn", delta_rule.gated_delta_rule), ("kda", delta_rule.kda_rule)):
+            for T in (300, 1):
+                q, k, v = rnd(2, T, H, K), rnd(2, T, H, K), rnd(2, T, H, K)
+                raw = rnd(2, T, H, K) if kind == "kda" else rnd(2, T, H)
+                b = rnd(2, T, H)
+                A_log = rnd(H, scale=0.5)
+                dt_bias = rnd(H * K if kind == "kda" else H, shift=-3.0)
+                h0 = rnd(2, H, K, K, scale=0.1, dt=torch.float32)
+                common = dict(scale=K**-0.5, initial_state=h0, output_final_state=True, use_qk_l2norm=True)
+                o, s = rule(q, k, v, raw, b, A_log=A_log, dt_bias=dt_bias, beta_logits=True, **common)
+                g = delta_rule.gate_decay(raw, A_log, dt_bias)
+                o_ref, s_ref = rule(q, k, v, g, torch.sigmoid(b.float()), **common)
+                emit(check_row(kind, f"in-kernel gates T={T} ({'chunk' if T > 64 else 'fused recurrent'})",
+                               max(rel_err(o, o_ref), rel_err(s, s_ref)), OUTPUT_TOL,
+                               gates_in_kernel=delta_rule._gates_in_kernel(q, (q,))))
+
+
 def check_inference(kind: str, config: SupernetConfig, device: str, dtype: torch.dtype, seed: int,
                     emit: Emit) -> None:
     """Prefill (chunk and fused recurrent kernels), prefill with the cache, decode, final state."""
@@ -229,6 +339,31 @@ def check_inference(kind: str, config: SupernetConfig, device: str, dtype: torch
     emit(check_row(kind, "4 decode steps after it", decode_err, OUTPUT_TOL,
                    per_step=[round(e, 6) for e in errs[1:]]))
     emit(check_row(kind, "recurrent state after decode", rel_err(dev_state, ref_state), OUTPUT_TOL))
+
+    # decode steps replayed as a CUDA graph with a static cache (how supernet/static_decode.py serves)
+    # against the same steps run eagerly on a copy of the cache
+    torch.manual_seed(seed + 3)
+    x = torch.randn(2, 106, D).to(device, dtype)
+    with torch.inference_mode():
+        cache = SupernetCache(1)
+        dev_mixer(x[:, :100], cache=cache)
+        twin = cache.clone()
+        eager = [dev_mixer(x[:, t:t + 1], cache=twin) for t in range(100, 106)]
+        x_buf, out_buf = x[:, 100:101].clone(), torch.empty_like(eager[0])
+
+        def step() -> None:
+            out_buf.copy_(dev_mixer(x_buf, cache=cache))
+
+        graphed = GraphedStep(step, cache, [(0, kind)], cuda_graph=device == "cuda")
+        outs = []
+        for t in range(100, 106):  # 2 eager warm-ups, the capture, 3 replays
+            x_buf.copy_(x[:, t:t + 1])
+            graphed()
+            outs.append(out_buf.clone())
+    states = {key: rel_err(cache.mixer_state(0, kind)[key], twin.mixer_state(0, kind)[key])
+              for key in ("conv_q", "conv_k", "conv_v", "recurrent")}
+    err = max(rel_err(torch.cat(outs, 1), torch.cat(eager, 1)), *states.values())
+    emit(check_row(kind, "6 decode steps as a CUDA graph vs eager", err, OUTPUT_TOL, captured=graphed.graph is not None))
 
 
 def check_train(kind: str, config: SupernetConfig, device: str, dtype: torch.dtype, seed: int,
@@ -311,6 +446,8 @@ def time_prefill(mixers: TimingMixers, shape_name: str, spec: dict, kind: str, B
     try:
         with torch.inference_mode():
             layer_ms = bench_ms(lambda: mixer(x, cache=SupernetCache(1)), device)
+            with fused_paths(False):
+                layer_torch_ms = bench_ms(lambda: mixer(x, cache=SupernetCache(1)), device)
             inputs = op_inputs(kind, B, T, H, K, device, dtype, seed=T)
             op_ms = bench_ms(lambda: call_op(fla_ops(device)[f"{kind}_chunk"], inputs, K, device), device)
     finally:
@@ -318,7 +455,24 @@ def time_prefill(mixers: TimingMixers, shape_name: str, spec: dict, kind: str, B
         inputs = None
         free_memory(device)
     return {"shape": shape_name, "mixer": kind, "batch": B, "tokens": T, "layer_ms": layer_ms, "op_ms": op_ms,
+            "layer_over_op": layer_ms / op_ms, "layer_torch_ms": layer_torch_ms,
             "layer_tokens_per_s": B * T / layer_ms * 1e3}
+
+
+def graph_ms(fn: Callable[[], Any], cache: SupernetCache | None, mixers: list[tuple[int, str]],
+             device: str) -> float | None:
+    """Milliseconds per replay of `fn` captured as a CUDA graph (GraphedStep: cache states that `fn`
+    replaces are copied back into the captured ones, as in static decoding); None off CUDA."""
+    if device != "cuda":
+        return None
+    step = GraphedStep(fn, cache, mixers, cuda_graph=True)
+    for _ in range(step.warmup + 1):  # eager warm-ups on a side stream, then the capture
+        step()
+    try:
+        return bench_ms(step, device)
+    finally:
+        del step
+        free_memory(device)
 
 
 def time_decode(mixers: TimingMixers, shape_name: str, spec: dict, kind: str, B: int, ctx: int) -> dict:
@@ -327,11 +481,109 @@ def time_decode(mixers: TimingMixers, shape_name: str, spec: dict, kind: str, B:
     mixer = mixers.get(shape_name, spec, kind)
     x = torch.randn(B, 1, D, device=device, dtype=dtype)
     cache = synthetic_state(mixer, kind, B, device, dtype)
+    op = fla_ops(device)[f"{kind}_recurrent"]
     with torch.inference_mode():
-        layer_ms = bench_ms(lambda: mixer(x, cache=cache), device)
         inputs = op_inputs(kind, B, 1, H, K, device, dtype, seed=ctx, state=True)
-        op_ms = bench_ms(lambda: call_op(fla_ops(device)[f"{kind}_recurrent"], inputs, K, device), device)
-    return {"shape": shape_name, "mixer": kind, "batch": B, "context": ctx, "layer_ms": layer_ms, "op_ms": op_ms}
+        layer_ms = bench_ms(lambda: mixer(x, cache=cache), device)
+        op_ms = bench_ms(lambda: call_op(op, inputs, K, device), device)
+        layer_graph_ms = graph_ms(lambda: mixer(x, cache=cache), cache, [(0, kind)], device)
+        op_graph_ms = graph_ms(lambda: call_op(op, inputs, K, device), None, [], device)
+        with fused_paths(False):
+            layer_torch_ms = bench_ms(lambda: mixer(x, cache=cache), device)
+            layer_torch_graph_ms = graph_ms(lambda: mixer(x, cache=cache), cache, [(0, kind)], device)
+    return {"shape": shape_name, "mixer": kind, "batch": B, "context": ctx, "layer_ms": layer_ms, "op_ms": op_ms,
+            "layer_graph_ms": layer_graph_ms, "op_graph_ms": op_graph_ms,
+            "graph_layer_over_op": None if op_graph_ms is None else layer_graph_ms / op_graph_ms,
+            "layer_torch_ms": layer_torch_ms, "layer_torch_graph_ms": layer_torch_graph_ms}
+
+
+# ---------------------------------------------------------------------------------- kernel breakdown
+
+
+def kernel_category(name: str) -> str:
+    """Rough origin of a GPU kernel, from its name."""
+    low = name.lower()
+    if low.startswith(("memcpy", "memset")):
+        return "memcpy/memset"
+    if any(tag in low for tag in ("gemm", "cutlass", "xmma", "cublas", "splitk", "nvjet")):
+        return "gemm"
+    if "at::native" in low or low.startswith("void at::") or "elementwise" in low or "reduce_kernel" in low:
+        return "torch (aten)"
+    return "triton (fla) / other"
+
+
+def kernel_breakdown(fn: Callable[[], Any], device: str) -> dict[str, Any]:
+    """torch.profiler over PROFILE_ITERS calls of `fn` (after one untimed call), per call: GPU kernels
+    by total time (in --smoke mode, CPU ops by self time), their count, and the wall time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(PROFILE_ITERS):
+            fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t0) / PROFILE_ITERS * 1e3
+    totals: dict[str, list[float]] = {}  # name -> [microseconds, count]
+    for evt in prof.events():
+        if device == "cuda":
+            if evt.device_type != DeviceType.CUDA:
+                continue
+            us = evt.time_range.elapsed_us()
+        else:
+            if evt.device_type != DeviceType.CPU:
+                continue
+            us = evt.self_cpu_time_total
+        entry = totals.setdefault(evt.name, [0.0, 0])
+        entry[0] += us
+        entry[1] += 1
+    total_us = sum(t for t, _ in totals.values())
+    by_category: dict[str, float] = {}
+    for name, (us, _) in totals.items():
+        category = kernel_category(name) if device == "cuda" else "cpu op"
+        by_category[category] = by_category.get(category, 0.0) + us / PROFILE_ITERS / 1e3
+    top = sorted(totals.items(), key=lambda kv: -kv[1][0])[:PROFILE_TOP]
+    return {
+        "kernels_per_call": sum(n for _, n in totals.values()) / PROFILE_ITERS,
+        "kernel_ms_per_call": total_us / PROFILE_ITERS / 1e3,
+        "wall_ms_per_call": wall_ms,
+        "by_category_ms": {k: round(v, 5) for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])},
+        "top": [{"name": name[:160], "calls_per_call": n / PROFILE_ITERS, "ms_per_call": us / PROFILE_ITERS / 1e3,
+                 "share": us / total_us if total_us else 0.0} for name, (us, n) in top],
+    }
+
+
+def profile_mixer(mixers: TimingMixers, shape_name: str, spec: dict, kind: str, profile_spec: dict,
+                  emit: Emit) -> None:
+    """Kernel breakdown of one prefill and one eager decode step per batch, layer and raw op."""
+    device, dtype = mixers.device, mixers.dtype
+    H, K, D = spec["heads"], spec["head_dim"], spec["hidden"]
+    mixer = mixers.get(shape_name, spec, kind)
+    B, T = profile_spec["prefill"]
+    cases = [(f"prefill batch={B} tokens={T}", B, T)] + [(f"decode batch={b}", b, 1) for b in profile_spec["decode_batches"]]
+    for case, B, T in cases:
+        x = torch.randn(B, T, D, device=device, dtype=dtype)
+        decode = case.startswith("decode")
+        inputs = op_inputs(kind, B, T, H, K, device, dtype, seed=T, state=decode)
+        op = fla_ops(device)[f"{kind}_{'recurrent' if decode else 'chunk'}"]
+        with torch.inference_mode():
+            if decode:
+                cache = synthetic_state(mixer, kind, B, device, dtype)
+                layer_fn = lambda: mixer(x, cache=cache)  # noqa: E731
+            else:
+                layer_fn = lambda: mixer(x, cache=SupernetCache(1))  # noqa: E731
+            for target, fn in (("layer", layer_fn), ("op", lambda: call_op(op, inputs, K, device)),
+                               ("layer (torch paths)", layer_fn)):
+                with fused_paths(target != "layer (torch paths)"):
+                    emit({"shape": shape_name, "mixer": kind, "case": case, "target": target,
+                          **kernel_breakdown(fn, device)})
+        del x, inputs
+        free_memory(device)
 
 
 # ---------------------------------------------------------------------------------- plan and results
@@ -345,51 +597,62 @@ class Item:
 
 
 def build_plan(plan: dict, device: str, dtype: torch.dtype, only_main: bool) -> list[Item]:
-    """The items in the order they run: (a) inference checks, (b) main-shape timings, (c) the rest."""
-    shapes, lengths, main = plan["shapes"], plan["lengths"], plan["main_shape"]
+    """The items in the order they run: (a) checks, (b) required timings and the kernel breakdown,
+    (c) the rest (see the module docstring)."""
+    shapes, main = plan["shapes"], plan["main_shape"]
     main_spec = shapes[main]
+    others = {} if only_main else {name: spec for name, spec in shapes.items() if name != main}
     check_config = linear_config(main_spec["hidden"], main_spec["heads"], main_spec["head_dim"])
     seeds = {kind: 100 * (i + 1) for i, kind in enumerate(MIXERS)}
     mixers = TimingMixers(device, dtype)
     items: list[Item] = []
 
-    def timing_items(group: str, shape_name: str, spec: dict, kind: str, prefill_bs, decode_bs) -> None:
-        # one (shape, kind) at a time: the same kernels, autotuned once for the group
-        for B in prefill_bs:
-            for T in lengths:
-                items.append(Item(f"prefill {shape_name} {kind} batch={B} tokens={T}", group, "prefill",
-                                  lambda emit, s=shape_name, sp=spec, k=kind, b=B, t=T:
-                                  emit(time_prefill(mixers, s, sp, k, b, t))))
-        for B in decode_bs:
-            for ctx in lengths:
-                items.append(Item(f"decode {shape_name} {kind} batch={B} context={ctx}", group, "decode",
-                                  lambda emit, s=shape_name, sp=spec, k=kind, b=B, c=ctx:
-                                  emit(time_decode(mixers, s, sp, k, b, c))))
+    def prefill(group: str, shape_name: str, spec: dict, kind: str, B: int, T: int) -> None:
+        items.append(Item(f"prefill {shape_name} {kind} batch={B} tokens={T}", group, "prefill",
+                          lambda emit: emit(time_prefill(mixers, shape_name, spec, kind, B, T))))
 
-    # (a) inference checks: also compile + autotune the forward kernels that (b) uses
+    def decode(group: str, shape_name: str, spec: dict, kind: str, B: int, ctx: int) -> None:
+        items.append(Item(f"decode {shape_name} {kind} batch={B} context={ctx}", group, "decode",
+                          lambda emit: emit(time_decode(mixers, shape_name, spec, kind, B, ctx))))
+
+    # (a) checks: also compile + autotune the forward kernels that (b) uses
+    items.append(Item("check fused pieces (conv, norm, in-kernel gates)", "a", "correctness",
+                      lambda emit: check_fused_ops(main_spec, check_config, device, dtype, 7, emit)))
     for kind in MIXERS:
         items.append(Item(f"check {kind} inference", "a", "correctness",
                           lambda emit, k=kind: check_inference(k, check_config, device, dtype, seeds[k], emit)))
-    # (b) the main shape's required timings
+    # (b) required timings, one (shape, kind) at a time (its kernels autotune once); the kernel
+    # breakdown right after the first prefill row, which has compiled everything it runs
     for kind in MIXERS:
-        timing_items("b", main, main_spec, kind, main_spec.get("required_prefill_batches", ()),
-                     main_spec.get("required_decode_batches", ()))
-    # (c) the rest: main-shape extra batches, training and raw-op checks, the other shapes
-    extra_prefill = [b for b in main_spec["prefill_batches"] if b not in main_spec.get("required_prefill_batches", ())]
-    extra_decode = [b for b in main_spec["decode_batches"] if b not in main_spec.get("required_decode_batches", ())]
+        first, *rest = main_spec["prefill"]
+        prefill("b", main, main_spec, kind, *first)
+        items.append(Item(f"profile {main} {kind}", "b", "profile",
+                          lambda emit, k=kind: profile_mixer(mixers, main, main_spec, k, plan["profile"], emit)))
+        for B, ctx in main_spec["decode"]:
+            decode("b", main, main_spec, kind, B, ctx)
+        for B, T in rest:
+            prefill("b", main, main_spec, kind, B, T)
+    for shape_name, spec in others.items():  # decode first: no chunk kernels to autotune for a new shape
+        for kind in MIXERS:
+            for B, ctx in spec["decode"]:
+                decode("b", shape_name, spec, kind, B, ctx)
+        for kind in MIXERS:
+            for B, T in spec["prefill"]:
+                prefill("b", shape_name, spec, kind, B, T)
+    # (c) the rest: the main shape's extra prefills, training and raw-op checks, other shapes' extras
     for kind in MIXERS:
-        timing_items("c", main, main_spec, kind, extra_prefill, extra_decode)
+        for B, T in main_spec.get("extra_prefill", ()):
+            prefill("c", main, main_spec, kind, B, T)
     for kind in MIXERS:
         items.append(Item(f"check {kind} training step", "c", "correctness",
                           lambda emit, k=kind: check_train(k, check_config, device, dtype, seeds[k], emit)))
     for kind in MIXERS:
         items.append(Item(f"check {kind} raw ops fp32", "c", "correctness",
                           lambda emit, k=kind: check_ops(k, device, seeds[k] + 50, emit)))
-    if not only_main:
-        for shape_name, spec in shapes.items():
-            if shape_name != main:
-                for kind in MIXERS:
-                    timing_items("c", shape_name, spec, kind, spec["prefill_batches"], spec["decode_batches"])
+    for shape_name, spec in others.items():
+        for kind in MIXERS:
+            for B, T in spec.get("extra_prefill", ()):
+                prefill("c", shape_name, spec, kind, B, T)
     return items
 
 
@@ -443,21 +706,25 @@ def main() -> int:
     items = build_plan(plan, device, dtype, args.only_smollm2)
     shapes = {n: s for n, s in plan["shapes"].items() if not args.only_smollm2 or n == plan["main_shape"]}
 
-    results: dict[str, list] = {"correctness": [], "prefill": [], "decode": []}
+    results: dict[str, list] = {"correctness": [], "prefill": [], "decode": [], "profile": []}
     item_log: list[dict] = []
     skipped: list[dict] = []
     errors: list[dict] = []
     header = {
         "device": device_name(), "torch": torch.__version__, **versions(),
         "date": time.strftime("%Y-%m-%d %H:%M"), "smoke": args.smoke, "dtype": str(dtype),
-        "kernels": "fla chunk_gated_delta_rule / fused_recurrent_gated_delta_rule, chunk_kda / fused_recurrent_kda"
-                   if device == "cuda" else "torch (supernet.ops.delta_rule)",
+        "kernels": "fla chunk_gated_delta_rule / fused_recurrent_gated_delta_rule, chunk_kda / fused_recurrent_kda; "
+                   "layer: fla causal_conv1d(_update), rms_norm_gated, gates inside the delta-rule kernels"
+                   if device == "cuda" else "torch (supernet.ops)",
         "time_limit_s": args.time_limit, "only_smollm2": args.only_smollm2,
         "bench": f"triton do_bench median, warmup {BENCH_WARMUP_MS} ms, rep {BENCH_REP_MS} ms, after one "
-                 "untimed call (compilation, autotuning)" if device == "cuda" else "perf_counter median of 3",
-        "shapes": shapes, "lengths": plan["lengths"],
-        "order": "(a) inference checks; (b) main shape: prefill batch 1, decode; (c) main shape's other batches, "
-                 "training-step checks, fp32 raw-op checks, other shapes",
+                 "untimed call (compilation, autotuning); *_graph_ms: the same of one CUDA graph replay"
+                 if device == "cuda" else "perf_counter median of 3",
+        "shapes": shapes, "profile_cases": plan["profile"],
+        "order": "(a) checks: fused pieces, inference incl. graphed decode; (b) main shape: prefill batch 1, "
+                 "kernel breakdown, decode (eager + graph), prefill batch 64 at 2k/8k; other shapes' decode, then "
+                 "prefill rows; "
+                 "(c) main shape's extra prefills, training-step checks, fp32 raw-op checks, other shapes' extras",
     }
 
     def save(complete: bool) -> None:
@@ -470,8 +737,14 @@ def main() -> int:
             **results, "items": item_log, "skipped": skipped, "errors": errors,
             "notes": [
                 "layer = whole mixer (projections, short convs, gates, kernel, gated norm, o_proj); op = raw kernel",
+                f"layer_torch_ms / layer_torch_graph_ms / 'layer (torch paths)': the same layer with {ENV_SWITCH}=0 "
+                "(torch conv, norm and gates: the layer before the fused paths), same run and device",
                 "prefill runs with a fresh decode cache (final states kept), inference mode",
                 "decode starts from a synthetic state: a linear mixer's state is the same size at any context",
+                "decode *_graph_ms: one step captured as a CUDA graph (supernet.static_decode.GraphedStep) and replayed; "
+                "layer_ms/op_ms are eager (launch-bound for small batches)",
+                "profile: torch.profiler, per call: kernels_per_call, kernel_ms_per_call (sum of GPU kernel times), "
+                "wall_ms_per_call (includes profiler overhead), top kernels, by_category_ms (from kernel names)",
                 "items[].seconds: wall time of each item, compilation and autotuning included",
             ],
         })
@@ -484,10 +757,16 @@ def main() -> int:
                 print(f"[{time.perf_counter() - started:6.1f}s] check {row['mixer']} {row['check']}: "
                       f"rel_err {row['rel_err']:.3g} (tol {row['tol']:g}) {'ok' if row['ok'] else 'FAIL'}{extra}",
                       flush=True)
+            elif item.section == "profile":
+                print(f"[{time.perf_counter() - started:6.1f}s] profile {row['shape']} {row['mixer']} {row['case']} "
+                      f"{row['target']}: {row['kernels_per_call']:g} kernels, {row['kernel_ms_per_call']:.4g} ms in "
+                      f"kernels, {row['wall_ms_per_call']:.4g} ms wall", flush=True)
             else:
                 where = f"tokens={row['tokens']}" if "tokens" in row else f"context={row['context']}"
+                graph = (f"; graph: layer {row['layer_graph_ms']:.4g} ms, op {row['op_graph_ms']:.4g} ms"
+                         if row.get("layer_graph_ms") is not None else "")
                 print(f"[{time.perf_counter() - started:6.1f}s] {item.section} {row['shape']} {row['mixer']} "
-                      f"batch={row['batch']} {where}: layer {row['layer_ms']:.4g} ms, op {row['op_ms']:.4g} ms",
+                      f"batch={row['batch']} {where}: layer {row['layer_ms']:.4g} ms, op {row['op_ms']:.4g} ms{graph}",
                       flush=True)
             save(False)
         return emit
@@ -523,9 +802,14 @@ def main() -> int:
     tables = (
         ("correctness", ["mixer", "check", "rel_err", "tol", "ok"],
          "correctness: device path (bf16) vs CPU torch path (fp32)"),
-        ("prefill", ["shape", "mixer", "batch", "tokens", "layer_ms", "op_ms", "layer_tokens_per_s"],
+        ("prefill", ["shape", "mixer", "batch", "tokens", "layer_ms", "op_ms", "layer_over_op", "layer_torch_ms",
+                     "layer_tokens_per_s"],
          "prefill per layer (ms, median)"),
-        ("decode", ["shape", "mixer", "batch", "context", "layer_ms", "op_ms"], "decode step per layer (ms, median)"),
+        ("decode", ["shape", "mixer", "batch", "context", "layer_ms", "op_ms", "layer_graph_ms", "op_graph_ms",
+                    "graph_layer_over_op", "layer_torch_ms", "layer_torch_graph_ms"],
+         "decode step per layer (ms, median; *_graph_ms: CUDA graph replay)"),
+        ("profile", ["shape", "mixer", "case", "target", "kernels_per_call", "kernel_ms_per_call", "wall_ms_per_call"],
+         "kernel breakdown per call (top kernels in the JSON)"),
     )
     for section, columns, title in tables:
         if results[section]:  # print_table needs at least one row

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from supernet.cache import SupernetCache
@@ -119,13 +118,19 @@ class LinearMixerBase(nn.Module):
     def prepare_static(self, state: dict, capacity: int) -> None:
         """Conv tails and the recurrent matrix already have fixed sizes: nothing to do."""
 
-    def _delta_rule(self, rule, q, k, v, g, beta, state: dict | None) -> torch.Tensor:
-        """Run `rule` (gated_delta_rule / kda_rule) from the cached recurrent state, storing the new one."""
+    def _delta_rule(self, rule, q, k, v, gate, beta_logits, state: dict | None) -> torch.Tensor:
+        """Run `rule` (gated_delta_rule / kda_rule) from the cached recurrent state, storing the new one.
+
+        `gate` and `beta_logits` are the raw projections: the decay -exp(A_log) * softplus(gate +
+        dt_bias) and sigmoid(beta_logits) are computed by the op (inside fla's kernel for CUDA
+        inference, in torch otherwise).
+        """
         o, recurrent = rule(
-            q, k, v, g, beta, scale=self.scale,
+            q, k, v, gate, beta_logits, scale=self.scale,
             initial_state=state.get("recurrent") if state is not None else None,
             output_final_state=state is not None,
             use_qk_l2norm=True,
+            A_log=self.A_log, dt_bias=self.dt_bias, beta_logits=True,
         )
         if state is not None:
             state["recurrent"] = recurrent
@@ -222,10 +227,9 @@ class GatedDeltaNetMixer(LinearMixerBase):
         x = hidden_states
         state = self._state(cache)
         q, k, v = self._qkv(x, state)
-        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
-        beta = torch.sigmoid(self.b_proj(x).float())
         o = self._delta_rule(
-            gated_delta_rule, q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, HV, V), g, beta, state
+            gated_delta_rule, q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, HV, V),
+            self.a_proj(x), self.b_proj(x), state,
         )
         o = self.o_norm(o, self.g_proj(x).view(B, T, HV, V))
         return self.o_proj(o.reshape(B, T, HV * V).to(x.dtype))

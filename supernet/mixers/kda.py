@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from supernet.cache import SupernetCache
@@ -80,11 +79,9 @@ class KimiDeltaAttentionMixer(LinearMixerBase):
         x = hidden_states
         state = self._state(cache)
         q, k, v = self._qkv(x, state)
-        f = self.f_b_proj(self.f_a_proj(x)).float() + self.dt_bias.float()
-        g = -self.A_log.float().exp().repeat_interleave(K) * F.softplus(f)  # A_log[h] for every channel of head h
-        beta = torch.sigmoid(self.b_proj(x).float())
         o = self._delta_rule(
-            kda_rule, q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, V), g.view(B, T, H, K), beta, state
+            kda_rule, q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, V),
+            self.f_b_proj(self.f_a_proj(x)).view(B, T, H, K), self.b_proj(x), state,
         )
         o = self.o_norm(o, self.g_b_proj(self.g_a_proj(x)).view(B, T, H, V))
         return self.o_proj(o.reshape(B, T, H * V).to(x.dtype))

@@ -18,6 +18,13 @@ Both accumulate in fp32 and return `o` in v's dtype.
 
 Dispatch (`gated_delta_rule`, `kda_rule`): on CUDA with fla importable, fla's `chunk_*` kernels
 (training, prefill) or `fused_recurrent_*` (short inference calls); otherwise the torch paths.
+
+Raw gates: with `A_log` given, `g` holds the raw gate input and the log decay is
+-exp(A_log) * softplus(g + dt_bias) (`gate_decay`); with `beta_logits`, beta holds logits and goes
+through a sigmoid. For CUDA inference fla computes both inside its kernels (no fp32 gate tensors in
+memory, no separate elementwise kernels); elsewhere (CPU, training, torch.compile, or the fused paths
+switched off: supernet.ops.fla_backend) they are computed in torch before the kernel, where
+torch.compile fuses them into the layer's graph.
 """
 from __future__ import annotations
 
@@ -25,6 +32,9 @@ import functools
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+
+from supernet.ops.fla_backend import use_fla
 
 # Inference calls with at most this many tokens use fla's fused recurrent kernel on CUDA.
 FLA_RECURRENT_MAX_T = 64
@@ -48,6 +58,36 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """x / sqrt(sum(x^2) + eps) over the last dim (the same formula as fla's in-kernel L2 norm)."""
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def gate_decay(g: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Log decay -exp(A_log) * softplus(g + dt_bias) in fp32, from a raw gate input.
+
+    GDN: g [..., HV], A_log and dt_bias [HV]. KDA: g [..., HV, K], A_log [HV] (one rate per head),
+    dt_bias [HV * K]. The same formula as fla's in-kernel gate (`use_gate_in_kernel`).
+    """
+    per_channel = g.dim() == 4
+    x = g.float().flatten(-2) if per_channel else g.float()  # KDA: [..., HV * K], dt_bias's layout
+    if dt_bias is not None:
+        x = x + dt_bias.float()
+    A = A_log.float().exp()
+    if per_channel:
+        A = A.repeat_interleave(g.shape[-1])  # A_log[h] for every channel of head h
+    return (-A * F.softplus(x)).view(g.shape)
+
+
+def _check_gate(g: torch.Tensor, A_log: torch.Tensor | None, dt_bias: torch.Tensor | None) -> None:
+    if A_log is None:
+        if dt_bias is not None:
+            raise ValueError("dt_bias is only used with A_log (a raw gate input)")
+        return
+    heads = g.shape[2]
+    if A_log.numel() != heads:
+        raise ValueError(f"A_log must have one value per value head ({heads}); got {list(A_log.shape)}")
+    per_channel = heads * g.shape[3] if g.dim() == 4 else heads
+    if dt_bias is not None and dt_bias.numel() != per_channel:
+        raise ValueError(f"dt_bias must have {per_channel} values for g of shape {list(g.shape)}; "
+                         f"got {list(dt_bias.shape)}")
 
 
 def _check_shapes(q, k, v, g, beta) -> tuple[int, int, int, int, int, int]:
@@ -328,7 +368,7 @@ def _fla_kernel(family: str, q: torch.Tensor, tensors: tuple) -> Any | None:
     kernels = _fla_kernels()
     if kernels is None:
         return None
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    needs_grad = _needs_grad(tensors)
     short = q.shape[1] <= FLA_RECURRENT_MAX_T
     # the fused recurrent kernels have no backward
     return kernels[f"{family}_recurrent" if short and not needs_grad else f"{family}_chunk"]
@@ -348,30 +388,67 @@ def _gated_chunk_backward_broken(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) == (9, 0) and (3, 4, 0) <= version < (3, 7, 1)
 
 
+def _needs_grad(tensors: tuple) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _gates_in_kernel(q: torch.Tensor, tensors: tuple) -> bool:
+    """Whether fla will compute the raw gates: CUDA inference in eager mode, fla importable."""
+    return use_fla(q) and not _needs_grad(tensors) and fla_available()
+
+
+def _torch_gates(g, beta, A_log, dt_bias, beta_logits) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log decay, beta) computed in torch from what the caller passed."""
+    if A_log is not None:
+        g = gate_decay(g, A_log, dt_bias)
+    if beta_logits:
+        beta = torch.sigmoid(beta.float())
+    return g, beta
+
+
 # Kept out of torch.compile: the kernel choice (lru_cached lookups, a Triton version check) and the
 # torch fallback's Python loop over chunks are not traceable work; a compiled layer gets one clean
 # graph break around its delta-rule kernel, on the CPU as on CUDA.
 @torch.compiler.disable
-def _dispatch(family, q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm):
+def _dispatch(family, q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
+              A_log=None, dt_bias=None, beta_logits=False):
     _check_shapes(q, k, v, g, beta)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if initial_state is not None:
         initial_state = initial_state.float()
-    kernel = _fla_kernel(family, q, (q, k, v, g, beta, initial_state))
+    kernel = _fla_kernel(family, q, (q, k, v, g, beta, initial_state, A_log, dt_bias))
+    gate_kwargs = {}
+    raw = A_log is not None or beta_logits
+    if raw and kernel is not None and _gates_in_kernel(q, (q, k, v, g, beta, A_log, dt_bias)):
+        if A_log is not None:
+            gate_kwargs.update(use_gate_in_kernel=True, A_log=A_log, dt_bias=dt_bias)
+        if beta_logits:
+            gate_kwargs.update(use_beta_sigmoid_in_kernel=True)
+    else:
+        g, beta = _torch_gates(g, beta, A_log, dt_bias, beta_logits)
     if (kernel is not None and kernel is _fla_kernels()["gdn_chunk"]
-            and _gated_chunk_backward_broken(q.device.index or 0)
-            and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, g, beta))):
+            and _gated_chunk_backward_broken(q.device.index or 0) and _needs_grad((q, k, v, g, beta))):
         kernel = _fla_kernels()["kda_chunk"]
         g = g.float()[..., None].expand(*g.shape, q.shape[-1]).contiguous()
     if kernel is not None:
         return kernel(
             q=q, k=k, v=v, g=g, beta=beta, scale=scale,
             initial_state=initial_state, output_final_state=output_final_state,
-            use_qk_l2norm_in_kernel=use_qk_l2norm,
+            use_qk_l2norm_in_kernel=use_qk_l2norm, **gate_kwargs,
         )
     if use_qk_l2norm:
         q, k = l2_normalize(q), l2_normalize(k)
     return torch_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state)
+
+
+def _prepare_gates(q, k, v, g, beta, A_log, dt_bias, beta_logits):
+    """Raw gates stay raw only when fla will compute them; otherwise they are computed here, outside
+    the compiler-disabled `_dispatch`, so torch.compile fuses them into the layer's graph."""
+    _check_gate(g, A_log, dt_bias)
+    if (A_log is None and not beta_logits) or _gates_in_kernel(q, (q, k, v, g, beta, A_log, dt_bias)):
+        return g, beta, A_log, dt_bias, beta_logits
+    g, beta = _torch_gates(g, beta, A_log, dt_bias, beta_logits)
+    return g, beta, None, None, False
 
 
 def gated_delta_rule(
@@ -384,17 +461,24 @@ def gated_delta_rule(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     use_qk_l2norm: bool = False,
+    A_log: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    beta_logits: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """GDN: scalar decay per value head, g [B, T, HV] (log space). Best kernel for the device.
 
     `use_qk_l2norm` L2-normalises q and k over K first (fused into the kernel on CUDA).
+    With `A_log` ([HV]; `dt_bias` [HV] optional), g is the raw gate input instead of the log decay;
+    with `beta_logits`, beta holds logits (see the module docstring).
     Returns (o [B, T, HV, V], final state [B, HV, K, V] fp32 or None).
     """
     if g.dim() != 3:
         raise ValueError(
             f"gated_delta_rule: g must be [B, T, HV]; got {list(g.shape)} (use kda_rule for per-channel g)"
         )
-    return _dispatch("gdn", q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm)
+    g, beta, A_log, dt_bias, beta_logits = _prepare_gates(q, k, v, g, beta, A_log, dt_bias, beta_logits)
+    return _dispatch("gdn", q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
+                     A_log, dt_bias, beta_logits)
 
 
 def kda_rule(
@@ -407,13 +491,18 @@ def kda_rule(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     use_qk_l2norm: bool = False,
+    A_log: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    beta_logits: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """KDA: per-channel decay, g [B, T, HV, K] (log space). Best kernel for the device.
 
-    Same contract as `gated_delta_rule`.
+    Same contract as `gated_delta_rule`; raw gates take A_log [HV] and dt_bias [HV * K].
     """
     if g.dim() != 4:
         raise ValueError(
             f"kda_rule: g must be [B, T, HV, K]; got {list(g.shape)} (use gated_delta_rule for per-head g)"
         )
-    return _dispatch("kda", q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm)
+    g, beta, A_log, dt_bias, beta_logits = _prepare_gates(q, k, v, g, beta, A_log, dt_bias, beta_logits)
+    return _dispatch("kda", q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
+                     A_log, dt_bias, beta_logits)
