@@ -48,3 +48,18 @@ def test_a_preset_without_timing_is_refused():
     speeds["rows"].pop()
     with pytest.raises(SystemExit, match="'fast' has no row"):
         _module().join(_measurements(), speeds)
+
+
+def test_uniform_placements_take_their_quality_from_the_evaluations():
+    module = _module()
+    speeds = _speeds()
+    speeds["rows"].append({"preset": "all-gdn", "placement": "gdn:3", "speedup_vs_all_fa": 4.2, "ms_per_step": 2.0})
+    speeds["rows"].append({"preset": "max", "placement": "gdn:3", "speedup_vs_all_fa": 4.1, "ms_per_step": 2.1})
+    evaluations = [{"placement": ["fa"] * 3, "quality": 1.0, "top1_agreement": 1.0, "metric": "m"},
+                   {"placement": ["gdn"] * 3, "quality": 0.9, "top1_agreement": 0.56, "metric": "m"},
+                   {"placement": ["fa", "swa", "swa"], "quality": 0.5, "metric": "m"}]
+    joined = module.add_evaluated_uniform(module.join(_measurements(), speeds), speeds, evaluations)
+    rows = {r["preset"]: r for r in joined["evaluated_uniform"]}
+    assert sorted(rows) == ["all-fa", "all-gdn"]  # the mixed 'fast' row cannot be matched from counts
+    assert rows["all-gdn"]["decode_speedup"] == 4.2 and rows["all-gdn"]["quality"] == 0.9
+    assert "all-gdn" in module.evaluated_markdown(joined["evaluated_uniform"])
