@@ -21,6 +21,7 @@ Usage: python benchmarks/gpu_decode_presets.py --presets benchmarks/results/e2e_
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -87,33 +88,46 @@ def fused_kernels(on: bool):
 
 
 @torch.no_grad()
-def check_fused_equals_torch(model, placements: dict[str, Placement], context: int, new_tokens: int = 16,
+def check_fused_equals_torch(model, placements: dict[str, Placement], context: int, new_tokens: int = 4,
                              batch: int = 2) -> list[dict]:
-    """Greedy tokens and logits of the fused paths vs the torch paths, same model and dtype."""
+    """Both kernel paths in the model's dtype against a float32 torch-path reference, same weights.
+
+    Comparing the two bf16 paths with each other is not a test: a 30-layer stack of random-weight
+    GDN/KDA layers amplifies bf16 rounding until greedy tokens differ (both paths are then ~0.3-0.6
+    away from float32 in relative logit error, on an H200). What must hold is that the fused path is
+    no further from float32 than the torch path is.
+    """
     device = next(model.parameters()).device
+    reference = copy.deepcopy(model).float()
     gen = torch.Generator(device="cpu").manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=gen).to(device)
+
+    def logits(m, placement, fused: bool) -> torch.Tensor:
+        with fused_kernels(fused):
+            cache = SupernetCache(m.config.num_hidden_layers)
+            out = [m(ids, past_key_values=cache, use_cache=True, placement=placement, logits_to_keep=8).logits.float()]
+            token = out[0][:, -1:].argmax(-1)
+            for _ in range(new_tokens):
+                step = m(token, past_key_values=cache, use_cache=True, placement=placement).logits.float()
+                out.append(step)
+                token = step.argmax(-1)
+        return torch.cat(out, 1)
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return ((a - b).norm() / b.norm()).item()
+
     rows = []
     for name, placement in placements.items():
-        runs = {}
-        for on in (False, True):
-            with fused_kernels(on):
-                cache = SupernetCache(model.config.num_hidden_layers)
-                logits = model(ids, past_key_values=cache, use_cache=True, placement=placement,
-                               logits_to_keep=1).logits[:, -1:].float()
-                steps, token = [logits], logits.argmax(-1)
-                for _ in range(new_tokens):
-                    logits = model(token, past_key_values=cache, use_cache=True, placement=placement).logits.float()
-                    steps.append(logits)
-                    token = logits.argmax(-1)
-                runs[on] = torch.cat(steps, 1)
-        ref, fused = runs[False], runs[True]
-        rows.append({"placement": name, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-                     "token_agreement": (ref.argmax(-1) == fused.argmax(-1)).float().mean().item(),
-                     "max_abs_logit_diff": (ref - fused).abs().max().item(),
-                     "rel_logit_err": ((ref - fused).norm() / ref.norm()).item()})
+        ref = logits(reference, placement, False)
+        torch_path, fused_path = logits(model, placement, False), logits(model, placement, True)
+        fp32_fused = logits(reference, placement, True)
+        row = {"placement": name, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+               "torch_path_rel_err": rel(torch_path, ref), "fused_path_rel_err": rel(fused_path, ref),
+               "fp32_fused_vs_torch_rel_err": rel(fp32_fused, ref)}
+        row["ok"] = row["fused_path_rel_err"] <= 1.25 * row["torch_path_rel_err"] + 1e-3
+        rows.append(row)
+    del reference
     return rows
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -181,8 +195,9 @@ def main() -> None:
     uniform = {k: placements[k] for k in ("all-fa", "all-swa", "all-gdn", "all-kda")}
     if not args.no_kernel_compare:
         result["fused_vs_torch_check"] = check_fused_equals_torch(model, {**uniform, **mixed}, check_context)
-        print_table(result["fused_vs_torch_check"], ["placement", "token_agreement", "max_abs_logit_diff",
-                                                     "rel_logit_err"], "fused kernels vs torch paths (bf16)")
+        print_table(result["fused_vs_torch_check"], ["placement", "torch_path_rel_err", "fused_path_rel_err",
+                                                     "fp32_fused_vs_torch_rel_err", "ok"],
+                    "fused kernels vs torch paths: relative logit error against a float32 torch-path reference")
         timing = {}
         for on in (False, True):
             with fused_kernels(on):
