@@ -4,3 +4,4 @@ source benchmarks/gpu/setup.sh
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 timeout ${DECODE_LIMIT:-420} python3 benchmarks/gpu_decode_presets.py --presets benchmarks/results/e2e_presets.json \
   --out $OUT/gpu_decode_presets.json 2>&1 | tee $OUT/gpu_decode_presets.log | grep -v Warning
+bash benchmarks/gpu/pack_triton_cache.sh

@@ -9,3 +9,4 @@ for f in measurements.json results.md speed_quality.png frontier.png presets.jso
 done
 tr '\r' '\n' < /tmp/e2e/console.log | grep -v "it/s\]$" > $OUT/console.txt
 ls -la $OUT
+bash benchmarks/gpu/pack_triton_cache.sh

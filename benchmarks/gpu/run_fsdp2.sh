@@ -1,7 +1,7 @@
 # Issue 4 on a 2-GPU machine: the same global batch (32 x 2048 tokens) on one GPU (16 x 2 accumulation)
 # and on two GPUs under torchrun + FSDP2 (16 per GPU), same seed and placements -> scaling efficiency
 # and per-step loss difference (--compare-to). Eager (no --compile): the runs differ only in FSDP2.
-#   call A (carry .whl, .teacher/a): source benchmarks/gpu/setup.sh
+#   call A (carry .whl, .teacher/a, .cache/triton if you have it): source benchmarks/gpu/setup.sh
 #   call B (carry .teacher/b, .data): bash benchmarks/gpu/run_fsdp2.sh        # 1 GPU, then 2 GPUs
 # fla autotunes its training kernels on the first step (164-178 s seen on an H200). fla 0.6.0 asks
 # Triton to cache autotuning results on disk, so the 2-GPU run after the 1-GPU run in the same call
@@ -10,7 +10,6 @@
 source benchmarks/gpu/setup.sh
 nvidia-smi -L
 mkdir -p /tmp/fsdp2
-export TRITON_CACHE_DIR=/tmp/triton-cache
 COMMON="--teacher /tmp/SmolLM2-135M-Instruct.Q4_1.gguf --data .data/pydocs-train.jsonl --eval-data .data/pydocs-eval.jsonl
   --seq-len 2048 --batch 16 --no-baseline --budget-tokens 0 --offline-topk 0 --warmup 10 --steps 30 --profile-steps ${PROFILE:-2}"
 MODE=${1:-both}
@@ -29,3 +28,4 @@ if [ "$MODE" = 2 ] || [ "$MODE" = both ]; then
   echo "2 GPUs exit $?"; grep -v "Warn\|warn\|Converting\|Loading\|Writing" /tmp/fsdp2/2gpu.log | tail -12
 fi
 cp /tmp/fsdp2/*.json /tmp/fsdp2/*.log $OUT/ 2>/dev/null || true
+bash benchmarks/gpu/pack_triton_cache.sh

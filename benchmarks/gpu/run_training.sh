@@ -36,3 +36,4 @@ for key in ("speedup_vs_baseline", "speedup_eager_vs_baseline", "compile_speedup
     if key in r:
         print(f"  {key}: {r[key]:.2f}x")
 EOF
+bash benchmarks/gpu/pack_triton_cache.sh

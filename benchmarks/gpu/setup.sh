@@ -12,3 +12,13 @@ fi
 export SUPERNET_CACHE=/tmp/supernet-cache
 mkdir -p $SUPERNET_CACHE/teacher
 [ -f /tmp/SmolLM2-135M-Instruct.Q4_1.gguf ] && ln -sf /tmp/SmolLM2-135M-Instruct.Q4_1.gguf $SUPERNET_CACHE/teacher/
+# Triton's on-disk cache. fla 0.6.0 asks its autotuners to cache their results there
+# (*.autotune.json), so a carried cache skips the benchmarking of every config, which cost 160-200 s
+# of a cold training run's first step. Restored from .cache/triton when carried;
+# benchmarks/gpu/pack_triton_cache.sh packs it into $OUT for the next session.
+export TRITON_CACHE_DIR=/tmp/triton-cache
+mkdir -p "$TRITON_CACHE_DIR"
+if [ -d .cache/triton ]; then
+  cp -rn .cache/triton/. "$TRITON_CACHE_DIR"/ 2>/dev/null || true
+  echo "restored Triton cache: $(find "$TRITON_CACHE_DIR" -name '*.autotune.json' | wc -l) autotune results"
+fi
