@@ -22,10 +22,12 @@ def _losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-def test_two_process_fsdp_matches_one_process(tmp_path):
+@pytest.mark.parametrize("trainable,port", [("mixers", 29533), ("all", 29534)])
+def test_two_process_fsdp_matches_one_process(tmp_path, trainable, port):
+    """`mixers`: frozen shared weights stay unsharded beside per-mixer units; `all`: everything sharded."""
     world = TinyWorld(tmp_path / "world")
     # frozen_bf16: the teacher in bf16 as on GPUs, so its FSDP2 units differ in dtype from the student's
-    common = dict(train={"max_steps": 3, "micro_batch_size": 2, "frozen_bf16": "true"},
+    common = dict(train={"max_steps": 3, "micro_batch_size": 2, "frozen_bf16": "true", "trainable": trainable},
                   checkpoint={"every": 2, "save_final": True},
                   eval={"at_end": True, "num_sequences": 4, "batch_size": 2})
     # the same global batch of 4 windows: 2 ranks x 1 micro-batch of 2, or 1 process x 2 micro-batches
@@ -36,7 +38,7 @@ def test_two_process_fsdp_matches_one_process(tmp_path):
     cfg_path = tmp_path / "two.yaml"
     cfg_path.write_text(yaml.safe_dump(two.to_dict()))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            "-m", "cli.main", "distill", str(cfg_path)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
