@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -37,7 +35,7 @@ from benchmarks.gpu_model import smollm2_config  # noqa: E402
 from placement.cost import measure_costs  # noqa: E402
 from supernet.cache import SupernetCache  # noqa: E402
 from supernet.model import SupernetForCausalLM  # noqa: E402
-from supernet.ops.fla_backend import ENV_SWITCH  # noqa: E402
+from supernet.ops.fla_backend import fused_kernels  # noqa: E402
 from supernet.placement import Placement  # noqa: E402
 from supernet.static_decode import StaticDecoder  # noqa: E402
 from supernet.throughput import compare_decode  # noqa: E402
@@ -71,20 +69,6 @@ def check_static_equals_eager(config, device: str, placements: dict[str, Placeme
                      "cuda_graph": device == "cuda"})
     del model
     return rows
-
-
-@contextmanager
-def fused_kernels(on: bool):
-    """Run the block with the fla-fused paths on or off (the switch is read at every call)."""
-    old = os.environ.get(ENV_SWITCH)
-    os.environ[ENV_SWITCH] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(ENV_SWITCH, None)
-        else:
-            os.environ[ENV_SWITCH] = old
 
 
 @torch.no_grad()

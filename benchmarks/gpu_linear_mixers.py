@@ -63,7 +63,6 @@ import os
 import sys
 import time
 import traceback
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -78,7 +77,7 @@ from supernet.config import SupernetConfig  # noqa: E402
 from supernet.mixers.gdn import GatedDeltaNetMixer  # noqa: E402
 from supernet.mixers.kda import KimiDeltaAttentionMixer  # noqa: E402
 from supernet.ops import delta_rule, gated_norm, short_conv  # noqa: E402
-from supernet.ops.fla_backend import ENV_SWITCH  # noqa: E402
+from supernet.ops.fla_backend import ENV_SWITCH, fused_kernels  # noqa: E402
 from supernet.static_decode import GraphedStep  # noqa: E402
 
 MIXERS = {"gdn": GatedDeltaNetMixer, "kda": KimiDeltaAttentionMixer}
@@ -162,21 +161,6 @@ def bench_ms(fn: Callable[[], Any], device: str) -> float:
         torch.cuda.synchronize()
         return float(triton.testing.do_bench(fn, warmup=BENCH_WARMUP_MS, rep=BENCH_REP_MS, return_mode="median"))
     return time_fn(fn, warmup=1, repeat=3) * 1e3
-
-
-@contextmanager
-def fused_paths(on: bool):
-    """Inside, the layer's fla-fused paths (conv, gated norm, in-kernel gates) are on or off
-    (SUPERNET_FUSED_KERNELS, read at every call); off = the torch paths, the layer as it was."""
-    old = os.environ.get(ENV_SWITCH)
-    os.environ[ENV_SWITCH] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(ENV_SWITCH, None)
-        else:
-            os.environ[ENV_SWITCH] = old
 
 
 def free_memory(device: str) -> None:
@@ -446,7 +430,7 @@ def time_prefill(mixers: TimingMixers, shape_name: str, spec: dict, kind: str, B
     try:
         with torch.inference_mode():
             layer_ms = bench_ms(lambda: mixer(x, cache=SupernetCache(1)), device)
-            with fused_paths(False):
+            with fused_kernels(False):
                 layer_torch_ms = bench_ms(lambda: mixer(x, cache=SupernetCache(1)), device)
             inputs = op_inputs(kind, B, T, H, K, device, dtype, seed=T)
             op_ms = bench_ms(lambda: call_op(fla_ops(device)[f"{kind}_chunk"], inputs, K, device), device)
@@ -488,7 +472,7 @@ def time_decode(mixers: TimingMixers, shape_name: str, spec: dict, kind: str, B:
         op_ms = bench_ms(lambda: call_op(op, inputs, K, device), device)
         layer_graph_ms = graph_ms(lambda: mixer(x, cache=cache), cache, [(0, kind)], device)
         op_graph_ms = graph_ms(lambda: call_op(op, inputs, K, device), None, [], device)
-        with fused_paths(False):
+        with fused_kernels(False):
             layer_torch_ms = bench_ms(lambda: mixer(x, cache=cache), device)
             layer_torch_graph_ms = graph_ms(lambda: mixer(x, cache=cache), cache, [(0, kind)], device)
     return {"shape": shape_name, "mixer": kind, "batch": B, "context": ctx, "layer_ms": layer_ms, "op_ms": op_ms,
@@ -579,7 +563,7 @@ def profile_mixer(mixers: TimingMixers, shape_name: str, spec: dict, kind: str, 
                 layer_fn = lambda: mixer(x, cache=SupernetCache(1))  # noqa: E731
             for target, fn in (("layer", layer_fn), ("op", lambda: call_op(op, inputs, K, device)),
                                ("layer (torch paths)", layer_fn)):
-                with fused_paths(target != "layer (torch paths)"):
+                with fused_kernels(target != "layer (torch paths)"):
                     emit({"shape": shape_name, "mixer": kind, "case": case, "target": target,
                           **kernel_breakdown(fn, device)})
         del x, inputs

@@ -53,3 +53,21 @@ def smollm2_dir() -> Path:
     from supernet.teacher import smollm2_hf_dir
 
     return smollm2_hf_dir()
+
+
+def run_interpreted(module: str, ok_line: str) -> None:
+    """Run `module._child()` in a child process under TRITON_INTERPRET=1 and require `ok_line` in its output.
+
+    Triton's interpreter executes fla's kernels with numpy on the CPU, so the fused CUDA paths can be
+    checked against the torch paths here; the variable must be set before triton is imported, hence
+    the child. Its autotuners have no benchmarker there: the child must stub `Autotuner.do_bench`.
+    """
+    import subprocess
+    import sys
+
+    pytest.importorskip("fla")
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", f"import {module} as t; t._child()"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0 and ok_line in proc.stdout, proc.stdout[-3000:] + proc.stderr[-6000:]

@@ -8,20 +8,16 @@ T <= 64; benchmarks/gpu_linear_mixers.py checks the chunk path on a GPU.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from supernet.ops import delta_rule as dr
 from supernet.ops import gated_norm as gn
 from supernet.ops import short_conv as sc
+from tests.conftest import run_interpreted
 
-REPO = Path(__file__).resolve().parents[1]
 TOL = dict(rtol=1e-4, atol=1e-5)
+
 
 
 # ---------------------------------------------------------------- dispatch and tail formats (no fla)
@@ -182,10 +178,4 @@ def _child() -> None:
 
 @pytest.mark.slow
 def test_fla_fused_paths_equal_torch_paths_interpreted():
-    pytest.importorskip("fla")
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    code = "import tests.test_fla_fused_paths as t; t._child()"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0 and "fla fused paths ok" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-6000:]
+    run_interpreted("tests.test_fla_fused_paths", "fla fused paths ok")

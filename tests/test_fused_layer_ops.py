@@ -5,11 +5,6 @@ benchmarks/gpu_decode_presets.py; here: the CPU paths, and that the CPU never ta
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,8 +13,7 @@ from supernet.mixers.rotary import apply_rotary
 from supernet.ops import fla_backend
 from supernet.ops.activations import silu_mul
 from supernet.ops.norm import RMSNorm, add_rms_norm, torch_rms_norm
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import run_interpreted
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -111,10 +105,4 @@ def _child() -> None:
 
 @pytest.mark.slow
 def test_fla_norm_and_swiglu_equal_torch_paths_interpreted():
-    pytest.importorskip("fla")
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    code = "import tests.test_fused_layer_ops as t; t._child()"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0 and "fla layer paths ok" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-6000:]
+    run_interpreted("tests.test_fused_layer_ops", "fla layer paths ok")

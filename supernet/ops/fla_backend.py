@@ -8,10 +8,11 @@ off (side-by-side benchmarks, debugging).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -21,6 +22,20 @@ ENV_SWITCH = "SUPERNET_FUSED_KERNELS"
 def fused_kernels_enabled() -> bool:
     """False when the user set SUPERNET_FUSED_KERNELS=0 (read on every call: benchmarks toggle it)."""
     return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+@contextlib.contextmanager
+def fused_kernels(on: bool) -> Iterator[None]:
+    """Run the block with the fused paths on or off (benchmarks time both side by side)."""
+    old = os.environ.get(ENV_SWITCH)
+    os.environ[ENV_SWITCH] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ENV_SWITCH, None)
+        else:
+            os.environ[ENV_SWITCH] = old
 
 
 @functools.lru_cache(maxsize=None)
