@@ -141,3 +141,13 @@ def test_static_decode_costs_run_on_the_cpu_path_of_the_graphed_timing():
     for m in MIXERS:
         assert np.all(np.isfinite(t.per_layer[m])) and np.all(t.per_layer[m] > 0)
     assert t.fixed > 0 and t.meta["cuda_graph"] is False  # no graph was captured on the CPU
+
+
+def test_load_costs_reads_the_table_inside_a_benchmark_result(tmp_path):
+    table = {"per_layer": {"fa": [1.0, 1.0], "swa": [0.25, 0.25]}, "fixed": 0.5, "unit": "ms/step"}
+    (tmp_path / "bench.json").write_text(json.dumps({"device": "GPU", "rows": [], "costs": table}))
+    loaded = load_costs(tmp_path / "bench.json")
+    assert loaded.fixed == 0.5 and loaded.speedup(["swa", "swa"]) == pytest.approx(2.5 / 1.0)
+    (tmp_path / "other.json").write_text(json.dumps({"rows": []}))
+    with pytest.raises(PlacementError, match="per_layer"):
+        load_costs(tmp_path / "other.json")
