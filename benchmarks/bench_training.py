@@ -192,6 +192,7 @@ def build_config(args: argparse.Namespace, out_dir: str, data: list[str], eval_d
                   "grad_accum": args.grad_accum, "max_steps": 10**6, "lr": args.lr, "warmup_steps": 20,
                   "compile": args.compile, "activation_checkpointing": args.activation_checkpointing},
         "eval": {"num_sequences": args.eval_sequences, "batch_size": args.eval_batch, "placements": list(SINGLE)},
+        "distributed": {"shard_teacher": not args.replicate_teacher},
         "checkpoint": {"resume": "none", "save_final": False},
         "log": {"progress": False},
     })
@@ -469,6 +470,8 @@ def main() -> None:
                     help="seconds that must be left before the time limit to start the eager run")
     ap.add_argument("--offline-topk", type=int, default=32, help="top-K of the offline-cache phase (0: skip it)")
     ap.add_argument("--offline-sequences", type=int, default=256, help="windows written to the offline cache")
+    ap.add_argument("--replicate-teacher", action="store_true",
+                    help="FSDP2: every rank holds the whole teacher (distributed.shard_teacher: false)")
     ap.add_argument("--profile-steps", type=int, default=0,
                     help="after the timed steps, profile this many more (GPU busy vs wall time, top operators)")
     ap.add_argument("--compare-to", default=None, help="a previous result JSON (e.g. the 1-GPU run) to compare with")

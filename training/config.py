@@ -127,6 +127,9 @@ class LogConfig:
 class DistributedConfig:
     strategy: str = "auto"  # auto (FSDP2 under torchrun, none otherwise) | fsdp | ddp | none
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU)
+    # FSDP2: shard the frozen teacher (true: its memory splits over the ranks) or hold a full copy on
+    # every rank (false: no all-gathers for it; for a teacher small next to a GPU's memory)
+    shard_teacher: bool = True
 
 
 @dataclass

@@ -85,7 +85,8 @@ def resolve_strategy(strategy: str, env: DistEnv) -> str:
     return strategy
 
 
-def apply_fsdp(pair: nn.Module, student_layers: nn.ModuleList, teacher: nn.Module | None, env: DistEnv) -> nn.Module:
+def apply_fsdp(pair: nn.Module, student_layers: nn.ModuleList, teacher: nn.Module | None, env: DistEnv,
+               shard_teacher: bool = True) -> nn.Module:
     """FSDP2 units, shaped by what one step of stochastic distillation touches:
 
     - every mixer of every student layer is its own unit, so a step all-gathers only the mixers
@@ -94,7 +95,8 @@ def apply_fsdp(pair: nn.Module, student_layers: nn.ModuleList, teacher: nn.Modul
     - frozen student weights (the shared embeddings, norms and MLPs under the default `trainable:
       mixers`) are left out of FSDP (`ignored_params`): they need no gradient reduction, and
       replicating them on every rank saves gathering them twice per step;
-    - each teacher layer and the teacher's remaining weights are units (the teacher is sharded);
+    - each teacher layer and the teacher's remaining weights are units (the teacher is sharded), or,
+      with `shard_teacher=False`, every rank holds the whole frozen teacher and gathers nothing for it;
     - the pair is the root (whatever student weights are still trainable and outside a layer).
 
     On a 2 x H200 machine whose GPUs talk at a few GB/s, the all-gathers of whole layers (all four
@@ -110,12 +112,12 @@ def apply_fsdp(pair: nn.Module, student_layers: nn.ModuleList, teacher: nn.Modul
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(env.device.type, (env.world_size,))
-    if teacher is not None:
+    teacher_params = set(teacher.parameters()) if teacher is not None else set()
+    if teacher is not None and shard_teacher:
         for layer in teacher.model.layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(teacher, mesh=mesh)
-    teacher_params = set(teacher.parameters()) if teacher is not None else set()
-    frozen = {p for p in pair.parameters() if not p.requires_grad and p not in teacher_params}
+    frozen = {p for p in pair.parameters() if not p.requires_grad and (p not in teacher_params or not shard_teacher)}
     for layer in student_layers:
         for mixer in getattr(layer, "mixers", {}).values():
             if any(p.requires_grad for p in mixer.parameters()):

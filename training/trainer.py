@@ -160,7 +160,10 @@ class Trainer:
             compile_layers(student, teacher)
         self.strategy = resolve_strategy(cfg.distributed.strategy, env)
         if self.strategy == "fsdp":
-            self.module = apply_fsdp(pair, student.model.layers, teacher, env)
+            self.module = apply_fsdp(pair, student.model.layers, teacher, env, cfg.distributed.shard_teacher)
+            if env.is_main:
+                print(f"FSDP2 over {env.world_size} ranks: one unit per trainable mixer, frozen student weights "
+                      f"replicated, teacher {'sharded' if cfg.distributed.shard_teacher else 'replicated'}")
         elif self.strategy == "ddp":
             self.module = apply_ddp(pair, env)
         else:

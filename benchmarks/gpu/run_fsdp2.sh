@@ -2,10 +2,11 @@
 # and on two GPUs under torchrun + FSDP2 (16 per GPU), same seed and placements -> scaling efficiency
 # and per-step loss difference (--compare-to). Eager (no --compile): the runs differ only in FSDP2.
 #   call A (carry .whl, .teacher/a, .cache/triton if you have it): source benchmarks/gpu/setup.sh
-#   call B (carry .teacher/b, .data): bash benchmarks/gpu/run_fsdp2.sh        # 1 GPU, then 2 GPUs
+#   call B (carry .teacher/b, .data): bash benchmarks/gpu/run_fsdp2.sh        # 1 GPU, then 2 GPUs twice
+#   (teacher replicated, then sharded: LIMIT1 / LIMIT2 seconds each; 2r and 2 run one of them)
 # fla autotunes its training kernels on the first step (164-178 s seen on an H200). fla 0.6.0 asks
 # Triton to cache autotuning results on disk, so the 2-GPU run after the 1-GPU run in the same call
-# (same TRITON_CACHE_DIR) skips most of it. `run_fsdp2.sh 1` / `run_fsdp2.sh 2` run one of the two
+# (same TRITON_CACHE_DIR) skips most of it. `run_fsdp2.sh 1` / `2` / `2r` run one of the three
 # (results wait in /tmp/fsdp2 between calls on a held machine).
 source benchmarks/gpu/setup.sh
 nvidia-smi -L
@@ -19,6 +20,13 @@ if [ "$MODE" = 1 ] || [ "$MODE" = both ]; then
     --work-dir /tmp/w1 --out /tmp/fsdp2/training_1gpu_accum2.json > /tmp/fsdp2/1gpu.log 2>&1
   echo "1 GPU exit $?"; grep -v "Warn\|warn\|Converting\|Loading\|Writing" /tmp/fsdp2/1gpu.log | tail -8
   echo "Triton autotune results cached: $(find $TRITON_CACHE_DIR -name '*.autotune.json' | wc -l)"
+fi
+if [ "$MODE" = 2r ] || [ "$MODE" = both ]; then  # the teacher replicated: no all-gathers for it
+  timeout -k 10 ${LIMIT2:-280} torchrun --nproc_per_node 2 benchmarks/bench_training.py $COMMON --grad-accum 1 \
+    --replicate-teacher --time-limit $(( ${LIMIT2:-280} - 30 )) \
+    --work-dir /tmp/w2r --compare-to /tmp/fsdp2/training_1gpu_accum2.json \
+    --out /tmp/fsdp2/training_fsdp2_2gpu_replicated_teacher.json > /tmp/fsdp2/2gpu_r.log 2>&1
+  echo "2 GPUs (teacher replicated) exit $?"; grep -v "Warn\|warn\|Converting\|Loading\|Writing" /tmp/fsdp2/2gpu_r.log | tail -6
 fi
 if [ "$MODE" = 2 ] || [ "$MODE" = both ]; then
   timeout -k 10 ${LIMIT2:-280} torchrun --nproc_per_node 2 benchmarks/bench_training.py $COMMON --grad-accum 1 \
