@@ -21,6 +21,17 @@ class SupernetCache:
         # Set by static decoding (supernet/static_decode.py): the [1] long device tensor holding the
         # position of the token being decoded; attention mixers then write and mask by tensor index.
         self.static_position: torch.Tensor | None = None
+        # Tensors that every layer of one forward would otherwise rebuild (RoPE's sign flip, the
+        # static decode mask); cleared when a forward or a static step begins (`shared`).
+        self.forward_memo: dict[Any, torch.Tensor] = {}
+
+    def shared(self, key: Any, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """`make()` once per forward, for all layers: a decode step of a small model is bound by
+        kernel launches, and these few kernels per layer add up over 30 layers."""
+        value = self.forward_memo.get(key)
+        if value is None:
+            value = self.forward_memo[key] = make()
+        return value
 
     def mixer_state(self, layer_idx: int, mixer: str) -> dict[str, Any]:
         """The mutable state dict of `mixer` in layer `layer_idx`, created empty on first use."""

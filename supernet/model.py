@@ -88,6 +88,8 @@ class SupernetModel(SupernetPreTrainedModel):
         if not use_cache:
             past_key_values = None
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past_key_values is not None:
+            past_key_values.forward_memo.clear()
         if position_ids is None:
             position_ids = torch.arange(past, past + t, device=hidden.device).unsqueeze(0).expand(b, -1)
         position_embeddings = self.rotary_emb(hidden, position_ids)

@@ -30,6 +30,7 @@ StateKey = tuple[int, str, str]  # (layer index, mixer name, state entry)
 def static_position(cache: SupernetCache, position: torch.Tensor) -> Iterator[None]:
     """Inside, attention mixers write and attend by the [1] long device tensor `position`."""
     cache.static_position = position
+    cache.forward_memo.clear()  # a memo made outside (or before) this step must not be replayed
     try:
         yield
     finally:

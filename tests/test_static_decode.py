@@ -134,3 +134,31 @@ def test_measure_decode_takes_real_prompts_or_refuses_missing_shapes():
     assert (row["batch"], row["context"], row["new_tokens"]) == (2, 15, 3) and row["tokens_per_s"] > 0
     with pytest.raises(ValueError, match="needs batch and context, or input_ids"):
         measure_decode(model, "all-fa", new_tokens=3)
+
+
+def test_decode_mask_and_rope_sign_are_built_once_per_step(monkeypatch):
+    """Shared per-forward tensors: one mask per buffer size and one RoPE sign flip per step, for all layers."""
+    import supernet.mixers.attention as attention
+
+    torch.manual_seed(0)
+    model = SupernetForCausalLM(tiny_config(num_hidden_layers=4)).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    cache = SupernetCache(model.config.num_hidden_layers)
+    with torch.no_grad():
+        token = model(ids, past_key_values=cache, use_cache=True, placement="fa,fa,swa,fa").logits[:, -1:].argmax(-1)
+    calls = {"bias": 0, "sign": 0}
+    real_bias, real_sign = attention.decode_mask_bias, attention.signed_sin
+
+    def count(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(attention, "decode_mask_bias", count("bias", real_bias))
+    monkeypatch.setattr(attention, "signed_sin", count("sign", real_sign))
+    decoder = StaticDecoder(model, "fa,fa,swa,fa", cache, max_new_tokens=3, cuda_graph=False)
+    decoder.generate(token, 3)
+    steps = 3
+    assert calls["sign"] == steps  # not once per attention layer (4 layers)
+    assert calls["bias"] == 2 * steps  # one per buffer size: FA's buffer and SWA's ring

@@ -15,8 +15,8 @@ from torch import nn
 
 from supernet.cache import SupernetCache
 from supernet.config import SupernetConfig
-from supernet.mixers.rotary import apply_rotary
-from supernet.ops.attention import causal_attention, masked_decode_attention
+from supernet.mixers.rotary import apply_rotary, signed_sin
+from supernet.ops.attention import causal_attention, decode_mask_bias, masked_decode_attention
 
 
 class _GrowingKV:
@@ -56,11 +56,10 @@ class _GrowingKV:
 
     @staticmethod
     def write_at(state: dict, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor):
-        """Store one token at slot `position` ([1] long tensor); keys valid up to and including it."""
+        """Store one token at slot `position` ([1] long tensor); keys are valid up to and including it."""
         state["k"].index_copy_(2, position, k)
         state["v"].index_copy_(2, position, v)
-        valid = torch.arange(state["k"].shape[2], device=k.device) <= position
-        return state["k"], state["v"], valid
+        return state["k"], state["v"]
 
 
 class _SlidingKV:
@@ -111,13 +110,12 @@ class _SlidingKV:
             state["v"][:, :, seen:].zero_()
 
     @staticmethod
-    def write_at(state: dict, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor, window: int):
-        """Store one token at slot `position % window`; slots are valid once written (key order is free)."""
-        slot = torch.remainder(position, window)
+    def write_at(state: dict, k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor):
+        """Store one token at `slot` (= position % window); slots are valid once written, i.e. slot
+        s is valid when s <= position (key order is free)."""
         state["k"].index_copy_(2, slot, k)
         state["v"].index_copy_(2, slot, v)
-        valid = torch.arange(window, device=k.device) <= position
-        return state["k"], state["v"], valid
+        return state["k"], state["v"]
 
     @staticmethod
     def ordered(state: dict, window: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,16 +158,23 @@ class AttentionMixer(nn.Module):
         v = self.v_proj(hidden_states).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if position_embeddings is None:
             raise ValueError("attention mixers need rotary position embeddings (cos, sin)")
-        q, k = apply_rotary(q, k, *position_embeddings)
+        cos, sin = position_embeddings
+        signed = cache.shared(("rope_signed_sin", id(sin)), lambda: signed_sin(sin)) if cache is not None else None
+        q, k = apply_rotary(q, k, cos, sin, signed)
         if cache is not None and cache.static_position is not None:
             if t != 1:
                 raise ValueError(f"static decoding takes one token per step, got {t}")
             state = cache.mixer_state(self.layer_idx, self.name)
+            position = cache.static_position
             if self.window is None:
-                k, v, valid = _GrowingKV.write_at(state, k, v, cache.static_position)
+                k, v = _GrowingKV.write_at(state, k, v, position)
             else:
-                k, v, valid = _SlidingKV.write_at(state, k, v, cache.static_position, self.window)
-            out = masked_decode_attention(q, k, v, valid, scale=self.scale)
+                slot = cache.shared(("ring_slot", self.window), lambda: torch.remainder(position, self.window))
+                k, v = _SlidingKV.write_at(state, k, v, slot)
+            size = k.shape[2]  # the fixed buffer (FA) or the ring (SWA): slot s is live when s <= position
+            bias = cache.shared(("decode_bias", size, q.dtype),
+                                lambda: decode_mask_bias(size, position, q.dtype))
+            out = masked_decode_attention(q, k, v, bias, scale=self.scale)
             return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
         if cache is not None:
             k, v = self._update_cache(cache.mixer_state(self.layer_idx, self.name), k, v, t)

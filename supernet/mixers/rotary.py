@@ -47,18 +47,25 @@ class RotaryEmbedding(nn.Module):
         return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
 
 
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin with its first half negated: rotate_half(x) * sin == roll(x, D/2) * signed_sin(sin)."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 signed: torch.Tensor | None = None):
     """q/k [B, H, T, D]; cos/sin [B, T, D] with equal halves (as RotaryEmbedding makes them).
 
     The usual form is x * cos + rotate_half(x) * sin with rotate_half(x) = cat(-x2, x1). Written as
-    roll(x, D/2) * cat(-sin1, sin2) (the same products, signs moved onto sin), the sign flip is done
-    once for q and k together and each of q and k costs three kernels instead of five; a decode step
-    of a small model is bound by kernel launches.
+    roll(x, D/2) * signed_sin(sin) (the same products, signs moved onto sin), each of q and k costs
+    three kernels instead of five; `signed` (= signed_sin(sin)) can be made once for all layers.
+    A decode step of a small model is bound by kernel launches.
     """
     half = q.shape[-1] // 2
-    cos, sin = cos[:, None], sin[:, None]
-    signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    signed = signed_sin(sin) if signed is None else signed
+    cos, signed = cos[:, None], signed[:, None]
     return (
-        torch.addcmul(q * cos, torch.roll(q, half, dims=-1), signed_sin),
-        torch.addcmul(k * cos, torch.roll(k, half, dims=-1), signed_sin),
+        torch.addcmul(q * cos, torch.roll(q, half, dims=-1), signed),
+        torch.addcmul(k * cos, torch.roll(k, half, dims=-1), signed),
     )

@@ -62,10 +62,21 @@ def _compile_flex():
 COMPILED_FLEX = _compile_flex()
 
 
+def decode_mask_bias(size: int, position: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [size] for one decode token: 0 for key slots <= `position`, -inf after them.
+
+    Made once per decode step and shared by every layer with a buffer of this size, so that SDPA
+    gets a ready float mask instead of converting a boolean one in each layer.
+    """
+    live = torch.arange(size, device=position.device) <= position
+    return torch.zeros(size, dtype=dtype, device=position.device).masked_fill_(~live, float("-inf"))
+
+
 def masked_decode_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, *, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, *, scale: float
 ) -> torch.Tensor:
-    """One query token per sequence over a fixed-size key buffer; `valid` [Tk] marks the live keys.
+    """One query token per sequence over a fixed-size key buffer; `bias` [Tk] is the additive mask
+    (0 for live keys, -inf for empty slots; see decode_mask_bias).
 
     The query heads of each KV group are folded into the query-length axis, so the cache is read
     once per KV head instead of being expanded to every query head.
@@ -75,8 +86,7 @@ def masked_decode_attention(
     if tq != 1:
         raise ValueError(f"masked decode attention takes one query token, got {tq}")
     folded = q.reshape(b, hkv, hq // hkv, d)
-    mask = valid.view(1, 1, 1, -1)
-    out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask, scale=scale)
+    out = F.scaled_dot_product_attention(folded, k, v, attn_mask=bias.view(1, 1, 1, -1), scale=scale)
     return out.reshape(b, hq, 1, d)
 
 
