@@ -17,6 +17,12 @@
    supernet/static_decode.py serves; the raw op captured alike): eager decode is launch-bound.
    Each layer time is also taken with the fused paths off (SUPERNET_FUSED_KERNELS=0: torch conv,
    norm and gates, the layer as it was before them), in the same run on the same device.
+   Second reference: fla's own complete layer (fla.layers.GatedDeltaNet / KimiDeltaAttention) with
+   the same shapes (`fla_layer_kwargs`) and our mixer's weights, timed alike on the same input
+   (fla_layer_ms, layer_over_fla_layer; decode eager only, through fla's Cache); built once per
+   (shape, mixer) and cross-checked against ours (fla_layer_rel_err). The raw op is a floor no layer
+   with seven projection GEMMs reaches; fla's layer does the same work as ours. A failure there is
+   recorded in the row (fla_layer_error), not as an item error. Not on the CPU (--smoke).
    - SmolLM2 layer (hidden 576, 9 heads x 64): prefill batch 1 at 2k/8k/32k tokens and batch 64 at
      2k/8k (then 64 x 32k and batch 8 if time is left); decode batch 1 and 64 at context 2k/8k/32k.
    - FACTS.md's shape (16 heads x 128, hidden 2048): prefill batch 4 at 2k, decode batch 64 at
@@ -205,6 +211,117 @@ def call_op(op: Callable, inputs: dict[str, Any], K: int, device: str) -> Any:
     else:
         kwargs["use_qk_l2norm"] = True
     return op(**inputs, **kwargs)
+
+
+# ---------------------------------------------------------------------------------- fla's own layer
+
+# The second timing reference: fla's complete layer (fla.layers, 0.6.0) with our shapes. The raw op
+# is a lower bound no layer with seven projection GEMMs can reach; fla's layer does the same work.
+FLA_LAYER_CLASSES = {"gdn": "GatedDeltaNet", "kda": "KimiDeltaAttention"}
+FLA_LAYER_OFF_CUDA = "not timed: fla's layers run only through Triton on CUDA"
+FLA_CHECK_TOKENS = 64  # the cross-check's length: fused recurrent kernel in both layers, no chunk autotuning
+
+
+def linear_dims(mixer: str, config: SupernetConfig) -> tuple[int, int, int, int]:
+    """(q/k heads, v heads, key head dim, value head dim) of our mixer `mixer` under `config`."""
+    if mixer == "gdn":
+        return config.gdn_num_heads, config.gdn_num_v_heads, config.gdn_head_dim, config.gdn_v_head_dim
+    if mixer == "kda":
+        return config.kda_num_heads, config.kda_num_heads, config.kda_head_dim, config.kda_v_head_dim
+    raise ValueError(f"no fla layer for mixer {mixer!r} (known: {', '.join(FLA_LAYER_CLASSES)})")
+
+
+def fla_layer_kwargs(shape: dict, mixer: str, config: SupernetConfig) -> dict[str, Any]:
+    """Constructor arguments of fla's own layer (fla.layers.GatedDeltaNet / KimiDeltaAttention) that
+    reproduce our mixer built from `config` on the timing shape `shape` (hidden, heads, head_dim).
+
+    mode "chunk": like our dispatch, fla's layer itself switches to the fused recurrent kernel for
+    <= 64 tokens in inference, so one layer serves the prefill rows (chunk) and decode (fused recurrent).
+    """
+    H, HV, K, V = linear_dims(mixer, config)
+    D = config.hidden_size
+    if (D, H, K) != (shape["hidden"], shape["heads"], shape["head_dim"]):
+        raise ValueError(f"config (hidden {D}, {mixer} heads {H} x {K}) does not match the shape "
+                         f"(hidden {shape['hidden']}, heads {shape['heads']} x {shape['head_dim']})")
+    kwargs: dict[str, Any] = dict(
+        hidden_size=D, head_dim=K, expand_v=V // K if V % K == 0 else V / K, num_heads=H, num_v_heads=HV,
+        mode="chunk", use_short_conv=True, conv_size=config.linear_conv_size, conv_bias=False,
+        allow_neg_eigval=False, layer_idx=0, norm_eps=config.linear_norm_eps,
+    )
+    if mixer == "gdn":
+        kwargs.update(use_gate=True, output_gate_activation="silu")  # our o_norm: silu gate
+    else:
+        kwargs.update(safe_gate=False, lower_bound=None)  # what our dispatch runs (fla's defaults)
+    return kwargs
+
+
+def fla_layer_differences(mixer: str, config: SupernetConfig) -> list[str]:
+    """What fla's layer built from `fla_layer_kwargs` does differently from our mixer (for the JSON)."""
+    H, HV, K, V = linear_dims(mixer, config)
+    out = [
+        "fla's layer runs the kernels with state_v_first=True (recurrent state [B, HV, V, K]); our dispatch "
+        "and the raw-op timing use fla's default K-first state [B, HV, K, V]: the same kernels, another "
+        "Triton specialization (compiled at the layer's first call, outside the timing)",
+        "fla's layer goes through its Python Cache (fla.models.utils.Cache) and unpad/repad helpers "
+        "(no-ops without a mask); ours through SupernetCache",
+    ]
+    if mixer == "gdn":
+        out.append("with use_cache=False fla's GDN fuses the q/k/v convs into one call; it is timed with "
+                   "use_cache=True and a fresh Cache (three convs, like ours with its fresh SupernetCache)")
+    else:
+        out.append(f"g_proj's second Linear ({V} -> {H * V}) has a bias in fla's KDA (ours has none): "
+                   "one bias add more in fla's layer (loaded as zeros)")
+        if K != V:
+            out.append(f"low-rank gate projections: fla's f_proj rank is head_v_dim ({V}), ours head_dim ({K}): "
+                       "different shapes, weights not transferable")
+    return out
+
+
+def fla_layer_state_dict(state: dict[str, torch.Tensor], mixer: str) -> dict[str, torch.Tensor]:
+    """Our mixer's state dict under fla's layer's parameter names (KDA: g_proj's bias set to zero)."""
+    if mixer == "gdn":
+        return dict(state)
+    names = {"f_a_proj.weight": "f_proj.0.weight", "f_b_proj.weight": "f_proj.1.weight",
+             "g_a_proj.weight": "g_proj.0.weight", "g_b_proj.weight": "g_proj.1.weight"}
+    out = {names.get(name, name): t for name, t in state.items()}
+    g_b = state["g_b_proj.weight"]
+    out["g_proj.1.bias"] = torch.zeros(g_b.shape[0], dtype=g_b.dtype, device=g_b.device)
+    return out
+
+
+def build_fla_layer(spec: dict, mixer: str, config: SupernetConfig, ours: torch.nn.Module | None = None,
+                    device: str = "cpu", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """fla's layer with our shapes (and, given `ours`, our mixer's weights), in eval mode."""
+    import fla.layers
+
+    layer = getattr(fla.layers, FLA_LAYER_CLASSES[mixer])(**fla_layer_kwargs(spec, mixer, config))
+    if ours is not None:
+        with torch.no_grad():
+            layer.load_state_dict(fla_layer_state_dict(ours.state_dict(), mixer), strict=True)
+    return layer.to(device=device, dtype=dtype).eval()
+
+
+def fla_cache() -> Any:
+    from fla.models.utils import Cache
+
+    return Cache()
+
+
+def fla_decode_fn(layer: torch.nn.Module, x: torch.Tensor) -> Callable[[], Any]:
+    """One decode step of fla's layer with its Cache, from a random state (as `synthetic_state`): one
+    untimed step creates the state tensors in fla's layout, which are then filled with random values."""
+    cache = fla_cache()
+    layer(x, past_key_values=cache, use_cache=True)
+    state = cache[0]
+    recurrent = state["recurrent_state"]
+    recurrent.copy_(torch.randn_like(recurrent) * 0.1)
+    for conv in state["conv_state"]:
+        conv.copy_(torch.randn_like(conv))
+    return lambda: layer(x, past_key_values=cache, use_cache=True)
+
+
+def error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:1000]
 
 
 # ---------------------------------------------------------------------------------- correctness
@@ -405,21 +522,74 @@ def synthetic_state(mixer: torch.nn.Module, kind: str, B: int, device: str, dtyp
 
 
 class TimingMixers:
-    """The timing mixer of one (shape, kind) at a time: rows are grouped by it, so it is built once."""
+    """The timing mixer of one (shape, kind) at a time: rows are grouped by it, so it is built once;
+    fla's layer of the same (shape, kind), with the mixer's weights, built at its first use and
+    freed with the mixer. `with_fla_layer` (default: on CUDA only) lets a test run fla's layer on
+    the CPU under Triton's interpreter."""
 
-    def __init__(self, device: str, dtype: torch.dtype) -> None:
+    def __init__(self, device: str, dtype: torch.dtype, with_fla_layer: bool | None = None) -> None:
         self.device, self.dtype = device, dtype
+        self.with_fla_layer = device == "cuda" if with_fla_layer is None else with_fla_layer
         self.key: tuple | None = None
         self.mixer: torch.nn.Module | None = None
+        self.fla: torch.nn.Module | None = None
+        self.fla_info: dict[str, Any] | None = None  # None: not built yet for this key
 
     def get(self, shape_name: str, spec: dict, kind: str) -> torch.nn.Module:
         if self.key != (shape_name, kind):
-            self.mixer = None
+            self.mixer, self.fla, self.fla_info = None, None, None
             free_memory(self.device)
             config = linear_config(spec["hidden"], spec["heads"], spec["head_dim"])
             self.mixer = on_device(random_mixer(kind, config, seed=0), self.device, self.dtype)
             self.key = (shape_name, kind)
         return self.mixer
+
+    def fla_layer(self, shape_name: str, spec: dict, kind: str) -> tuple[torch.nn.Module | None, dict[str, Any]]:
+        """(fla's layer or None, columns for the rows): on its build, `fla_layer_rel_err`, its output
+        against our mixer's (same weights, bf16, FLA_CHECK_TOKENS tokens with a fresh cache each), or
+        `fla_layer_error` when it cannot be built or run; off CUDA `fla_layer_skipped`."""
+        mixer = self.get(shape_name, spec, kind)
+        if self.fla_info is None:
+            if not self.with_fla_layer:
+                self.fla_info = {"fla_layer_skipped": FLA_LAYER_OFF_CUDA}
+            else:
+                try:
+                    config = linear_config(spec["hidden"], spec["heads"], spec["head_dim"])
+                    layer = build_fla_layer(spec, kind, config, mixer, self.device, self.dtype)
+                    x = torch.randn(2, FLA_CHECK_TOKENS, spec["hidden"], device=self.device, dtype=self.dtype)
+                    with torch.inference_mode():
+                        ours = mixer(x, cache=SupernetCache(1))
+                        theirs = layer(x, past_key_values=fla_cache(), use_cache=True)[0]
+                    self.fla = layer
+                    self.fla_info = {"fla_layer_rel_err": rel_err(theirs, ours)}
+                except Exception as exc:  # recorded in the rows; the item goes on without the column
+                    self.fla_info = {"fla_layer_error": f"building/running fla's layer: {error_text(exc)}"}
+                layer = x = ours = theirs = None
+                if self.fla is None:
+                    free_memory(self.device)
+        return self.fla, dict(self.fla_info)
+
+
+def fla_layer_columns(mixers: TimingMixers, shape_name: str, spec: dict, kind: str, layer_ms: float,
+                      make_fn: Callable[[torch.nn.Module], Callable[[], Any]]) -> dict[str, Any]:
+    """fla_layer_ms (fla's layer timed like ours: bench_ms, inference mode, same input and dtype) and
+    layer_over_fla_layer; on failure fla_layer_error instead (the row and the item go on)."""
+    cols: dict[str, Any] = {"fla_layer_ms": None, "layer_over_fla_layer": None}
+    layer, info = mixers.fla_layer(shape_name, spec, kind)
+    cols.update(info)
+    if layer is None:
+        return cols
+    failed = False
+    try:
+        with torch.inference_mode():
+            ms = bench_ms(make_fn(layer), mixers.device)
+        cols.update(fla_layer_ms=ms, layer_over_fla_layer=layer_ms / ms)
+    except Exception as exc:
+        failed = True
+        cols["fla_layer_error"] = error_text(exc)
+    if failed:  # out of the except block: the traceback no longer holds the call's tensors
+        free_memory(mixers.device)
+    return cols
 
 
 def time_prefill(mixers: TimingMixers, shape_name: str, spec: dict, kind: str, B: int, T: int) -> dict:
@@ -434,13 +604,17 @@ def time_prefill(mixers: TimingMixers, shape_name: str, spec: dict, kind: str, B
                 layer_torch_ms = bench_ms(lambda: mixer(x, cache=SupernetCache(1)), device)
             inputs = op_inputs(kind, B, T, H, K, device, dtype, seed=T)
             op_ms = bench_ms(lambda: call_op(fla_ops(device)[f"{kind}_chunk"], inputs, K, device), device)
+            inputs = None
+        # fla's layer on the same input, with a fresh Cache per call as ours gets a fresh SupernetCache
+        fla_cols = fla_layer_columns(mixers, shape_name, spec, kind, layer_ms,
+                                     lambda layer: lambda: layer(x, past_key_values=fla_cache(), use_cache=True))
     finally:
         del x
         inputs = None
         free_memory(device)
     return {"shape": shape_name, "mixer": kind, "batch": B, "tokens": T, "layer_ms": layer_ms, "op_ms": op_ms,
             "layer_over_op": layer_ms / op_ms, "layer_torch_ms": layer_torch_ms,
-            "layer_tokens_per_s": B * T / layer_ms * 1e3}
+            "layer_tokens_per_s": B * T / layer_ms * 1e3, **fla_cols}
 
 
 def graph_ms(fn: Callable[[], Any], cache: SupernetCache | None, mixers: list[tuple[int, str]],
@@ -475,10 +649,13 @@ def time_decode(mixers: TimingMixers, shape_name: str, spec: dict, kind: str, B:
         with fused_kernels(False):
             layer_torch_ms = bench_ms(lambda: mixer(x, cache=cache), device)
             layer_torch_graph_ms = graph_ms(lambda: mixer(x, cache=cache), cache, [(0, kind)], device)
+    # fla's layer, eager only (graph replay needs state tensors that stay in place; through fla's
+    # Cache, GDN's fused recurrent kernel returns a new state tensor every step), against our eager layer_ms
+    fla_cols = fla_layer_columns(mixers, shape_name, spec, kind, layer_ms, lambda layer: fla_decode_fn(layer, x))
     return {"shape": shape_name, "mixer": kind, "batch": B, "context": ctx, "layer_ms": layer_ms, "op_ms": op_ms,
             "layer_graph_ms": layer_graph_ms, "op_graph_ms": op_graph_ms,
             "graph_layer_over_op": None if op_graph_ms is None else layer_graph_ms / op_graph_ms,
-            "layer_torch_ms": layer_torch_ms, "layer_torch_graph_ms": layer_torch_graph_ms}
+            "layer_torch_ms": layer_torch_ms, "layer_torch_graph_ms": layer_torch_graph_ms, **fla_cols}
 
 
 # ---------------------------------------------------------------------------------- kernel breakdown
@@ -705,6 +882,14 @@ def main() -> int:
                  "untimed call (compilation, autotuning); *_graph_ms: the same of one CUDA graph replay"
                  if device == "cuda" else "perf_counter median of 3",
         "shapes": shapes, "profile_cases": plan["profile"],
+        "fla_layer": {
+            name: {kind: {"class": f"fla.layers.{FLA_LAYER_CLASSES[kind]}",
+                          "kwargs": fla_layer_kwargs(spec, kind, cfg),
+                          "differences": fla_layer_differences(kind, cfg)}
+                   for kind in MIXERS}
+            for name, spec in shapes.items()
+            for cfg in [linear_config(spec["hidden"], spec["heads"], spec["head_dim"])]
+        },
         "order": "(a) checks: fused pieces, inference incl. graphed decode; (b) main shape: prefill batch 1, "
                  "kernel breakdown, decode (eager + graph), prefill batch 64 at 2k/8k; other shapes' decode, then "
                  "prefill rows; "
@@ -730,6 +915,13 @@ def main() -> int:
                 "profile: torch.profiler, per call: kernels_per_call, kernel_ms_per_call (sum of GPU kernel times), "
                 "wall_ms_per_call (includes profiler overhead), top kernels, by_category_ms (from kernel names)",
                 "items[].seconds: wall time of each item, compilation and autotuning included",
+                "fla_layer_ms: fla's own layer (header fla_layer: class, kwargs, differences) with our mixer's "
+                "weights, same input, dtype, inference mode and bench as layer_ms; prefill with a fresh fla Cache "
+                "per call (use_cache=True), decode eager from a random state in fla's Cache (no CUDA graph); "
+                "layer_over_fla_layer = layer_ms / fla_layer_ms (eager both); fla_layer_rel_err: fla's layer vs "
+                f"ours on {FLA_CHECK_TOKENS} tokens, batch 2, same weights (bf16 both; recorded, not a check); "
+                "fla_layer_error: why a row has no fla_layer_ms"
+                + ("" if device == "cuda" else f"; this run: {FLA_LAYER_OFF_CUDA}"),
             ],
         })
 
@@ -749,9 +941,15 @@ def main() -> int:
                 where = f"tokens={row['tokens']}" if "tokens" in row else f"context={row['context']}"
                 graph = (f"; graph: layer {row['layer_graph_ms']:.4g} ms, op {row['op_graph_ms']:.4g} ms"
                          if row.get("layer_graph_ms") is not None else "")
+                if row.get("fla_layer_ms") is not None:
+                    fla = f"; fla layer {row['fla_layer_ms']:.4g} ms (ours x{row['layer_over_fla_layer']:.3g})"
+                elif row.get("fla_layer_error"):
+                    fla = f"; fla layer failed: {row['fla_layer_error'][:200]}"
+                else:
+                    fla = ""
                 print(f"[{time.perf_counter() - started:6.1f}s] {item.section} {row['shape']} {row['mixer']} "
-                      f"batch={row['batch']} {where}: layer {row['layer_ms']:.4g} ms, op {row['op_ms']:.4g} ms{graph}",
-                      flush=True)
+                      f"batch={row['batch']} {where}: layer {row['layer_ms']:.4g} ms, op {row['op_ms']:.4g} ms"
+                      f"{graph}{fla}", flush=True)
             save(False)
         return emit
 
@@ -786,18 +984,22 @@ def main() -> int:
     tables = (
         ("correctness", ["mixer", "check", "rel_err", "tol", "ok"],
          "correctness: device path (bf16) vs CPU torch path (fp32)"),
-        ("prefill", ["shape", "mixer", "batch", "tokens", "layer_ms", "op_ms", "layer_over_op", "layer_torch_ms",
-                     "layer_tokens_per_s"],
+        ("prefill", ["shape", "mixer", "batch", "tokens", "layer_ms", "op_ms", "layer_over_op", "fla_layer_ms",
+                     "layer_over_fla_layer", "fla_layer_rel_err", "layer_torch_ms", "layer_tokens_per_s"],
          "prefill per layer (ms, median)"),
         ("decode", ["shape", "mixer", "batch", "context", "layer_ms", "op_ms", "layer_graph_ms", "op_graph_ms",
-                    "graph_layer_over_op", "layer_torch_ms", "layer_torch_graph_ms"],
-         "decode step per layer (ms, median; *_graph_ms: CUDA graph replay)"),
+                    "graph_layer_over_op", "fla_layer_ms", "layer_over_fla_layer", "layer_torch_ms",
+                    "layer_torch_graph_ms"],
+         "decode step per layer (ms, median; *_graph_ms: CUDA graph replay; fla_layer_ms: fla's layer, eager)"),
         ("profile", ["shape", "mixer", "case", "target", "kernels_per_call", "kernel_ms_per_call", "wall_ms_per_call"],
          "kernel breakdown per call (top kernels in the JSON)"),
     )
     for section, columns, title in tables:
         if results[section]:  # print_table needs at least one row
             print_table(results[section], columns, title)
+    timed = results["prefill"] + results["decode"]
+    for note in sorted({r.get("fla_layer_error") or r.get("fla_layer_skipped") for r in timed} - {None}):
+        print(f"fla layer: {note[:300]}")
     ok = bool(results["correctness"]) and all(r["ok"] for r in results["correctness"]) and not errors
     elapsed = time.perf_counter() - started
     print(f"\nwrote {out_path}")
