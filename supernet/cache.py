@@ -23,15 +23,20 @@ class SupernetCache:
         self.static_position: torch.Tensor | None = None
         # Tensors that every layer of one forward would otherwise rebuild (RoPE's sign flip, the
         # static decode mask); cleared when a forward or a static step begins (`shared`).
-        self.forward_memo: dict[Any, torch.Tensor] = {}
+        self.forward_memo: dict[Any, tuple[torch.Tensor | None, torch.Tensor]] = {}
 
-    def shared(self, key: Any, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def shared(self, key: Any, make: Callable[[], torch.Tensor], source: torch.Tensor | None = None) -> torch.Tensor:
         """`make()` once per forward, for all layers: a decode step of a small model is bound by
-        kernel launches, and these few kernels per layer add up over 30 layers."""
-        value = self.forward_memo.get(key)
-        if value is None:
-            value = self.forward_memo[key] = make()
-        return value
+        kernel launches, and these few kernels per layer add up over 30 layers.
+
+        `source`: the tensor the value is made from; the memo keeps it and reuses the value only for
+        that very tensor, so callers that run mixers without a model forward (which clears the memo),
+        such as serving's drafter, never get a value made from another step's tensor.
+        """
+        entry = self.forward_memo.get(key)
+        if entry is None or entry[0] is not source:
+            entry = self.forward_memo[key] = (source, make())
+        return entry[1]
 
     def mixer_state(self, layer_idx: int, mixer: str) -> dict[str, Any]:
         """The mutable state dict of `mixer` in layer `layer_idx`, created empty on first use."""

@@ -162,3 +162,14 @@ def test_decode_mask_and_rope_sign_are_built_once_per_step(monkeypatch):
     steps = 3
     assert calls["sign"] == steps  # not once per attention layer (4 layers)
     assert calls["bias"] == 2 * steps  # one per buffer size: FA's buffer and SWA's ring
+
+
+def test_shared_values_follow_their_source_tensor():
+    """A mixer run without a model forward (serving's drafter) must not reuse a value made from
+    another call's tensor, even if that tensor was freed and its id reused."""
+    cache = SupernetCache(1)
+    a = torch.ones(3)
+    first = cache.shared("k", lambda: a * 2, source=a)
+    assert cache.shared("k", lambda: a * 3, source=a) is first  # same source: reused
+    b = torch.ones(5)
+    assert cache.shared("k", lambda: b * 2, source=b).shape == (5,)  # new source: remade

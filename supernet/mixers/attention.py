@@ -159,7 +159,7 @@ class AttentionMixer(nn.Module):
         if position_embeddings is None:
             raise ValueError("attention mixers need rotary position embeddings (cos, sin)")
         cos, sin = position_embeddings
-        signed = cache.shared(("rope_signed_sin", id(sin)), lambda: signed_sin(sin)) if cache is not None else None
+        signed = cache.shared("rope_signed_sin", lambda: signed_sin(sin), source=sin) if cache is not None else None
         q, k = apply_rotary(q, k, cos, sin, signed)
         if cache is not None and cache.static_position is not None:
             if t != 1:
@@ -169,11 +169,12 @@ class AttentionMixer(nn.Module):
             if self.window is None:
                 k, v = _GrowingKV.write_at(state, k, v, position)
             else:
-                slot = cache.shared(("ring_slot", self.window), lambda: torch.remainder(position, self.window))
+                slot = cache.shared(("ring_slot", self.window), lambda: torch.remainder(position, self.window),
+                                    source=position)
                 k, v = _SlidingKV.write_at(state, k, v, slot)
             size = k.shape[2]  # the fixed buffer (FA) or the ring (SWA): slot s is live when s <= position
             bias = cache.shared(("decode_bias", size, q.dtype),
-                                lambda: decode_mask_bias(size, position, q.dtype))
+                                lambda: decode_mask_bias(size, position, q.dtype), source=position)
             out = masked_decode_attention(q, k, v, bias, scale=self.scale)
             return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
         if cache is not None:
