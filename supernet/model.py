@@ -108,6 +108,7 @@ class SupernetModel(SupernetPreTrainedModel):
         if all_hidden is not None:
             all_hidden.append(hidden)
         if past_key_values is not None:
+            past_key_values.forward_memo.clear()  # nothing of this forward held past it (a prefill's RoPE tables)
             past_key_values.advance(t)
         return BaseModelOutputWithPast(
             last_hidden_state=hidden,
