@@ -163,9 +163,7 @@ def run_vllm(args, ckpt: Path, prompts: list[list[int]]) -> dict:
                 single[preset] = decode_rate(server.url, prompts[args.batch : args.batch + 1], args.decode_tokens)
         rows.append(row)
         print(f"[vllm] {preset}: {row['decode_tokens_per_s']:.2f} tok/s", flush=True)
-    base = next((r["decode_tokens_per_s"] for r in rows if r["preset"] == "all-fa"), None)
-    for r in rows:
-        r["vs_all_fa"] = r["decode_tokens_per_s"] / base if base else None
+    add_ratio_to_all_fa(rows)
 
     spec = {}
     if args.spec_draft:
@@ -197,6 +195,13 @@ def run_vllm(args, ckpt: Path, prompts: list[list[int]]) -> dict:
     return {"presets": rows, "speculative": spec, "switchable": switch}
 
 
+def add_ratio_to_all_fa(rows: list[dict]) -> None:
+    """Set each row's `vs_all_fa`: its decode rate over the all-fa row's (None without an all-fa row)."""
+    base = next((r["decode_tokens_per_s"] for r in rows if r["preset"] == "all-fa"), None)
+    for r in rows:
+        r["vs_all_fa"] = r["decode_tokens_per_s"] / base if base else None
+
+
 # -- reference engine -------------------------------------------------------------------------------
 def reference_decode_rate(model, prompts: torch.Tensor, placement, steps: int) -> float:
     """Greedy decode tokens/s after prefilling `prompts`; on CUDA the steps replay a CUDA graph."""
@@ -220,9 +225,7 @@ def run_reference(args, ckpt: Path, prompts: list[list[int]]) -> dict:
         rate = reference_decode_rate(model, batch, model.config.resolve(preset), args.decode_tokens)
         rows.append({"preset": preset, "decode_tokens_per_s": rate})
         print(f"[reference] {preset}: {rate:.2f} tok/s", flush=True)
-    base = next((r["decode_tokens_per_s"] for r in rows if r["preset"] == "all-fa"), None)
-    for r in rows:
-        r["vs_all_fa"] = r["decode_tokens_per_s"] / base if base else None
+    add_ratio_to_all_fa(rows)
     spec = {}
     if args.spec_draft:
         prompt = torch.tensor([prompts[args.batch]], device=device)

@@ -32,6 +32,12 @@ from cli.report import plot, table_markdown  # noqa: E402
 RESULTS = REPO / "benchmarks" / "results"
 
 
+def _counts(summary: str) -> dict[str, int]:
+    """'fa:7 swa:23' -> {'fa': 7, 'swa': 23, 'gdn': 0, 'kda': 0}."""
+    parts = dict(part.split(":") for part in summary.split())
+    return {m: int(parts.get(m, 0)) for m in ("fa", "swa", "gdn", "kda")}
+
+
 def join(measurements: dict, speeds: dict) -> dict:
     """`measurements` with each preset's decode_speedup / ms_per_step taken from `speeds` (same placement)."""
     timed = {row["preset"]: row for row in speeds["rows"]}
@@ -42,8 +48,7 @@ def join(measurements: dict, speeds: dict) -> dict:
             raise SystemExit(f"preset {preset['preset']!r} has no row in the speed file; re-run gpu_decode_presets.py "
                              "with the e2e presets.json")
         counts = {m: preset["placement"].count(m) for m in ("fa", "swa", "gdn", "kda")}
-        timed_counts = dict(part.split(":") for part in row["placement"].split())
-        if {m: int(timed_counts.get(m, 0)) for m in counts} != counts:
+        if _counts(row["placement"]) != counts:
             raise SystemExit(f"preset {preset['preset']!r}: the speed file timed {row['placement']}, not {counts}")
         preset["eager_decode_speedup"] = preset.pop("decode_speedup")
         preset["decode_speedup"] = row["speedup_vs_all_fa"]
@@ -54,12 +59,6 @@ def join(measurements: dict, speeds: dict) -> dict:
                            "method": "static decoding replayed as a CUDA graph, random weights, bf16"}
     out.pop("speculative", None)  # measured eagerly in the e2e run; not re-measured here
     return out
-
-
-def _counts(summary: str) -> dict[str, int]:
-    """'fa:7 swa:23' -> {'fa': 7, 'swa': 23, 'gdn': 0, 'kda': 0}."""
-    parts = dict(part.split(":") for part in summary.split())
-    return {m: int(parts.get(m, 0)) for m in ("fa", "swa", "gdn", "kda")}
 
 
 def add_evaluated_uniform(joined: dict, speeds: dict, evaluations: list[dict]) -> dict:

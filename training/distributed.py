@@ -119,13 +119,15 @@ def apply_fsdp(pair: nn.Module, student_layers: nn.ModuleList, teacher: nn.Modul
         fully_shard(teacher, mesh=mesh)
     frozen = {p for p in pair.parameters() if not p.requires_grad and (p not in teacher_params or not shard_teacher)}
     for layer in student_layers:
+        in_mixer_units: set[nn.Parameter] = set()
         for mixer in getattr(layer, "mixers", {}).values():
             if any(p.requires_grad for p in mixer.parameters()):
                 fully_shard(mixer, mesh=mesh, reshard_after_forward=False,
                             ignored_params=frozen & set(mixer.parameters()))
-        layer_frozen = frozen & set(layer.parameters())
-        if len(layer_frozen) < len(list(layer.parameters())):  # something of the layer still unsharded
-            fully_shard(layer, mesh=mesh, ignored_params=layer_frozen)
+                in_mixer_units |= set(mixer.parameters())
+        own = {p for p in layer.parameters() if p not in in_mixer_units}
+        if any(p.requires_grad for p in own):  # shared weights train too (`train.trainable: all`)
+            fully_shard(layer, mesh=mesh, ignored_params=frozen & own)
     fully_shard(pair, mesh=mesh, ignored_params=frozen)
     return pair
 
