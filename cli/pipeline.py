@@ -45,6 +45,8 @@ class PipelineSettings:
     throughput_batch: int = 64
     throughput_context: int = 8192
     throughput_tokens: int = 64
+    throughput_rounds: int = 3  # timed passes over all presets in turn; the median of all windows counts
+    throughput_windows: int = 2  # timed windows of throughput_tokens steps after each prefill
     needle_contexts: list[int] = field(default_factory=lambda: [2048, 4096, 8192])
     spec_k: int = 4
     spec_tokens: int = 128
@@ -200,7 +202,7 @@ def step_measure(s: PipelineSettings) -> None:
     info = json.loads((s.workdir / "presets.json").read_text())
     predicted = {p["name"]: p for p in info["presets"]}
     speeds = compare_decode(model, presets, batch=s.throughput_batch, context=s.throughput_context,
-                            new_tokens=s.throughput_tokens)
+                            new_tokens=s.throughput_tokens, rounds=s.throughput_rounds, windows=s.throughput_windows)
     rows = []
     for name, placement in presets.items():
         console.print(f"[bold]measuring {name}[/] ({placement.summary()})")
@@ -212,12 +214,16 @@ def step_measure(s: PipelineSettings) -> None:
                      "predicted_quality": predicted.get(name, {}).get("predicted_quality"),
                      "quality": quality["quality"], "kl": quality["kl"], "top1_agreement": quality["top1_agreement"],
                      "tokens_per_s": speed["tokens_per_s"], "ms_per_step": speed["ms_per_step"],
+                     "ms_per_step_min": speed["ms_per_step_min"], "ms_per_step_max": speed["ms_per_step_max"],
+                     "ms_per_step_windows": speed["ms_per_step_windows"],
                      "needle": needle})
         if device == "cuda":
             torch.cuda.empty_cache()
     base = rows[0]
     for r in rows:
         r["decode_speedup"] = r["tokens_per_s"] / base["tokens_per_s"]
+        # the spread: this preset's slowest and fastest window against all-fa's median
+        r["decode_speedup_range"] = [base["ms_per_step"] / r["ms_per_step_max"], base["ms_per_step"] / r["ms_per_step_min"]]
         r["quality_retention"] = r["quality"] / base["quality"] if base["quality"] else None
     spec = measure_speculative(model, tokenizer, haystack, rows, s)
     payload = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()},

@@ -8,6 +8,7 @@ overhead, and every placement would look equally fast.
 """
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -36,13 +37,18 @@ def measure_decode(
     seed: int = 0,
     cuda_graph: bool | None = None,
     input_ids: torch.Tensor | None = None,
+    windows: int = 1,
 ) -> dict:
     """Tokens/s of greedy decoding after a `context`-token prefill, batch `batch`.
 
     The prefill is random tokens, or `input_ids` [batch, context] when given (real prompts).
     `cuda_graph` (default: on CUDA) times static decoding replayed as a CUDA graph; False times
-    ordinary eager decoding with the growing cache.
+    ordinary eager decoding with the growing cache. `windows` > 1 times that many consecutive runs of
+    `new_tokens` steps after the one prefill and reports their median, so one disturbed window does
+    not decide the number (`ms_per_step_windows` keeps them all).
     """
+    if windows < 1 or new_tokens < 1:
+        raise ValueError(f"measure_decode needs windows >= 1 and new_tokens >= 1, got {windows} and {new_tokens}")
     device = next(model.parameters()).device
     cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
     if input_ids is not None:
@@ -62,7 +68,8 @@ def measure_decode(
     prefill_s = time.perf_counter() - t0
     token = out.logits[:, -1:].argmax(-1)
     if cuda_graph:
-        decoder = StaticDecoder(model, placement, cache, max_new_tokens=warmup + 1 + new_tokens, cuda_graph=True)
+        decoder = StaticDecoder(model, placement, cache, max_new_tokens=warmup + 1 + windows * new_tokens,
+                                cuda_graph=True)
         decoder.start(token)
         step = decoder.step
         warmup += 1  # the first graphed step after the eager warm-ups captures the graph
@@ -74,19 +81,23 @@ def measure_decode(
     for _ in range(warmup):
         step()
     _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(new_tokens):
-        step()
-    _sync(device)
-    elapsed = time.perf_counter() - t0
+    window_ms = []
+    for _ in range(windows):
+        t0 = time.perf_counter()
+        for _ in range(new_tokens):
+            step()
+        _sync(device)
+        window_ms.append(1e3 * (time.perf_counter() - t0) / new_tokens)
+    ms = statistics.median(window_ms)
     return {
         "cuda_graph": cuda_graph,
         "batch": batch,
         "context": context,
         "new_tokens": new_tokens,
         "prefill_s": prefill_s,
-        "ms_per_step": 1e3 * elapsed / new_tokens,
-        "tokens_per_s": batch * new_tokens / elapsed,
+        "ms_per_step": ms,
+        "ms_per_step_windows": window_ms,
+        "tokens_per_s": batch * 1e3 / ms,
     }
 
 
@@ -98,18 +109,35 @@ def compare_decode(
     context: int,
     new_tokens: int,
     cuda_graph: bool | None = None,
+    rounds: int = 1,
+    windows: int = 1,
 ) -> dict[str, dict]:
-    """Decode speed of several placements side by side: a warm-up pass over all, then a timed pass.
+    """Decode speed of several placements side by side: a warm-up pass over all, then timed passes.
 
     The first pass pays for allocator growth and kernel compilation, which once made the first
-    placement measured look three times slower than the same placement measured later.
+    placement measured look three times slower than the same placement measured later. `rounds`
+    timed passes go over all placements in turn (a slow drift of the machine then touches every
+    placement alike), each timing `windows` windows after its prefill; a placement's `ms_per_step` is
+    the median of all its windows, and `ms_per_step_min` / `_max` show the spread.
     """
-    results: dict[str, dict] = {}
+    if rounds < 1:
+        raise ValueError(f"compare_decode needs rounds >= 1, got {rounds}")
     device = next(model.parameters()).device
-    for timed in (False, True):
+    runs: dict[str, list[dict]] = {name: [] for name in placements}
+    for timed in [False] + [True] * rounds:
         for name, placement in placements.items():
-            results[name] = measure_decode(model, placement, batch=batch, context=context,
-                                           new_tokens=new_tokens if timed else 2, cuda_graph=cuda_graph)
+            row = measure_decode(model, placement, batch=batch, context=context,
+                                 new_tokens=new_tokens if timed else 2, cuda_graph=cuda_graph,
+                                 windows=windows if timed else 1)
+            if timed:
+                runs[name].append(row)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    results: dict[str, dict] = {}
+    for name, rows in runs.items():
+        window_ms = [ms for row in rows for ms in row["ms_per_step_windows"]]
+        ms = statistics.median(window_ms)
+        results[name] = {**rows[-1], "rounds": rounds, "ms_per_step": ms, "ms_per_step_windows": window_ms,
+                         "ms_per_step_min": min(window_ms), "ms_per_step_max": max(window_ms),
+                         "tokens_per_s": batch * 1e3 / ms}
     return results

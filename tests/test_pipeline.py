@@ -40,6 +40,10 @@ def test_pipeline_runs_every_step_and_resumes(tmp_path):
     assert set(names) <= set(config["presets"])
     table = (run / "results.md").read_text()
     assert all(f"| {n} |" in table for n in names)
+    for row in measured["presets"][1:]:  # each preset: measured speedup with its window range, predicted beside it
+        low, high = row["decode_speedup_range"]
+        assert low <= row["decode_speedup"] <= high
+        assert f"{row['decode_speedup']:.2f}x ({low:.2f}-{high:.2f}) | {row['predicted_speedup']:.2f}x |" in table
     # a second run finds every step's files and does nothing
     before = (run / "measurements.json").stat().st_mtime
     run_pipeline(settings)

@@ -136,6 +136,36 @@ def test_measure_decode_takes_real_prompts_or_refuses_missing_shapes():
         measure_decode(model, "all-fa", new_tokens=3)
 
 
+def test_compare_decode_takes_the_median_of_interleaved_rounds(monkeypatch):
+    """Every placement is timed in each round, in turn; its figure is the median of all its windows."""
+    import supernet.throughput as throughput
+
+    torch.manual_seed(0)
+    model = SupernetForCausalLM(tiny_config()).eval()
+    row = throughput.measure_decode(model, "all-fa", batch=1, context=6, new_tokens=2, windows=3, cuda_graph=False)
+    assert len(row["ms_per_step_windows"]) == 3 and row["ms_per_step"] == sorted(row["ms_per_step_windows"])[1]
+    with pytest.raises(ValueError, match="windows >= 1"):
+        throughput.measure_decode(model, "all-fa", batch=1, context=6, new_tokens=2, windows=0)
+
+    order, fake = [], iter([9.0, 1.0, 5.0, 2.0, 4.0, 6.0, 3.0, 8.0, 7.0, 2.5, 3.5, 4.5])
+
+    def fake_measure(model, placement, *, new_tokens, windows, **kw):
+        order.append((placement, new_tokens, windows))
+        times = [next(fake) for _ in range(windows)] if new_tokens == 5 else [0.1]
+        return {"ms_per_step_windows": times, "ms_per_step": times[0], "batch": 2}
+
+    monkeypatch.setattr(throughput, "measure_decode", fake_measure)
+    got = throughput.compare_decode(model, {"a": "all-fa", "b": "all-gdn"}, batch=2, context=6, new_tokens=5,
+                                    rounds=3, windows=2)
+    # one short warm-up pass, then three timed rounds alternating between the placements
+    assert order == [("all-fa", 2, 1), ("all-gdn", 2, 1)] + [("all-fa", 5, 2), ("all-gdn", 5, 2)] * 3
+    assert got["a"]["ms_per_step_windows"] == [9.0, 1.0, 4.0, 6.0, 7.0, 2.5]
+    assert got["a"]["ms_per_step"] == pytest.approx(5.0) and got["a"]["tokens_per_s"] == pytest.approx(2 * 1e3 / 5.0)
+    assert (got["b"]["ms_per_step_min"], got["b"]["ms_per_step_max"]) == (2.0, 8.0)
+    with pytest.raises(ValueError, match="rounds >= 1"):
+        throughput.compare_decode(model, {"a": "all-fa"}, batch=1, context=6, new_tokens=2, rounds=0)
+
+
 def test_decode_mask_and_rope_sign_are_built_once_per_step(monkeypatch):
     """Shared per-forward tensors: one mask per buffer size and one RoPE sign flip per step, for all layers."""
     import supernet.mixers.attention as attention

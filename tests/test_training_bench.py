@@ -46,3 +46,23 @@ def test_bench_training_time_limit_leaves_a_partial_result(tmp_path):
     assert res["partial"] is True and res["baseline"]["tokens_per_s"] > 0
     ours = res["ours"]
     assert ours["status"].startswith("stopped: time limit") and ours["timed_steps"] == 1 and ours["tokens_per_s"] > 0
+
+
+def test_plot_loss_curves_draws_runs_against_the_reference_and_refuses_other_placements(tmp_path):
+    from benchmarks.plot_loss_curves import main as plot_main
+
+    def write(name, losses, placements):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"ours": {"losses": losses, "placements": placements, "world_size": 1}}))
+        return path
+
+    ref = write("ref", [3.0, 2.5, 2.0], ["fa", "gdn", "kda"])
+    run = write("run", [3.0, 2.4, 2.1], ["fa", "gdn", "kda"])
+    out = tmp_path / "curves.png"
+    plot_main([str(ref), str(run), "--out", str(out)])
+    assert out.stat().st_size > 1000
+    other = write("other", [3.0, 2.4, 2.1], ["fa", "swa", "kda"])
+    with pytest.raises(SystemExit, match="other placements"):
+        plot_main([str(ref), str(other), "--out", str(out)])
+    with pytest.raises(SystemExit, match="holds no losses"):
+        plot_main([str(ref), str(write("empty", [], [])), "--out", str(out)])

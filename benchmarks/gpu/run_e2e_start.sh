@@ -1,8 +1,12 @@
-# GPU e2e, call 2 (after a call that carried .teacher/a): join the teacher, start the pipeline as a
-# daemon (it outlives this call while the machine is held), then watch it for a while.
+# GPU e2e, call 2 (after a call that carried .teacher/a; this one carries .teacher/b and .data): join
+# the teacher, copy the data to /tmp/data (later calls carry nothing, and the working tree's ignored
+# folders are not there then), start the pipeline as a daemon (it outlives this call while the
+# machine is held), then watch it for a while. Its pid is in /tmp/e2e/pid for run_e2e_watch.sh.
 source benchmarks/gpu/setup.sh
-mkdir -p /tmp/e2e
-setsid nohup python3 benchmarks/e2e.py --teacher smollm2 --data-dir .data --workdir /tmp/e2e \
+mkdir -p /tmp/e2e /tmp/data
+cp .data/*.jsonl /tmp/data/
+setsid nohup python3 benchmarks/e2e.py --teacher smollm2 --data-dir /tmp/data --workdir /tmp/e2e \
   --distill-steps ${DISTILL_STEPS:-800} > /tmp/e2e/console.log 2>&1 < /dev/null &
+echo $! > /tmp/e2e/pid
 sleep ${WATCH:-420}
 tr '\r' '\n' < /tmp/e2e/console.log | grep -v "it/s\]$" | tail -25

@@ -6,34 +6,38 @@
 #   (teacher replicated, then sharded: LIMIT1 / LIMIT2 seconds each; 2r and 2 run one of them)
 # fla autotunes its training kernels on the first step (164-178 s seen on an H200). fla 0.6.0 asks
 # Triton to cache autotuning results on disk, so the 2-GPU run after the 1-GPU run in the same call
-# (same TRITON_CACHE_DIR) skips most of it. `run_fsdp2.sh 1` / `2` / `2r` run one of the three
-# (results wait in /tmp/fsdp2 between calls on a held machine).
+# (same TRITON_CACHE_DIR) skips most of it. Results wait in /tmp/fsdp2 between calls on a held
+# machine, so `run_fsdp2.sh 1,2` then `run_fsdp2.sh 2r` splits the work over two calls.
 source benchmarks/gpu/setup.sh
 nvidia-smi -L
 mkdir -p /tmp/fsdp2
 COMMON="--teacher /tmp/SmolLM2-135M-Instruct.Q4_1.gguf --data .data/pydocs-train.jsonl --eval-data .data/pydocs-eval.jsonl
   --seq-len 2048 --batch 16 --no-baseline --budget-tokens 0 --offline-topk 0 --warmup 10 --steps 30 --profile-steps ${PROFILE:-2}"
 MODE=${1:-both}
-if [ "$MODE" = 1 ] || [ "$MODE" = both ]; then
+[ "$MODE" = both ] && MODE=1,2,2r
+wants() { [[ ",$MODE," == *",$1,"* ]]; }
+if wants 1; then
   CUDA_VISIBLE_DEVICES=0 timeout -k 10 ${LIMIT1:-280} python3 benchmarks/bench_training.py $COMMON --grad-accum 2 \
     --time-limit $(( ${LIMIT1:-280} - 30 )) \
     --work-dir /tmp/w1 --out /tmp/fsdp2/training_1gpu_accum2.json > /tmp/fsdp2/1gpu.log 2>&1
   echo "1 GPU exit $?"; grep -v "Warn\|warn\|Converting\|Loading\|Writing" /tmp/fsdp2/1gpu.log | tail -8
   echo "Triton autotune results cached: $(find $TRITON_CACHE_DIR -name '*.autotune.json' | wc -l)"
 fi
-if [ "$MODE" = 2r ] || [ "$MODE" = both ]; then  # the teacher replicated: no all-gathers for it
-  timeout -k 10 ${LIMIT2:-280} torchrun --nproc_per_node 2 benchmarks/bench_training.py $COMMON --grad-accum 1 \
-    --replicate-teacher --time-limit $(( ${LIMIT2:-280} - 30 )) \
-    --work-dir /tmp/w2r --compare-to /tmp/fsdp2/training_1gpu_accum2.json \
-    --out /tmp/fsdp2/training_fsdp2_2gpu_replicated_teacher.json > /tmp/fsdp2/2gpu_r.log 2>&1
-  echo "2 GPUs (teacher replicated) exit $?"; grep -v "Warn\|warn\|Converting\|Loading\|Writing" /tmp/fsdp2/2gpu_r.log | tail -6
-fi
-if [ "$MODE" = 2 ] || [ "$MODE" = both ]; then
+if wants 2; then
   timeout -k 10 ${LIMIT2:-280} torchrun --nproc_per_node 2 benchmarks/bench_training.py $COMMON --grad-accum 1 \
     --time-limit $(( ${LIMIT2:-280} - 30 )) \
     --work-dir /tmp/w2 --compare-to /tmp/fsdp2/training_1gpu_accum2.json \
     --out /tmp/fsdp2/training_fsdp2_2gpu.json > /tmp/fsdp2/2gpu.log 2>&1
   echo "2 GPUs exit $?"; grep -v "Warn\|warn\|Converting\|Loading\|Writing" /tmp/fsdp2/2gpu.log | tail -12
 fi
-cp /tmp/fsdp2/*.json /tmp/fsdp2/*.log $OUT/ 2>/dev/null || true
+if wants 2r; then  # the teacher replicated: no all-gathers for it
+  timeout -k 10 ${LIMIT2:-280} torchrun --nproc_per_node 2 benchmarks/bench_training.py $COMMON --grad-accum 1 \
+    --replicate-teacher --time-limit $(( ${LIMIT2:-280} - 30 )) \
+    --work-dir /tmp/w2r --compare-to /tmp/fsdp2/training_1gpu_accum2.json \
+    --out /tmp/fsdp2/training_fsdp2_2gpu_replicated_teacher.json > /tmp/fsdp2/2gpu_r.log 2>&1
+  echo "2 GPUs (teacher replicated) exit $?"; grep -v "Warn\|warn\|Converting\|Loading\|Writing" /tmp/fsdp2/2gpu_r.log | tail -6
+fi
+ls /tmp/fsdp2/training_fsdp2_2gpu*.json >/dev/null 2>&1 && python3 benchmarks/plot_loss_curves.py \
+  /tmp/fsdp2/training_1gpu_accum2.json /tmp/fsdp2/training_fsdp2_2gpu*.json --out /tmp/fsdp2/training_fsdp2_loss_curves.png
+cp /tmp/fsdp2/*.json /tmp/fsdp2/*.png $OUT/ 2>/dev/null || true
 bash benchmarks/gpu/pack_triton_cache.sh
