@@ -192,7 +192,7 @@ def build_config(args: argparse.Namespace, out_dir: str, data: list[str], eval_d
                   "grad_accum": args.grad_accum, "max_steps": 10**6, "lr": args.lr, "warmup_steps": 20,
                   "compile": args.compile, "activation_checkpointing": args.activation_checkpointing},
         "eval": {"num_sequences": args.eval_sequences, "batch_size": args.eval_batch, "placements": list(SINGLE)},
-        "distributed": {"shard_teacher": not args.replicate_teacher},
+        "distributed": {"shard_teacher": not args.replicate_teacher, "layers_per_unit": args.layers_per_unit},
         "checkpoint": {"resume": "none", "save_final": False},
         "log": {"progress": False},
     })
@@ -472,6 +472,8 @@ def main() -> None:
     ap.add_argument("--offline-sequences", type=int, default=256, help="windows written to the offline cache")
     ap.add_argument("--replicate-teacher", action="store_true",
                     help="FSDP2: every rank holds the whole teacher (distributed.shard_teacher: false)")
+    ap.add_argument("--layers-per-unit", type=int, default=0,
+                    help="FSDP2 unit size (distributed.layers_per_unit): 0 one unit per mixer, K layers per unit")
     ap.add_argument("--profile-steps", type=int, default=0,
                     help="after the timed steps, profile this many more (GPU busy vs wall time, top operators)")
     ap.add_argument("--compare-to", default=None, help="a previous result JSON (e.g. the 1-GPU run) to compare with")

@@ -35,6 +35,7 @@ def test_overrides_and_stage_check(tmp_path):
     ({"teacher": {"source": "offline", "path": "t"}}, "teacher.cache_dir is required"),
     ({"loss": {"kl_weight": 0, "ce_weight": 0}}, "all loss weights are zero"),
     ({"sampling": {"preset_prob": 0.5}}, "needs sampling.presets"),
+    ({"distributed": {"layers_per_unit": -1}}, "distributed.layers_per_unit must be >= 0"),
 ])
 def test_bad_configs_name_the_problem(data, message):
     merged = {**BASE, **{k: {**BASE.get(k, {}), **v} for k, v in data.items()}}

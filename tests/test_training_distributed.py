@@ -22,15 +22,16 @@ def _losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-@pytest.mark.parametrize("trainable,shard_teacher,port", [("mixers", True, 29533), ("all", True, 29534),
-                                                          ("mixers", False, 29535)])
-def test_two_process_fsdp_matches_one_process(tmp_path, trainable, shard_teacher, port):
+@pytest.mark.parametrize("trainable,shard_teacher,layers_per_unit,port", [
+    ("mixers", True, 0, 29533), ("all", True, 0, 29534), ("mixers", False, 0, 29535), ("mixers", True, 2, 29536)])
+def test_two_process_fsdp_matches_one_process(tmp_path, trainable, shard_teacher, layers_per_unit, port):
     """`mixers`: frozen shared weights stay unsharded beside per-mixer units; `all`: everything sharded;
-    shard_teacher False: every rank holds the whole teacher."""
+    shard_teacher False: every rank holds the whole teacher; layers_per_unit 2: units of two layers,
+    student and teacher, each holding mixers that a step's placement leaves unused."""
     world = TinyWorld(tmp_path / "world")
     # frozen_bf16: the teacher in bf16 as on GPUs, so its FSDP2 units differ in dtype from the student's
     common = dict(train={"max_steps": 3, "micro_batch_size": 2, "frozen_bf16": "true", "trainable": trainable},
-                  distributed={"shard_teacher": shard_teacher},
+                  distributed={"shard_teacher": shard_teacher, "layers_per_unit": layers_per_unit},
                   checkpoint={"every": 2, "save_final": True},
                   eval={"at_end": True, "num_sequences": 4, "batch_size": 2})
     # the same global batch of 4 windows: 2 ranks x 1 micro-batch of 2, or 1 process x 2 micro-batches
@@ -47,6 +48,8 @@ def test_two_process_fsdp_matches_one_process(tmp_path, trainable, shard_teacher
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "distill: 3 steps" in proc.stdout
     assert f"teacher {'sharded' if shard_teacher else 'replicated'}" in proc.stdout
+    assert ("one unit per trainable mixer" if layers_per_unit == 0 else f"one unit per {layers_per_unit} layers") \
+        in proc.stdout
 
     from training.trainer import Trainer
 

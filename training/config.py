@@ -130,6 +130,9 @@ class DistributedConfig:
     # FSDP2: shard the frozen teacher (true: its memory splits over the ranks) or hold a full copy on
     # every rank (false: no all-gathers for it; for a teacher small next to a GPU's memory)
     shard_teacher: bool = True
+    # FSDP2 unit size: 0 = one unit per trainable mixer (a step gathers only its sampled mixers);
+    # K = K consecutive layers per unit, student and teacher (fewer, larger collectives)
+    layers_per_unit: int = 0
 
 
 @dataclass
@@ -333,3 +336,5 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("data.train lists no files; give at least one jsonl/txt path")
     if cfg.loss.chunk_tokens < 1:
         raise ConfigError("loss.chunk_tokens must be >= 1")
+    if cfg.distributed.layers_per_unit < 0:
+        raise ConfigError("distributed.layers_per_unit must be >= 0 (0: one FSDP2 unit per mixer; K: K layers per unit)")

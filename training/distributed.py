@@ -86,12 +86,17 @@ def resolve_strategy(strategy: str, env: DistEnv) -> str:
 
 
 def apply_fsdp(pair: nn.Module, student_layers: nn.ModuleList, teacher: nn.Module | None, env: DistEnv,
-               shard_teacher: bool = True) -> nn.Module:
+               shard_teacher: bool = True, layers_per_unit: int = 0) -> nn.Module:
     """FSDP2 units, shaped by what one step of stochastic distillation touches:
 
-    - every mixer of every student layer is its own unit, so a step all-gathers only the mixers
-      its placement uses (a quarter of the mixer weights), and keeps them gathered from forward to
-      backward (`reshard_after_forward=False`: no second all-gather in backward);
+    - `layers_per_unit=0`: every mixer of every student layer is its own unit, so a step all-gathers
+      only the mixers its placement uses (a quarter of the mixer weights), and keeps them gathered
+      from forward to backward (`reshard_after_forward=False`: no second all-gather in backward);
+    - `layers_per_unit=K`: K consecutive student layers form one unit (their trainable weights, all
+      mixers included), and K teacher layers one teacher unit. A step then gathers more bytes in
+      fewer collectives: each collective is a point where the ranks wait for each other, which can
+      cost more than the bytes for a small model on NVLink. Every layer runs in every step, so every
+      member of a unit runs its forward (FSDP2's grouped hooks need that in older torch releases);
     - frozen student weights (the shared embeddings, norms and MLPs under the default `trainable:
       mixers`) are left out of FSDP (`ignored_params`): they need no gradient reduction, and
       replicating them on every rank saves gathering them twice per step;
@@ -99,9 +104,9 @@ def apply_fsdp(pair: nn.Module, student_layers: nn.ModuleList, teacher: nn.Modul
       with `shard_teacher=False`, every rank holds the whole frozen teacher and gathers nothing for it;
     - the pair is the root (whatever student weights are still trainable and outside a layer).
 
-    On a 2 x H200 machine whose GPUs talk at a few GB/s, the all-gathers of whole layers (all four
-    mixers and the frozen MLPs, in fp32, twice per step) took as long as the compute
-    (benchmarks/results/training_fsdp2_2gpu.json, "profile").
+    Measured on 2 x H200, eager (benchmarks/results/training_fsdp2_2gpu*.json): whole layers as
+    units, gathered twice per step, gave a scaling efficiency of 0.55; per-mixer units 0.64 (0.70
+    with the teacher replicated).
 
     Parameters are all-gathered in their stored dtype (fp32 for the student) and compute runs under
     the same bf16 autocast as a single-GPU run, so one and N GPUs give the same numbers. The
@@ -111,13 +116,23 @@ def apply_fsdp(pair: nn.Module, student_layers: nn.ModuleList, teacher: nn.Modul
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    if layers_per_unit < 0:
+        raise ValueError(f"layers_per_unit must be >= 0 (0: one unit per mixer), got {layers_per_unit}")
     mesh = init_device_mesh(env.device.type, (env.world_size,))
     teacher_params = set(teacher.parameters()) if teacher is not None else set()
     if teacher is not None and shard_teacher:
-        for layer in teacher.model.layers:
-            fully_shard(layer, mesh=mesh)
+        for chunk in _chunks(list(teacher.model.layers), max(1, layers_per_unit)):
+            fully_shard(chunk if len(chunk) > 1 else chunk[0], mesh=mesh)
         fully_shard(teacher, mesh=mesh)
     frozen = {p for p in pair.parameters() if not p.requires_grad and (p not in teacher_params or not shard_teacher)}
+    if layers_per_unit:
+        for chunk in _chunks(list(student_layers), layers_per_unit):
+            params = {p for layer in chunk for p in layer.parameters()}
+            if any(p.requires_grad for p in params):
+                fully_shard(chunk if len(chunk) > 1 else chunk[0], mesh=mesh, reshard_after_forward=False,
+                            ignored_params=frozen & params)
+        fully_shard(pair, mesh=mesh, ignored_params=frozen)
+        return pair
     for layer in student_layers:
         in_mixer_units: set[nn.Parameter] = set()
         for mixer in getattr(layer, "mixers", {}).values():
@@ -130,6 +145,17 @@ def apply_fsdp(pair: nn.Module, student_layers: nn.ModuleList, teacher: nn.Modul
             fully_shard(layer, mesh=mesh, ignored_params=frozen & own)
     fully_shard(pair, mesh=mesh, ignored_params=frozen)
     return pair
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def fsdp_layout(layers_per_unit: int, shard_teacher: bool) -> str:
+    """One line for the log: how the model was cut into FSDP2 units."""
+    student = ("one unit per trainable mixer" if layers_per_unit == 0
+               else f"one unit per {layers_per_unit} layer{'s' if layers_per_unit > 1 else ''}")
+    return f"{student}, frozen student weights replicated, teacher {'sharded' if shard_teacher else 'replicated'}"
 
 
 def apply_ddp(pair: nn.Module, env: DistEnv) -> nn.Module:

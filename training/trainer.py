@@ -27,7 +27,7 @@ from training import checkpoint as ckpt
 from training.compile import eager_region
 from training.config import RunConfig
 from training.data import GlobalOrder, PackedDataset, build_token_stream, eval_indices
-from training.distributed import (DistEnv, apply_ddp, apply_fsdp, gradient_sync, init_distributed,
+from training.distributed import (DistEnv, apply_ddp, apply_fsdp, fsdp_layout, gradient_sync, init_distributed,
                                   resolve_strategy, unwrap)
 from training.engine import DistillPair
 from training.losses import LossSpec, TopKTargets
@@ -160,10 +160,11 @@ class Trainer:
             compile_layers(student, teacher)
         self.strategy = resolve_strategy(cfg.distributed.strategy, env)
         if self.strategy == "fsdp":
-            self.module = apply_fsdp(pair, student.model.layers, teacher, env, cfg.distributed.shard_teacher)
+            self.module = apply_fsdp(pair, student.model.layers, teacher, env, cfg.distributed.shard_teacher,
+                                     cfg.distributed.layers_per_unit)
             if env.is_main:
-                print(f"FSDP2 over {env.world_size} ranks: one unit per trainable mixer, frozen student weights "
-                      f"replicated, teacher {'sharded' if cfg.distributed.shard_teacher else 'replicated'}")
+                print(f"FSDP2 over {env.world_size} ranks: "
+                      f"{fsdp_layout(cfg.distributed.layers_per_unit, cfg.distributed.shard_teacher)}")
         elif self.strategy == "ddp":
             self.module = apply_ddp(pair, env)
         else:

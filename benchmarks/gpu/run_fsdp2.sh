@@ -8,11 +8,14 @@
 # Triton to cache autotuning results on disk, so the 2-GPU run after the 1-GPU run in the same call
 # (same TRITON_CACHE_DIR) skips most of it. Results wait in /tmp/fsdp2 between calls on a held
 # machine, so `run_fsdp2.sh 1,2` then `run_fsdp2.sh 2r` splits the work over two calls.
+# UNITS=K sets distributed.layers_per_unit (0, the default: one FSDP2 unit per mixer; K: K layers
+# per unit); TAG=name writes training_fsdp2_2gpu<name>.json, so layouts can be compared in one session.
 source benchmarks/gpu/setup.sh
 nvidia-smi -L
 mkdir -p /tmp/fsdp2
 COMMON="--teacher /tmp/SmolLM2-135M-Instruct.Q4_1.gguf --data .data/pydocs-train.jsonl --eval-data .data/pydocs-eval.jsonl
-  --seq-len 2048 --batch 16 --no-baseline --budget-tokens 0 --offline-topk 0 --warmup 10 --steps 30 --profile-steps ${PROFILE:-2}"
+  --seq-len 2048 --batch 16 --no-baseline --budget-tokens 0 --offline-topk 0 --warmup 10 --steps 30 --profile-steps ${PROFILE:-2}
+  --layers-per-unit ${UNITS:-0}"
 MODE=${1:-both}
 [ "$MODE" = both ] && MODE=1,2,2r
 wants() { [[ ",$MODE," == *",$1,"* ]]; }
@@ -27,14 +30,14 @@ if wants 2; then
   timeout -k 10 ${LIMIT2:-280} torchrun --nproc_per_node 2 benchmarks/bench_training.py $COMMON --grad-accum 1 \
     --time-limit $(( ${LIMIT2:-280} - 30 )) \
     --work-dir /tmp/w2 --compare-to /tmp/fsdp2/training_1gpu_accum2.json \
-    --out /tmp/fsdp2/training_fsdp2_2gpu.json > /tmp/fsdp2/2gpu.log 2>&1
+    --out /tmp/fsdp2/training_fsdp2_2gpu${TAG}.json > /tmp/fsdp2/2gpu.log 2>&1
   echo "2 GPUs exit $?"; grep -v "Warn\|warn\|Converting\|Loading\|Writing" /tmp/fsdp2/2gpu.log | tail -12
 fi
 if wants 2r; then  # the teacher replicated: no all-gathers for it
   timeout -k 10 ${LIMIT2:-280} torchrun --nproc_per_node 2 benchmarks/bench_training.py $COMMON --grad-accum 1 \
     --replicate-teacher --time-limit $(( ${LIMIT2:-280} - 30 )) \
     --work-dir /tmp/w2r --compare-to /tmp/fsdp2/training_1gpu_accum2.json \
-    --out /tmp/fsdp2/training_fsdp2_2gpu_replicated_teacher.json > /tmp/fsdp2/2gpu_r.log 2>&1
+    --out /tmp/fsdp2/training_fsdp2_2gpu_replicated_teacher${TAG}.json > /tmp/fsdp2/2gpu_r.log 2>&1
   echo "2 GPUs (teacher replicated) exit $?"; grep -v "Warn\|warn\|Converting\|Loading\|Writing" /tmp/fsdp2/2gpu_r.log | tail -6
 fi
 ls /tmp/fsdp2/training_fsdp2_2gpu*.json >/dev/null 2>&1 && python3 benchmarks/plot_loss_curves.py \
