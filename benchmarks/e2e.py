@@ -4,7 +4,8 @@
 
 Steps (each resumes from the files the previous one left in --workdir, and each fits in a 10-minute
 call): convert, distill (stage 1 on one GPU, fixed step budget at sequence 2048), evaluate (>= 200
-placements on held-out text, active learning included), costs (measured at context 8192, batch 64),
+placements on held-out text, active learning included), costs (measured at context 8192, batch 64,
+then calibrated inside the whole model: `placement.cost.calibrate_in_stack`),
 presets (surrogate fit + DP at speedups 1.5, 2, 3, 4 and the maximum), measure (per preset: decode
 throughput vs all-fa in the same run, quality retention, needle-in-a-haystack at 2k/4k/8k, and
 self-speculative decoding), report (table + plot). The results JSON, table and plot are copied to
@@ -32,6 +33,8 @@ def main() -> None:
     ap.add_argument("--distill-steps", type=int, default=600)
     ap.add_argument("--micro-batch", type=int, default=16)
     ap.add_argument("--eval-n", type=int, default=200)
+    ap.add_argument("--no-calibrate", action="store_true",
+                    help="keep the single-layer cost table (default: calibrate it in the whole model)")
     ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
     args = ap.parse_args()
     settings = PipelineSettings(
@@ -41,7 +44,8 @@ def main() -> None:
         distill_steps=args.distill_steps,
         distill_set=[f"train.micro_batch_size={args.micro_batch}", "eval.every=0", "checkpoint.every=200"],
         eval_n=args.eval_n, eval_seq_len=1024, eval_sequences=32, eval_batch=16,
-        cost_context=8192, cost_batch=64, measure_costs=True, speedups=[1.5, 2.0, 3.0, 4.0],
+        cost_context=8192, cost_batch=64, measure_costs=True, calibrate_costs=not args.no_calibrate,
+        speedups=[1.5, 2.0, 3.0, 4.0],
         quality_seq_len=2048, quality_sequences=64, throughput_batch=64, throughput_context=8192,
         throughput_tokens=64, needle_contexts=[2048, 4096, 8192], spec_k=4, spec_tokens=128, spec_prompts=4,
     )

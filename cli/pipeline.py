@@ -39,6 +39,7 @@ class PipelineSettings:
     cost_context: int = 8192
     cost_batch: int = 64
     measure_costs: bool = True
+    calibrate_costs: bool = False  # with measure_costs: scale each mixer's cost to its all-<mixer> whole-model step
     speedups: list[float] = field(default_factory=lambda: [1.5, 2.0, 3.0, 4.0])
     quality_seq_len: int = 1024
     quality_sequences: int = 64
@@ -137,7 +138,7 @@ def step_costs(s: PipelineSettings) -> None:
     cmd = _supernet() + ["costs", str(s.trained), "--context", str(s.cost_context), "--batch", str(s.cost_batch),
                          "--out", str(out), "--device", _device(s)]
     if s.measure_costs:
-        cmd += ["--measure", "--layers", "0"]
+        cmd += ["--measure", "--layers", "0"] + (["--calibrate"] if s.calibrate_costs else [])
     _run(cmd, s.workdir / "log.txt")
 
 

@@ -75,6 +75,8 @@ def costs(
     out: Path = typer.Option(Path("costs.json"), "--out", "-o", help="costs.json to write."),
     repeats: int = typer.Option(10, help="Timed repeats per mixer (median) with --measure."),
     layers: str = typer.Option("all", help="With --measure: 'all' or a comma list of layers to time (others copy)."),
+    calibrate: bool = typer.Option(False, "--calibrate", help="With --measure (decode): also time the whole model "
+                                   "under each all-<mixer> placement and scale that mixer's costs to match it."),
     dtype_bytes: int = typer.Option(2, help="Bytes per weight / KV element of the analytic model."),
     device: Optional[str] = typer.Option(None, help="cuda / cpu (default: cuda when available)."),
 ) -> None:
@@ -87,6 +89,8 @@ def costs(
             raise UserError(f"unknown --mode {mode!r}; use decode or prefill")
         if context < 1 or batch < 1 or repeats < 1:
             raise UserError("--context, --batch and --repeats must be >= 1")
+        if calibrate and not (measure and mode == "decode"):
+            raise UserError("--calibrate needs --measure in decode mode (it scales measured per-step costs)")
         config = load_config(ckpt)
         if measure:
             from placement.evaluate import load_supernet, pick_device
@@ -101,6 +105,14 @@ def costs(
                     raise UserError(f"--layers must lie in 0..{config.num_hidden_layers - 1}")
             model = load_supernet(ckpt, pick_device(device))
             table = measure_costs(model, context, batch, mode, repeats=repeats, layers=chosen)
+            if calibrate:
+                from placement.cost import calibrate_in_stack
+
+                single = {m: table.speedup([m] * config.num_hidden_layers) for m in table.mixers}
+                table = calibrate_in_stack(table, model)
+                for m, f in table.meta["calibration"]["factors"].items():
+                    console.print(f"in-stack {m}: x{f:.3f} of its single-layer cost "
+                                  f"(all-{m} {single[m]:.3f}x -> {table.speedup([m] * config.num_hidden_layers):.3f}x)")
         else:
             table = analytic_costs(config, context, batch, mode, dtype_bytes=dtype_bytes)
         table.save(out)

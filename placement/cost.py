@@ -372,6 +372,49 @@ def measure_costs(model: Any, context_length: int, batch_size: int = 1, mode: st
     return CostTable({m: per_layer[m] for m in mixers}, float(fixed), unit, N, B, meta)
 
 
+def calibrate_in_stack(table: CostTable, model: Any, *, new_tokens: int = 32, rounds: int = 3, windows: int = 2,
+                       speeds: dict[str, dict] | None = None) -> CostTable:
+    """Scale each mixer's per-layer decode costs to what it costs inside the whole model.
+
+    A mixer timed alone is not a mixer among 29 others: in the e2e run (H200, batch 64, 8k) the
+    single-layer table over-predicted FA-heavy steps and under-predicted all-GDN by 10% (2.29 ms
+    predicted, 2.51 measured), so the preset chosen for 4x decoded at 3.94x. Here the whole model
+    decodes once per uniform placement all-<m> (graphed on CUDA, `rounds` x `windows` medians as in
+    supernet.throughput.compare_decode), and mixer m's per-layer costs are scaled by one factor so
+    that fixed + sum of its layers equals that measured step. Uniform placements are then predicted
+    exactly; a hybrid's prediction mixes in-stack costs. `speeds` (compare_decode's result, keyed by
+    mixer) skips the timing, for tests and for re-using a run.
+    """
+    from supernet.throughput import compare_decode
+
+    if table.meta.get("mode", "decode") != "decode" or table.unit != "ms/step":
+        raise PlacementError("in-stack calibration needs a measured decode table in ms/step; "
+                             "run `costs --measure` in decode mode first")
+    if table.context_length is None or table.batch_size is None:
+        raise PlacementError("in-stack calibration needs the table's context_length and batch_size")
+    L = model.config.num_hidden_layers
+    if speeds is None:
+        uniform = {m: Placement.uniform(m, L) for m in table.mixers}
+        speeds = compare_decode(model, uniform, batch=table.batch_size, context=table.context_length,
+                                new_tokens=new_tokens, rounds=rounds, windows=windows)
+    per_layer, factors, steps = {}, {}, {}
+    for m in table.mixers:
+        layers = table.matrix((m,), L)[:, 0]
+        step = float(speeds[m]["ms_per_step"])
+        if step <= table.fixed:
+            raise PlacementError(f"all-{m} measured {step:.4g} ms/step, not more than the fixed part "
+                                 f"{table.fixed:.4g}: the timings disagree; measure again on an idle device")
+        factors[m] = (step - table.fixed) / float(layers.sum())
+        per_layer[m] = layers * factors[m]
+        steps[m] = step
+    meta = {**table.meta, "calibration": {
+        "method": "in-stack: per-layer costs scaled so that fixed + L layers = the measured all-<mixer> step",
+        "uniform_ms_per_step": steps, "factors": factors,
+        "uniform_ms_range": {m: [speeds[m].get("ms_per_step_min"), speeds[m].get("ms_per_step_max")] for m in steps},
+        "new_tokens": new_tokens, "rounds": rounds, "windows": windows}}
+    return CostTable(per_layer, table.fixed, table.unit, table.context_length, table.batch_size, meta)
+
+
 def _measure_fixed(model: Any, tokens: int, batch: int, repeats: int, warmup: int, randn, device: Any,
                    cuda_graph: bool = False) -> float:
     """Time of everything a step does besides the mixers (norms, MLPs, rotary, final norm, lm_head)."""

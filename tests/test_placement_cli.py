@@ -224,6 +224,14 @@ def test_eval_placements_then_optimize_on_a_tiny_checkpoint(tiny_checkpoint, tmp
     costs = tmp_path / "costs.json"
     assert run(supernet_app, ["costs", ckpt, "--measure", "--context", 16, "--repeats", 2, "--out", costs]).exit_code == 0
     assert json.loads(costs.read_text())["source"] == "measured"
+    calibrated = tmp_path / "costs-calibrated.json"
+    result = run(supernet_app, ["costs", ckpt, "--measure", "--calibrate", "--context", 16, "--repeats", 2,
+                                "--out", calibrated])
+    assert result.exit_code == 0, result.output
+    assert "in-stack gdn" in result.output
+    assert set(json.loads(calibrated.read_text())["calibration"]["factors"]) == set(MIXERS)
+    assert_one_line_error(run(supernet_app, ["costs", ckpt, "--calibrate", "--out", calibrated]),
+                          "--calibrate needs --measure")
     result = run(supernet_app, ["optimize", "--evaluations", out, "--costs", costs, "--frontier",
                                 "--out", tmp_path / "presets.json", "--pairs", "none"])
     assert result.exit_code == 0, result.output

@@ -143,6 +143,34 @@ def test_static_decode_costs_run_on_the_cpu_path_of_the_graphed_timing():
     assert t.fixed > 0 and t.meta["cuda_graph"] is False  # no graph was captured on the CPU
 
 
+def test_in_stack_calibration_matches_the_whole_model_steps():
+    """Each mixer's costs are scaled so that all-<mixer> predicts its measured whole-model step."""
+    from placement.cost import calibrate_in_stack, measure_costs
+
+    model = _tiny_model()
+    t = measure_costs(model, context_length=12, batch_size=2, mode="decode", repeats=2, warmup=1, progress=False)
+    steps = {"fa": 10.0, "swa": 4.0, "gdn": 3.0, "kda": 3.5}
+    speeds = {m: {"ms_per_step": steps[m] * t.fixed, "ms_per_step_min": 0.0, "ms_per_step_max": 1.0} for m in MIXERS}
+    cal = calibrate_in_stack(t, model, speeds=speeds)
+    for m in MIXERS:
+        assert cal.cost([m] * 3) == pytest.approx(steps[m] * t.fixed)
+        # one factor per mixer: the layers keep their proportions
+        np.testing.assert_allclose(cal.per_layer[m], t.per_layer[m] * cal.meta["calibration"]["factors"][m])
+    hybrid = ["fa", "gdn", "swa"]
+    assert cal.cost(hybrid) == pytest.approx(t.fixed + sum(cal.per_layer[m][i] for i, m in enumerate(hybrid)))
+    assert cal.speedup(["gdn"] * 3) == pytest.approx(10.0 / 3.0)
+    # timed for real (eager on the CPU): still exact for the uniform placements
+    real = calibrate_in_stack(t, model, new_tokens=2, rounds=1, windows=1)
+    for m in MIXERS:
+        assert real.cost([m] * 3) == pytest.approx(real.meta["calibration"]["uniform_ms_per_step"][m])
+    too_fast = {m: {"ms_per_step": 0.5 * t.fixed} for m in MIXERS}
+    with pytest.raises(PlacementError, match="not more than the fixed part"):
+        calibrate_in_stack(t, model, speeds=too_fast)
+    prefill = measure_costs(model, context_length=12, batch_size=1, mode="prefill", repeats=1, warmup=0, progress=False)
+    with pytest.raises(PlacementError, match="decode table"):
+        calibrate_in_stack(prefill, model, speeds=speeds)
+
+
 def test_load_costs_reads_the_table_inside_a_benchmark_result(tmp_path):
     table = {"per_layer": {"fa": [1.0, 1.0], "swa": [0.25, 0.25]}, "fixed": 0.5, "unit": "ms/step"}
     (tmp_path / "bench.json").write_text(json.dumps({"device": "GPU", "rows": [], "costs": table}))
