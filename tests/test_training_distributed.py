@@ -22,15 +22,18 @@ def _losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-@pytest.mark.parametrize("trainable,shard_teacher,layers_per_unit,port", [
-    ("mixers", True, 0, 29533), ("all", True, 0, 29534), ("mixers", False, 0, 29535), ("mixers", True, 2, 29536)])
-def test_two_process_fsdp_matches_one_process(tmp_path, trainable, shard_teacher, layers_per_unit, port):
+@pytest.mark.parametrize("trainable,shard_teacher,layers_per_unit,compiled,port", [
+    ("mixers", True, 0, False, 29533), ("all", True, 0, False, 29534), ("mixers", False, 0, False, 29535),
+    ("mixers", True, 2, False, 29536), ("mixers", True, 2, True, 29537)])
+def test_two_process_fsdp_matches_one_process(tmp_path, trainable, shard_teacher, layers_per_unit, compiled, port):
     """`mixers`: frozen shared weights stay unsharded beside per-mixer units; `all`: everything sharded;
     shard_teacher False: every rank holds the whole teacher; layers_per_unit 2: units of two layers,
-    student and teacher, each holding mixers that a step's placement leaves unused."""
+    student and teacher, each holding mixers that a step's placement leaves unused; compiled: the
+    shipped GPU configs' `train.compile: true` under FSDP2, with the graphs of one process."""
     world = TinyWorld(tmp_path / "world")
     # frozen_bf16: the teacher in bf16 as on GPUs, so its FSDP2 units differ in dtype from the student's
-    common = dict(train={"max_steps": 3, "micro_batch_size": 2, "frozen_bf16": "true", "trainable": trainable},
+    common = dict(train={"max_steps": 3, "micro_batch_size": 2, "frozen_bf16": "true", "trainable": trainable,
+                         "compile": compiled},
                   distributed={"shard_teacher": shard_teacher, "layers_per_unit": layers_per_unit},
                   checkpoint={"every": 2, "save_final": True},
                   eval={"at_end": True, "num_sequences": 4, "batch_size": 2})
@@ -51,9 +54,19 @@ def test_two_process_fsdp_matches_one_process(tmp_path, trainable, shard_teacher
     assert ("one unit per trainable mixer" if layers_per_unit == 0 else f"one unit per {layers_per_unit} layers") \
         in proc.stdout
 
-    from training.trainer import Trainer
+    if compiled:  # in a fresh process too: dynamo's counters and caches are per process
+        one_path = tmp_path / "one.yaml"
+        one_path.write_text(yaml.safe_dump(one.to_dict()))
+        ref = subprocess.run([sys.executable, "-m", "cli.main", "distill", str(one_path)], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert ref.returncode == 0, ref.stderr[-3000:]
+        # FSDP2's unit hooks sit outside the compiled layers: the same graphs as one process, none eager
+        line = [x for x in ref.stdout.splitlines() if x.startswith("torch.compile:")]
+        assert line and " 0 frames left eager" in line[0] and line[0] in proc.stdout, (line, proc.stdout[-2000:])
+    else:
+        from training.trainer import Trainer
 
-    Trainer(one).train()
+        Trainer(one).train()
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert sorted(a) == sorted(b) == [1, 2, 3]
     for step in a:

@@ -24,7 +24,7 @@ import yaml
 
 from supernet.placement import Placement
 from training import checkpoint as ckpt
-from training.compile import eager_region
+from training.compile import compile_stats, eager_region
 from training.config import RunConfig
 from training.data import GlobalOrder, PackedDataset, build_token_stream, eval_indices
 from training.distributed import (DistEnv, apply_ddp, apply_fsdp, fsdp_layout, gradient_sync, init_distributed,
@@ -524,6 +524,10 @@ class Trainer:
                 result.tokens_per_s = timed_tokens / timed_s if timed_s else 0.0
                 return result
         bar.close()
+        if self.compiled_layers and env.is_main:  # a silent fallback to eager would only show as a slow run
+            stats = compile_stats()
+            print(f"torch.compile: {stats['unique_graphs']} graphs, {stats['graph_breaks']} graph breaks, "
+                  f"{stats['failed_frames']} frames left eager, {stats['recompile_limit_hits']} recompile-limit hits")
         if cfg.eval.at_end and self.eval_ds is not None:
             ev = self.evaluate()
             result.evals[self.step] = ev

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from supernet.ops.fla_backend import use_fla
+from supernet.ops.fla_backend import fla_function, use_fla
 
 # Inference calls with at most this many tokens use fla's fused recurrent kernel on CUDA.
 FLA_RECURRENT_MAX_T = 64
@@ -344,17 +344,13 @@ def torch_delta_rule(
 @functools.lru_cache(maxsize=None)
 def _fla_kernels() -> dict[str, Any] | None:
     """fla's Triton entry points, or None when fla (or triton) is not importable."""
-    try:
-        from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
-        from fla.ops.kda import chunk_kda, fused_recurrent_kda
-    except Exception:  # ImportError, or a triton that fails to initialise
-        return None
-    return {
-        "gdn_chunk": chunk_gated_delta_rule,
-        "gdn_recurrent": fused_recurrent_gated_delta_rule,
-        "kda_chunk": chunk_kda,
-        "kda_recurrent": fused_recurrent_kda,
+    kernels = {
+        "gdn_chunk": fla_function("ops.gated_delta_rule", "chunk_gated_delta_rule"),
+        "gdn_recurrent": fla_function("ops.gated_delta_rule", "fused_recurrent_gated_delta_rule"),
+        "kda_chunk": fla_function("ops.kda", "chunk_kda"),
+        "kda_recurrent": fla_function("ops.kda", "fused_recurrent_kda"),
     }
+    return None if any(k is None for k in kernels.values()) else kernels
 
 
 def fla_available() -> bool:
