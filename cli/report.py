@@ -11,11 +11,15 @@ def table_markdown(measurements: dict) -> str:
     head = ["preset", "fa/swa/gdn/kda", "decode speedup", "predicted", "quality (1-nKL)", "retention", "top-1 agree"]
     head += [f"needle@{k}" for k in needle_keys]
     lines = ["Decode speedup: measured in one run against all-fa (median of the timed windows, their range in"
-             " brackets); predicted: the cost model's figure that the optimiser chose the preset by.", "","| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+             " brackets); predicted: the cost model's figure that the optimiser chose the preset by.",
+             "",
+             "| " + " | ".join(head) + " |",
+             "|" + "---|" * len(head)]
     for r in rows:
         c = r["counts"]
         cells = [r["preset"], f"{c['fa']}/{c['swa']}/{c['gdn']}/{c['kda']}", _speedup_cell(r),
-                 f"{r.get('predicted_speedup', 1.0):.2f}x", f"{r['quality']:.4f}", f"{100 * r['quality_retention']:.1f}%", f"{100 * r['top1_agreement']:.1f}%"]
+                 f"{r.get('predicted_speedup', 1.0):.2f}x", f"{r['quality']:.4f}",
+                 f"{100 * r['quality_retention']:.1f}%", f"{100 * r['top1_agreement']:.1f}%"]
         cells += [f"{100 * r['needle'][k]:.0f}%" for k in needle_keys]
         lines.append("| " + " | ".join(cells) + " |")
     spec = measurements.get("speculative", {}).get("best")
