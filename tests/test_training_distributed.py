@@ -32,8 +32,9 @@ def test_two_process_fsdp_matches_one_process(tmp_path, trainable, shard_teacher
     shipped GPU configs' `train.compile: true` under FSDP2, with the graphs of one process."""
     world = TinyWorld(tmp_path / "world")
     # frozen_bf16: the teacher in bf16 as on GPUs, so its FSDP2 units differ in dtype from the student's
+    # fused AdamW (as on GPUs) with units of layers: its device-side skip on sharded DTensor weights
     common = dict(train={"max_steps": 3, "micro_batch_size": 2, "frozen_bf16": "true", "trainable": trainable,
-                         "compile": compiled},
+                         "compile": compiled, "fused_adamw": "true" if layers_per_unit else "false"},
                   distributed={"shard_teacher": shard_teacher, "layers_per_unit": layers_per_unit},
                   checkpoint={"every": 2, "save_final": True},
                   eval={"at_end": True, "num_sequences": 4, "batch_size": 2})
@@ -51,6 +52,7 @@ def test_two_process_fsdp_matches_one_process(tmp_path, trainable, shard_teacher
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "distill: 3 steps" in proc.stdout
     assert f"teacher {'sharded' if shard_teacher else 'replicated'}" in proc.stdout
+    assert "fused AdamW unavailable" not in proc.stdout and "refused a device-side skip" not in proc.stdout
     assert ("one unit per trainable mixer" if layers_per_unit == 0 else f"one unit per {layers_per_unit} layers") \
         in proc.stdout
 

@@ -123,11 +123,15 @@ def test_kill_and_resume_reproduces_the_uninterrupted_losses(world, tmp_path):
     assert ckpts == ["step-00000006", "step-00000007"]  # keep_last = 2, no temp folders left
 
 
-def test_nan_loss_stops_before_the_update_and_keeps_the_last_good_checkpoint(world, tmp_path):
+@pytest.mark.parametrize("fused", ["false", "true"])
+def test_nan_loss_stops_before_the_update_and_keeps_the_last_good_checkpoint(world, tmp_path, fused):
+    """fused: AdamW's fused kernel is enqueued before the host sees the loss and skips the update
+    on the device (found_inf); for-each: the host checks first. Either way nothing changes."""
     from training.trainer import TrainingDiverged
 
-    t = _trainer(world.config(tmp_path / "r", train={"max_steps": 6}, checkpoint={"every": 1},
+    t = _trainer(world.config(tmp_path / "r", train={"max_steps": 6, "fused_adamw": fused}, checkpoint={"every": 1},
                               sampling={"mixers": ["fa", "swa"]}))
+    assert t.skip_on_device == (fused == "true")
     real_forward = t.module.forward
 
     def poisoned(*args, **kwargs):
@@ -141,6 +145,14 @@ def test_nan_loss_stops_before_the_update_and_keeps_the_last_good_checkpoint(wor
     names = sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir())
     assert names[-1] == "step-00000002"
     assert all(torch.isfinite(p).all() for p in t.student.parameters())
+    # the weights and AdamW's state are those of the last good step: a fresh run to step 2 has them
+    t2 = _trainer(world.config(tmp_path / "r2", train={"max_steps": 2, "fused_adamw": fused},
+                               sampling={"mixers": ["fa", "swa"]}))
+    t2.train()
+    for (name, a), b in zip(t.student.named_parameters(), t2.student.parameters()):
+        assert torch.equal(a, b), name
+    for a, b in zip(t.optimizer.state.values(), t2.optimizer.state.values()):
+        assert all(torch.equal(a[k], b[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
 
 
 def test_sft_on_chat_data_learns_the_assistant_replies(world, tmp_path):

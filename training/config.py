@@ -95,6 +95,7 @@ class TrainConfig:
     compile: bool = False
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     frozen_bf16: str = "auto"  # store frozen weights and the teacher in bf16: auto (on CUDA) | true | false
+    fused_adamw: str = "auto"  # AdamW's fused kernel: auto (on CUDA) | true | false (the for-each kernels)
     device: str = "auto"  # auto | cpu | cuda
 
 
@@ -165,6 +166,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.trainable": ("mixers", "all"),
     "train.precision": ("auto", "bf16", "fp32"),
     "train.frozen_bf16": ("auto", "true", "false"),
+    "train.fused_adamw": ("auto", "true", "false"),
     "train.device": ("auto", "cpu", "cuda"),
     "distributed.strategy": ("auto", "fsdp", "ddp", "none"),
     "distributed.backend": ("auto", "nccl", "gloo"),

@@ -183,7 +183,8 @@ class Trainer:
             parts = name.split(".")
             if p.requires_grad and "mixers" in parts and "layers" in parts:
                 self.mixer_params.append((int(parts[parts.index("layers") + 1]), parts[parts.index("mixers") + 1], p))
-        self.optimizer = self._build_optimizer(student, fused=dev.type == "cuda")
+        fused = cfg.train.fused_adamw == "true" or (cfg.train.fused_adamw == "auto" and dev.type == "cuda")
+        self.optimizer = self._build_optimizer(student, fused=fused)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, cosine_schedule(cfg.train.warmup_steps, self.max_steps, cfg.train.min_lr_ratio))
         self.sampler = build_sampler(cfg.sampling, self.num_layers, cfg.seed, student.config.presets)
@@ -223,11 +224,13 @@ class Trainer:
         """AdamW, fused on CUDA (one kernel over all parameters; under FSDP2 one DTensor dispatch
         instead of one per foreach op), else the foreach/for-loop default; state created up front."""
         cfg = self.cfg.train
+        self.skip_on_device = False
         if fused:
             try:
                 self.optimizer = torch.optim.AdamW(self._param_groups(student), lr=cfg.lr,
                                                    betas=tuple(cfg.betas), fused=True)
                 self._init_optimizer_state()
+                self.skip_on_device = True
                 return self.optimizer
             except (RuntimeError, NotImplementedError) as exc:  # a parameter type the fused kernel refuses
                 print(f"warning: fused AdamW unavailable ({str(exc).splitlines()[0]}); using foreach")
@@ -370,20 +373,45 @@ class Trainer:
         gnorm = torch.nn.utils.clip_grad_norm_(self.params, clip)
         if hasattr(gnorm, "full_tensor"):
             gnorm = gnorm.full_tensor()
-        values = torch.cat([sums, gnorm.reshape(1).float().to(sums.device)]).tolist()
+        stats = torch.cat([sums, gnorm.reshape(1).float().to(sums.device)])
+        stepped = self.skip_on_device and self._step_unless_nonfinite(stats)
+        values = stats.tolist()  # the host waits for the GPU here
         loss_v, kl_v, ce_v, hid_v, gn_v = values
         if not (math.isfinite(loss_v) and math.isfinite(gn_v)):
             self.optimizer.zero_grad(set_to_none=True)
             latest = ckpt.find_latest(self.out)
             raise TrainingDiverged(
                 f"loss became {loss_v} (grad norm {gn_v}) at step {self.step} under placement "
-                f"{placement.summary()}; stopped before the optimizer step, the weights are unchanged; "
+                f"{placement.summary()}; the optimizer step was skipped, the weights are unchanged; "
                 f"last good checkpoint: {latest or 'none'}; lower train.lr or check the data")
         lr = self.cfg.train.lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
-        self.optimizer.step()
+        if not stepped:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss_v, "kl": kl_v, "ce": ce_v, "hidden": hid_v, "grad_norm": gn_v, "lr": lr}
+
+    def _step_unless_nonfinite(self, stats: torch.Tensor) -> bool:
+        """Enqueue the fused AdamW step before the host reads the step's statistics.
+
+        Fused AdamW reads `found_inf` on the device (as under a GradScaler) and leaves every weight
+        and state untouched when it is set, so a NaN or inf still stops the run with the weights
+        unchanged, without the host waiting for the GPU first. Waiting first left the GPU idle
+        while the host dispatched the optimizer, which under FSDP2 is tens of milliseconds of
+        DTensor work per step. Returns False (and stops trying) where a kernel refuses `found_inf`;
+        the step then runs after the check, as before.
+        """
+        self.optimizer.found_inf = (~torch.isfinite(stats).all()).float()
+        try:
+            self.optimizer.step()
+            return True
+        except (RuntimeError, NotImplementedError) as exc:  # refused at dispatch: nothing was updated
+            print(f"warning: the fused AdamW step refused a device-side skip ({str(exc).splitlines()[0]}); "
+                  "checking the loss on the host before each step instead")
+            self.skip_on_device = False
+            return False
+        finally:
+            del self.optimizer.found_inf
 
     # ------------------------------------------------------------------------------------------
     # evaluation
