@@ -66,6 +66,7 @@ import copy
 import gc
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -846,6 +847,9 @@ def main() -> int:
                              "0 = no limit (default 210)")
     parser.add_argument("--only-smollm2", action="store_true",
                         help="leave out the other shapes (FACTS 16x128; in --smoke mode the second tiny shape)")
+    parser.add_argument("--items", default=None, metavar="REGEX",
+                        help="run only the items whose name matches (after the (a) checks, which always run), "
+                             "e.g. 'prefill smollm2 .* batch=64 tokens=32768' for rows a time box left out")
     args = parser.parse_args()
     started = time.perf_counter()
 
@@ -865,6 +869,19 @@ def main() -> int:
     dtype = torch.bfloat16
     out_path = Path(args.out) if args.out else RESULTS / "gpu_linear_mixers.json"
     items = build_plan(plan, device, dtype, args.only_smollm2)
+    if args.items:
+        try:
+            wanted = re.compile(args.items)
+        except re.error as exc:
+            print(f"error: --items is not a regular expression ({exc}); quote it, e.g. --items 'tokens=32768'",
+                  file=sys.stderr)
+            return 2
+        items = [item for item in items if item.group == "a" or wanted.search(item.name)]
+        if all(item.group == "a" for item in items):
+            print(f"error: --items {args.items!r} matches no item; names look like "
+                  "'prefill smollm2 gdn batch=64 tokens=32768' or 'decode smollm2 kda batch=1 context=2048'",
+                  file=sys.stderr)
+            return 2
     shapes = {n: s for n, s in plan["shapes"].items() if not args.only_smollm2 or n == plan["main_shape"]}
 
     results: dict[str, list] = {"correctness": [], "prefill": [], "decode": [], "profile": []}
@@ -877,7 +894,7 @@ def main() -> int:
         "kernels": "fla chunk_gated_delta_rule / fused_recurrent_gated_delta_rule, chunk_kda / fused_recurrent_kda; "
                    "layer: fla causal_conv1d(_update), rms_norm_gated, gates inside the delta-rule kernels"
                    if device == "cuda" else "torch (supernet.ops)",
-        "time_limit_s": args.time_limit, "only_smollm2": args.only_smollm2,
+        "time_limit_s": args.time_limit, "only_smollm2": args.only_smollm2, "items_filter": args.items,
         "bench": f"triton do_bench median, warmup {BENCH_WARMUP_MS} ms, rep {BENCH_REP_MS} ms, after one "
                  "untimed call (compilation, autotuning); *_graph_ms: the same of one CUDA graph replay"
                  if device == "cuda" else "perf_counter median of 3",

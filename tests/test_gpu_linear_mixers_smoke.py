@@ -42,6 +42,22 @@ def test_smoke_run_writes_checks_timings_and_kernel_breakdown(tmp_path):
     assert all(r["top"] and r["kernels_per_call"] > 0 for r in data["profile"])
 
 
+def test_items_filter_runs_the_checks_and_the_chosen_rows_only(tmp_path):
+    out = tmp_path / "linear.json"
+    cmd = [sys.executable, "benchmarks/gpu_linear_mixers.py", "--smoke", "--only-smollm2", "--time-limit", "0",
+           "--out", str(out)]
+    proc = subprocess.run(cmd + ["--items", "prefill tiny kda batch=2"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["all_checks_ok"] and data["items_filter"] == "prefill tiny kda batch=2"
+    assert {item["group"] for item in data["items"]} == {"a", "c"}
+    assert [(r["mixer"], r["batch"]) for r in data["prefill"]] == [("kda", 2)] and not data["decode"]
+    for bad, message in (("prefill nothing", "matches no item"), ("(", "not a regular expression")):
+        proc = subprocess.run(cmd + ["--items", bad], cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
 # fla's own layer, the benchmark's second reference: its kwargs and weights must reproduce our mixer
 
 sys.path.insert(0, str(REPO))

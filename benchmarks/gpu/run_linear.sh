@@ -1,7 +1,8 @@
 # GPU call: GDN/KDA mixers (fla Triton path) checks, per-layer timings (decode eager and as CUDA graph
 # replays) and a torch.profiler kernel breakdown of layer vs raw op, time-boxed.
 # On the device machine, from the repo root, carrying .whl (the fla wheels):
-#   bash benchmarks/gpu/run_linear.sh [TIME_LIMIT_S (default 210)] [more gpu_linear_mixers.py args, e.g. --only-smollm2]
+#   bash benchmarks/gpu/run_linear.sh [TIME_LIMIT_S (default 210)] [more gpu_linear_mixers.py args, e.g. --only-smollm2,
+#   or --items 'tokens=32768|facts' for only the rows whose names match, after the checks]
 # No new item starts after TIME_LIMIT_S; `timeout` kills the run 30 s later at the latest. The JSON in $OUT is
 # rewritten after every row, so a killed run still returns what it finished ("complete": false).
 #
