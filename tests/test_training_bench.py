@@ -66,3 +66,12 @@ def test_plot_loss_curves_draws_runs_against_the_reference_and_refuses_other_pla
         plot_main([str(ref), str(other), "--out", str(out)])
     with pytest.raises(SystemExit, match="holds no losses"):
         plot_main([str(ref), str(write("empty", [], [])), "--out", str(out)])
+
+
+def test_timeline_breakdown_splits_wall_time_into_compute_exposed_communication_and_idle():
+    from benchmarks.bench_training import timeline_breakdown
+
+    # compute 0-10 and 8-12 (two streams, overlapping); an all-gather 5-15, half hidden; nothing 15-20
+    kernels = [(0.0, 10.0, False), (8.0, 12.0, False), (5.0, 15.0, True)]
+    assert timeline_breakdown(kernels, 20.0) == {"compute_busy": 12.0, "comm_only": 3.0, "gpu_idle": 5.0}
+    assert timeline_breakdown([], 7.0) == {"compute_busy": 0.0, "comm_only": 0.0, "gpu_idle": 7.0}
