@@ -113,6 +113,7 @@ def check_fused_equals_torch(model, placements: dict[str, Placement], context: i
     del reference
     return rows
 
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", default="benchmarks/results/e2e_presets.json")

@@ -40,10 +40,8 @@ def _speedup_cell(row: dict) -> str:
     return cell
 
 
-def plot(measurements: dict, evaluations: Path | None, out: Path,
-         extra: tuple[str, list[dict]] | None = None) -> None:
-    """Presets' speed vs retention; `extra` = (label, rows with decode_speedup and quality): another
-    series drawn with its own marker (e.g. placements measured with a different quality metric)."""
+def plot(measurements: dict, evaluations: Path | None, out: Path) -> None:
+    """Presets' measured speed vs retention."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,13 +54,6 @@ def plot(measurements: dict, evaluations: Path | None, out: Path,
     for r in rows:
         ax.annotate(r["preset"], (r["decode_speedup"], 100 * r["quality_retention"]), textcoords="offset points",
                     xytext=(4, 4), fontsize=8)
-    if extra and extra[1]:
-        label, points = extra
-        ax.scatter([r["decode_speedup"] for r in points], [100 * r["quality"] for r in points], marker="s",
-                   color="C1", label=label, zorder=4)
-        for r in points:
-            ax.annotate(r["preset"], (r["decode_speedup"], 100 * r["quality"]), textcoords="offset points",
-                        xytext=(4, -10), fontsize=8, color="C1")
     ax.set_xlabel("decode throughput vs all-fa (measured)")
     ax.set_ylabel("quality retention (% of all-fa, 1 - normalised KL)")
     ax.set_title("supernet presets: speed vs quality")

@@ -131,18 +131,17 @@ def apply_fsdp(pair: nn.Module, student_layers: nn.ModuleList, teacher: nn.Modul
             if any(p.requires_grad for p in params):
                 fully_shard(chunk if len(chunk) > 1 else chunk[0], mesh=mesh, reshard_after_forward=False,
                             ignored_params=frozen & params)
-        fully_shard(pair, mesh=mesh, ignored_params=frozen)
-        return pair
-    for layer in student_layers:
-        in_mixer_units: set[nn.Parameter] = set()
-        for mixer in getattr(layer, "mixers", {}).values():
-            if any(p.requires_grad for p in mixer.parameters()):
-                fully_shard(mixer, mesh=mesh, reshard_after_forward=False,
-                            ignored_params=frozen & set(mixer.parameters()))
-                in_mixer_units |= set(mixer.parameters())
-        own = {p for p in layer.parameters() if p not in in_mixer_units}
-        if any(p.requires_grad for p in own):  # shared weights train too (`train.trainable: all`)
-            fully_shard(layer, mesh=mesh, ignored_params=frozen & own)
+    else:
+        for layer in student_layers:
+            in_mixer_units: set[nn.Parameter] = set()
+            for mixer in getattr(layer, "mixers", {}).values():
+                if any(p.requires_grad for p in mixer.parameters()):
+                    fully_shard(mixer, mesh=mesh, reshard_after_forward=False,
+                                ignored_params=frozen & set(mixer.parameters()))
+                    in_mixer_units |= set(mixer.parameters())
+            own = {p for p in layer.parameters() if p not in in_mixer_units}
+            if any(p.requires_grad for p in own):  # shared weights train too (`train.trainable: all`)
+                fully_shard(layer, mesh=mesh, ignored_params=frozen & own)
     fully_shard(pair, mesh=mesh, ignored_params=frozen)
     return pair
 

@@ -413,15 +413,15 @@ def _dispatch(family, q, k, v, g, beta, scale, initial_state, output_final_state
     if initial_state is not None:
         initial_state = initial_state.float()
     kernel = _fla_kernel(family, q, (q, k, v, g, beta, initial_state, A_log, dt_bias))
+    # raw gates reach here only where `_prepare_gates` chose fla's in-kernel gates
     gate_kwargs = {}
-    raw = A_log is not None or beta_logits
-    if raw and kernel is not None and _gates_in_kernel(q, (q, k, v, g, beta, A_log, dt_bias)):
+    if kernel is None:
+        g, beta = _torch_gates(g, beta, A_log, dt_bias, beta_logits)
+    else:
         if A_log is not None:
             gate_kwargs.update(use_gate_in_kernel=True, A_log=A_log, dt_bias=dt_bias)
         if beta_logits:
             gate_kwargs.update(use_beta_sigmoid_in_kernel=True)
-    else:
-        g, beta = _torch_gates(g, beta, A_log, dt_bias, beta_logits)
     if (kernel is not None and kernel is _fla_kernels()["gdn_chunk"]
             and _gated_chunk_backward_broken(q.device.index or 0) and _needs_grad((q, k, v, g, beta))):
         kernel = _fla_kernels()["kda_chunk"]
