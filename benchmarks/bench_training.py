@@ -190,7 +190,8 @@ def build_config(args: argparse.Namespace, out_dir: str, data: list[str], eval_d
         "sampling": {"presets": ["all-swa", "all-gdn", "all-kda"], "preset_prob": 0.1},
         "train": {"train_mixers": ["swa", "gdn", "kda"], "mixer_lr_scale": {"swa": 0.1}, "micro_batch_size": args.batch,
                   "grad_accum": args.grad_accum, "max_steps": 10**6, "lr": args.lr, "warmup_steps": 20,
-                  "compile": args.compile, "activation_checkpointing": args.activation_checkpointing},
+                  "compile": args.compile, "activation_checkpointing": args.activation_checkpointing,
+                  "gc_every": args.gc_every},
         "eval": {"num_sequences": args.eval_sequences, "batch_size": args.eval_batch, "placements": list(SINGLE)},
         "distributed": {"shard_teacher": not args.replicate_teacher, "layers_per_unit": args.layers_per_unit},
         "checkpoint": {"resume": "none", "save_final": False},
@@ -238,6 +239,7 @@ def _compile_stats() -> dict[str, int] | None:
 
 def run_ours(args: argparse.Namespace, cfg: Any, live: dict[str, Any], flush: Any, deadline: float) -> dict[str, Any]:
     """Train with `training.Trainer`; `live` is filled in as it goes (it is the partial result)."""
+    from training.gc_control import ScheduledGC
     from training.trainer import Trainer
 
     t_run = time.perf_counter()
@@ -268,6 +270,7 @@ def run_ours(args: argparse.Namespace, cfg: Any, live: dict[str, Any], flush: An
     live.update(status="training", kl_before=kl_before, losses=losses, placements=placements, step_s=step_s,
                 requested_timed_steps=args.steps, warmup_steps=args.warmup)
     stopped = None
+    collector = ScheduledGC(cfg.train.gc_every).__enter__()  # as Trainer.train: the same pauses on every rank
     for i in range(budget_steps):
         if i == args.warmup:
             compile_before_timing = _compile_stats()
@@ -278,6 +281,7 @@ def run_ours(args: argparse.Namespace, cfg: Any, live: dict[str, Any], flush: An
         sync()
         dt = time.perf_counter() - t
         trainer.step += 1
+        collector.step(trainer.step)
         losses.append(rec["loss"])
         placements.append(str(placement))
         step_s.append(dt)
@@ -302,6 +306,7 @@ def run_ours(args: argparse.Namespace, cfg: Any, live: dict[str, Any], flush: An
             if measured_steps >= 1 or now > deadline + 60:
                 stopped = f"time limit reached after {measured_steps} of {args.steps} timed steps"
                 break
+    collector.__exit__()
     if compile_after_timing is None and measured_steps:
         compile_after_timing = _compile_stats()
     if args.profile_steps and stopped is None and dev.type == "cuda":
@@ -504,6 +509,8 @@ def main() -> None:
                     help="FSDP2: every rank holds the whole teacher (distributed.shard_teacher: false)")
     ap.add_argument("--layers-per-unit", type=int, default=0,
                     help="FSDP2 unit size (distributed.layers_per_unit): 0 one unit per mixer, K layers per unit")
+    ap.add_argument("--gc-every", type=int, default=50,
+                    help="train.gc_every: Python GC of the young generations every N steps (0: automatic)")
     ap.add_argument("--profile-steps", type=int, default=0,
                     help="after the timed steps, profile this many more (GPU busy vs wall time, top operators)")
     ap.add_argument("--compare-to", default=None, help="a previous result JSON (e.g. the 1-GPU run) to compare with")

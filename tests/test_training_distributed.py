@@ -24,11 +24,12 @@ def _losses(out: Path) -> dict[int, float]:
 
 @pytest.mark.parametrize("trainable,shard_teacher,layers_per_unit,compiled,port", [
     ("mixers", True, 0, False, 29533), ("all", True, 0, False, 29534), ("mixers", False, 0, False, 29535),
-    ("mixers", True, 2, False, 29536), ("mixers", True, 2, True, 29537)])
+    ("mixers", True, 4, False, 29536), ("mixers", True, 2, True, 29537)])
 def test_two_process_fsdp_matches_one_process(tmp_path, trainable, shard_teacher, layers_per_unit, compiled, port):
     """`mixers`: frozen shared weights stay unsharded beside per-mixer units; `all`: everything sharded;
     shard_teacher False: every rank holds the whole teacher; layers_per_unit 2: units of two layers,
-    student and teacher, each holding mixers that a step's placement leaves unused; compiled: the
+    student and teacher, each holding mixers that a step's placement leaves unused (4: the whole
+    model in one unit, gathered once per step); compiled: the
     shipped GPU configs' `train.compile: true` under FSDP2, with the graphs of one process."""
     world = TinyWorld(tmp_path / "world")
     # frozen_bf16: the teacher in bf16 as on GPUs, so its FSDP2 units differ in dtype from the student's
@@ -53,6 +54,8 @@ def test_two_process_fsdp_matches_one_process(tmp_path, trainable, shard_teacher
     assert "distill: 3 steps" in proc.stdout
     assert f"teacher {'sharded' if shard_teacher else 'replicated'}" in proc.stdout
     assert "fused AdamW unavailable" not in proc.stdout and "refused a device-side skip" not in proc.stdout
+    # fused AdamW under FSDP2 clips and steps on the local shards (training/sharded_step.py)
+    assert ("fused AdamW and clipping on the local shards" in proc.stdout) == bool(layers_per_unit), proc.stdout[-2000:]
     assert ("one unit per trainable mixer" if layers_per_unit == 0 else f"one unit per {layers_per_unit} layers") \
         in proc.stdout
 

@@ -96,6 +96,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     frozen_bf16: str = "auto"  # store frozen weights and the teacher in bf16: auto (on CUDA) | true | false
     fused_adamw: str = "auto"  # AdamW's fused kernel: auto (on CUDA) | true | false (the for-each kernels)
+    gc_every: int = 50  # Python GC: collect the young generations every N steps (0: automatic)
     device: str = "auto"  # auto | cpu | cuda
 
 
@@ -338,5 +339,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("data.train lists no files; give at least one jsonl/txt path")
     if cfg.loss.chunk_tokens < 1:
         raise ConfigError("loss.chunk_tokens must be >= 1")
+    if cfg.train.gc_every < 0:
+        raise ConfigError("train.gc_every must be >= 0 (0: Python's automatic garbage collection; N: every N steps)")
     if cfg.distributed.layers_per_unit < 0:
         raise ConfigError("distributed.layers_per_unit must be >= 0 (0: one FSDP2 unit per mixer; K: K layers per unit)")

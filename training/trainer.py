@@ -33,7 +33,9 @@ from training.engine import DistillPair
 from training.losses import LossSpec, TopKTargets
 from training.models import (cast_params, load_student, load_teacher_model, load_tokenizer, prepare_student,
                              set_trainable)
+from training.gc_control import ScheduledGC
 from training.sampling import build_sampler, resolve_placements
+from training.sharded_step import clip_local_grads_, fused_adamw_local_step, local_grad_square_sum, shards_are_disjoint
 
 
 class TrainingDiverged(RuntimeError):
@@ -185,6 +187,11 @@ class Trainer:
                 self.mixer_params.append((int(parts[parts.index("layers") + 1]), parts[parts.index("mixers") + 1], p))
         fused = cfg.train.fused_adamw == "true" or (cfg.train.fused_adamw == "auto" and dev.type == "cuda")
         self.optimizer = self._build_optimizer(student, fused=fused)
+        # under FSDP2, clip and step on the local shards: no DTensor dispatch per op on the host
+        self.local_shard_step = self.strategy == "fsdp" and self.skip_on_device and shards_are_disjoint(self.params)
+        if self.strategy == "fsdp" and env.is_main:
+            print("optimizer: " + ("fused AdamW and clipping on the local shards" if self.local_shard_step
+                                   else "AdamW and clipping on DTensors"))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, cosine_schedule(cfg.train.warmup_steps, self.max_steps, cfg.train.min_lr_ratio))
         self.sampler = build_sampler(cfg.sampling, self.num_layers, cfg.seed, student.config.presets)
@@ -365,16 +372,25 @@ class Trainer:
             (loss * self.grad_scale if self.grad_scale != 1 else loss).backward()
             sums += torch.stack([loss.detach().float(), stats["kl"].float(), stats["ce"].float(),
                                  stats["hidden"].float()])
-        env.all_reduce_sum(sums)
         for layer, mixer, p in self.mixer_params:
             if placement[layer] != mixer:
                 p.grad = None
         clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-        gnorm = torch.nn.utils.clip_grad_norm_(self.params, clip)
-        if hasattr(gnorm, "full_tensor"):
-            gnorm = gnorm.full_tensor()
-        stats = torch.cat([sums, gnorm.reshape(1).float().to(sums.device)])
-        stepped = self.skip_on_device and self._step_unless_nonfinite(stats)
+        if self.local_shard_step:  # FSDP2: one all-reduce, then plain tensors (training/sharded_step.py)
+            stats = torch.cat([sums, local_grad_square_sum(self.params).reshape(1).to(sums.device)])
+            env.all_reduce_sum(stats)
+            gnorm = stats[4].sqrt()
+            clip_local_grads_(self.params, gnorm, clip)
+            stats = torch.cat([stats[:4], gnorm.reshape(1)])
+            fused_adamw_local_step(self.optimizer, (~torch.isfinite(stats).all()).float())
+            stepped = True
+        else:
+            env.all_reduce_sum(sums)
+            gnorm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+            if hasattr(gnorm, "full_tensor"):
+                gnorm = gnorm.full_tensor()
+            stats = torch.cat([sums, gnorm.reshape(1).float().to(sums.device)])
+            stepped = self.skip_on_device and self._step_unless_nonfinite(stats)
         values = stats.tolist()  # the host waits for the GPU here
         loss_v, kl_v, ce_v, hid_v, gn_v = values
         if not (math.isfinite(loss_v) and math.isfinite(gn_v)):
@@ -517,40 +533,42 @@ class Trainer:
         window_tokens, window_t0 = 0, time.perf_counter()
         if env.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        while self.step < self.max_steps:
-            placement = self.next_placement()
-            t0 = time.perf_counter()
-            rec = self.train_step(placement)
-            if env.device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            timed_tokens += self.tokens_per_step
-            timed_s += dt
-            window_tokens += self.tokens_per_step
-            result.losses[self.step] = rec["loss"]
-            self.step += 1
-            self.tokens_seen += self.tokens_per_step
-            record = {"step": self.step, **rec, "tokens": self.tokens_seen, "tokens_per_s": self.tokens_per_step / dt,
-                      "placement": str(placement), "epoch": round(self.order.epoch_of(self.step), 4)}
-            if env.device.type == "cuda":
-                record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            self._log(record)
-            bar.update(1)
-            if self.step % max(1, cfg.log.every) == 0 or self.step == self.max_steps:
-                rate = window_tokens / max(1e-9, time.perf_counter() - window_t0)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", kl=f"{rec['kl']:.4f}", tok_s=f"{rate:,.0f}")
-                window_tokens, window_t0 = 0, time.perf_counter()
-            if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < self.max_steps:
-                ev = self.evaluate()
-                result.evals[self.step] = ev
-                self._log({"step": self.step, self.eval_key: ev})
-            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < self.max_steps:
-                self.save()
-            if stop_at_step is not None and self.step >= stop_at_step:
-                bar.close()
-                result.steps = self.step
-                result.tokens_per_s = timed_tokens / timed_s if timed_s else 0.0
-                return result
+        with ScheduledGC(cfg.train.gc_every) as collector:  # the same pause at the same step on every rank
+            while self.step < self.max_steps:
+                placement = self.next_placement()
+                t0 = time.perf_counter()
+                rec = self.train_step(placement)
+                if env.device.type == "cuda":
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+                timed_tokens += self.tokens_per_step
+                timed_s += dt
+                window_tokens += self.tokens_per_step
+                result.losses[self.step] = rec["loss"]
+                self.step += 1
+                self.tokens_seen += self.tokens_per_step
+                record = {"step": self.step, **rec, "tokens": self.tokens_seen, "tokens_per_s": self.tokens_per_step / dt,
+                          "placement": str(placement), "epoch": round(self.order.epoch_of(self.step), 4)}
+                if env.device.type == "cuda":
+                    record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                self._log(record)
+                bar.update(1)
+                collector.step(self.step)
+                if self.step % max(1, cfg.log.every) == 0 or self.step == self.max_steps:
+                    rate = window_tokens / max(1e-9, time.perf_counter() - window_t0)
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", kl=f"{rec['kl']:.4f}", tok_s=f"{rate:,.0f}")
+                    window_tokens, window_t0 = 0, time.perf_counter()
+                if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < self.max_steps:
+                    ev = self.evaluate()
+                    result.evals[self.step] = ev
+                    self._log({"step": self.step, self.eval_key: ev})
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < self.max_steps:
+                    self.save()
+                if stop_at_step is not None and self.step >= stop_at_step:
+                    bar.close()
+                    result.steps = self.step
+                    result.tokens_per_s = timed_tokens / timed_s if timed_s else 0.0
+                    return result
         bar.close()
         if self.compiled_layers and env.is_main:  # a silent fallback to eager would only show as a slow run
             stats = compile_stats()

@@ -8,38 +8,39 @@
 # Triton to cache autotuning results on disk, so the 2-GPU run after the 1-GPU run in the same call
 # (same TRITON_CACHE_DIR) skips most of it. Results wait in /tmp/fsdp2 between calls on a held
 # machine, so `run_fsdp2.sh 1,2` then `run_fsdp2.sh 2r` splits the work over two calls.
-# UNITS=K sets distributed.layers_per_unit (0, the default: one FSDP2 unit per mixer; K: K layers
-# per unit); TAG=name writes training_fsdp2_2gpu<name>.json, so layouts can be compared in one session.
+# Runs are a comma list of 1, 2 and 2r, each optionally @K: K layers per FSDP2 unit
+# (distributed.layers_per_unit; 0, the default, one unit per mixer; UNITS=K sets it for runs without
+# @K). A run with @K writes training_fsdp2_2gpu${TAG}_uK.json, so layouts compare in one call:
+#   bash benchmarks/gpu/run_fsdp2.sh 1,2@6,2@30,2r@30
 source benchmarks/gpu/setup.sh
 nvidia-smi -L
 mkdir -p /tmp/fsdp2
 COMMON="--teacher /tmp/SmolLM2-135M-Instruct.Q4_1.gguf --data .data/pydocs-train.jsonl --eval-data .data/pydocs-eval.jsonl
-  --seq-len 2048 --batch 16 --no-baseline --budget-tokens 0 --offline-topk 0 --warmup 10 --steps 30 --profile-steps ${PROFILE:-2}
-  --layers-per-unit ${UNITS:-0}"
+  --seq-len 2048 --batch 16 --no-baseline --budget-tokens 0 --offline-topk 0 --warmup 10 --steps 30 --profile-steps ${PROFILE:-2}"
 MODE=${1:-both}
 [ "$MODE" = both ] && MODE=1,2,2r
-wants() { [[ ",$MODE," == *",$1,"* ]]; }
-if wants 1; then
-  CUDA_VISIBLE_DEVICES=0 timeout -k 10 ${LIMIT1:-280} python3 benchmarks/bench_training.py $COMMON --grad-accum 2 \
-    --time-limit $(( ${LIMIT1:-280} - 30 )) \
-    --work-dir /tmp/w1 --out /tmp/fsdp2/training_1gpu_accum2.json > /tmp/fsdp2/1gpu.log 2>&1
-  echo "1 GPU exit $?"; grep -v "Warn\|warn\|Converting\|Loading\|Writing" /tmp/fsdp2/1gpu.log | tail -8
-  echo "Triton autotune results cached: $(find $TRITON_CACHE_DIR -name '*.autotune.json' | wc -l)"
-fi
-if wants 2; then
-  timeout -k 10 ${LIMIT2:-280} torchrun --nproc_per_node 2 benchmarks/bench_training.py $COMMON --grad-accum 1 \
-    --time-limit $(( ${LIMIT2:-280} - 30 )) \
-    --work-dir /tmp/w2 --compare-to /tmp/fsdp2/training_1gpu_accum2.json \
-    --out /tmp/fsdp2/training_fsdp2_2gpu${TAG}.json > /tmp/fsdp2/2gpu.log 2>&1
-  echo "2 GPUs exit $?"; grep -v "Warn\|warn\|Converting\|Loading\|Writing" /tmp/fsdp2/2gpu.log | tail -12
-fi
-if wants 2r; then  # the teacher replicated: no all-gathers for it
-  timeout -k 10 ${LIMIT2:-280} torchrun --nproc_per_node 2 benchmarks/bench_training.py $COMMON --grad-accum 1 \
-    --replicate-teacher --time-limit $(( ${LIMIT2:-280} - 30 )) \
-    --work-dir /tmp/w2r --compare-to /tmp/fsdp2/training_1gpu_accum2.json \
-    --out /tmp/fsdp2/training_fsdp2_2gpu_replicated_teacher${TAG}.json > /tmp/fsdp2/2gpu_r.log 2>&1
-  echo "2 GPUs (teacher replicated) exit $?"; grep -v "Warn\|warn\|Converting\|Loading\|Writing" /tmp/fsdp2/2gpu_r.log | tail -6
-fi
+IFS=, read -ra RUNS <<< "$MODE"
+for run in "${RUNS[@]}"; do
+  kind=${run%@*}; units=${UNITS:-0}; tag=$TAG
+  if [[ "$run" == *@* ]]; then units=${run#*@}; tag="${TAG}_u${units}"; fi
+  case $kind in
+    1)
+      CUDA_VISIBLE_DEVICES=0 timeout -k 10 ${LIMIT1:-280} python3 benchmarks/bench_training.py $COMMON \
+        --layers-per-unit $units --grad-accum 2 --time-limit $(( ${LIMIT1:-280} - 30 )) \
+        --work-dir /tmp/w1 --out /tmp/fsdp2/training_1gpu_accum2.json > /tmp/fsdp2/1gpu.log 2>&1
+      echo "1 GPU exit $?"; grep -v "Warn\|warn\|Converting\|Loading\|Writing" /tmp/fsdp2/1gpu.log | tail -8
+      echo "Triton autotune results cached: $(find $TRITON_CACHE_DIR -name '*.autotune.json' | wc -l)" ;;
+    2|2r)  # 2r: the teacher replicated (no all-gathers for it)
+      extra=""; name=training_fsdp2_2gpu
+      [ "$kind" = 2r ] && { extra="--replicate-teacher"; name=training_fsdp2_2gpu_replicated_teacher; }
+      timeout -k 10 ${LIMIT2:-280} torchrun --nproc_per_node 2 benchmarks/bench_training.py $COMMON $extra \
+        --layers-per-unit $units --grad-accum 1 --time-limit $(( ${LIMIT2:-280} - 30 )) \
+        --work-dir /tmp/w$run --compare-to /tmp/fsdp2/training_1gpu_accum2.json \
+        --out /tmp/fsdp2/$name$tag.json > /tmp/fsdp2/2gpu$tag$kind.log 2>&1
+      echo "2 GPUs ($run) exit $?"; grep -v "Warn\|warn\|Converting\|Loading\|Writing" /tmp/fsdp2/2gpu$tag$kind.log | tail -10 ;;
+    *) echo "unknown run '$run': use 1, 2 or 2r, each optionally @K (layers per unit)"; exit 2 ;;
+  esac
+done
 ls /tmp/fsdp2/training_fsdp2_2gpu*.json >/dev/null 2>&1 && python3 benchmarks/plot_loss_curves.py \
   /tmp/fsdp2/training_1gpu_accum2.json /tmp/fsdp2/training_fsdp2_2gpu*.json --out /tmp/fsdp2/training_fsdp2_loss_curves.png
 cp /tmp/fsdp2/*.json /tmp/fsdp2/*.png $OUT/ 2>/dev/null || true
