@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True, height_ratios=[2, 1])
+    height = 5.5 + 0.2 * len(runs)  # inches; the legend below takes ~0.17 in a run
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, height), sharex=True, height_ratios=[2, 1])
     for i, (path, run) in enumerate(zip(args.results, runs)):
         steps = range(1, len(run["losses"]) + 1)
         top.plot(steps, run["losses"], marker="o" if i == 0 else None, ms=3, lw=1.2, label=label(path, run))
@@ -59,13 +60,13 @@ def main(argv: list[str] | None = None) -> None:
             bottom.plot(range(1, n + 1), rel, lw=1.2, color=f"C{i}")
     top.set_ylabel("loss (KL to the teacher)")
     top.set_title("stage-1 loss per step, same placements and global batch")
-    top.legend(fontsize=8)
+    fig.legend(*top.get_legend_handles_labels(), fontsize=8, loc="lower center", ncol=1)  # below: curves stay clear
     top.grid(alpha=0.3)
     bottom.axhline(0, color="k", lw=0.6)
     bottom.set_ylabel("vs reference (%)")
     bottom.set_xlabel("optimizer step")
     bottom.grid(alpha=0.3)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, (0.25 + 0.17 * len(runs)) / height, 1, 1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=130)
     print(f"wrote {args.out}", file=sys.stderr)

@@ -3,6 +3,7 @@ same FSDP2 (DTensor) parameters, and a non-finite step leaves weights and state 
 from __future__ import annotations
 
 import gc
+import weakref
 
 import pytest
 import torch
@@ -90,15 +91,22 @@ def test_local_shard_step_skips_on_found_inf(one_rank_group):
         assert float(opt.state[p]["step"]) == 1.0
 
 
-def test_scheduled_gc_disables_and_restores_the_collector():
+class _Node:
+    pass
+
+
+def test_scheduled_gc_collects_cycles_only_on_its_steps_and_restores_the_collector():
     assert gc.isenabled()
     with ScheduledGC(3) as collector:
         assert not gc.isenabled()
-        junk = []
-        junk.append(junk)  # a reference cycle: only a collection frees it
-        del junk
+        node = _Node()
+        node.me = node  # a reference cycle: only a collection frees it
+        alive = weakref.ref(node)
+        del node
+        collector.step(2)
+        assert alive() is not None
         collector.step(3)
-        assert gc.garbage == []
+        assert alive() is None
     assert gc.isenabled()
     with ScheduledGC(0):
         assert gc.isenabled()
