@@ -2,10 +2,11 @@
 
 Why: under FSDP2 every trainable parameter, gradient and AdamW state is a DTensor, and each op of
 `clip_grad_norm_` and of AdamW's step goes through DTensor's Python dispatch. On 2 x H200 that was
-about 100 ms of host time per step beside about 350 ms of GPU work per rank, and in eager mode the
-host sets the pace. The arithmetic needs no DTensor: AdamW is elementwise, so each rank can update
-its own shards, and a global norm is the root of the summed squares of the per-shard norms, so one
-all-reduce (shared with the step's loss statistics) gives every rank the same clipping factor.
+about 110 ms of host time per profiled step beside about 350 ms of GPU work per rank, and in eager
+mode the host sets the pace. The arithmetic needs no DTensor: AdamW is elementwise, so each rank
+can update its own shards, and a global norm is the root of the summed squares of the per-shard
+norms, so one all-reduce (shared with the step's loss statistics) gives every rank the same
+clipping factor.
 
 The optimizer object and its state stay DTensors, so checkpoints (torch.distributed.checkpoint)
 see exactly what they saw before; only the step reads the tensors underneath.
