@@ -1,6 +1,7 @@
 """Cost model: analytic decode/prefill behaviour, costs.json validation, measured costs on a tiny model."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -159,8 +160,11 @@ def test_in_stack_calibration_matches_the_whole_model_steps():
     hybrid = ["fa", "gdn", "swa"]
     assert cal.cost(hybrid) == pytest.approx(t.fixed + sum(cal.per_layer[m][i] for i, m in enumerate(hybrid)))
     assert cal.speedup(["gdn"] * 3) == pytest.approx(10.0 / 3.0)
-    # timed for real (eager on the CPU): still exact for the uniform placements
-    real = calibrate_in_stack(t, model, new_tokens=2, rounds=1, windows=1)
+    # timed for real (eager on the CPU): still exact for the uniform placements. A 2-core CI machine
+    # can time a whole step below the separately timed fixed part, which the check above refuses
+    # on purpose; a negligible fixed part keeps this run about the calibration, not the noise
+    quiet = dataclasses.replace(t, fixed=1e-9)
+    real = calibrate_in_stack(quiet, model, new_tokens=2, rounds=1, windows=1)
     for m in MIXERS:
         assert real.cost([m] * 3) == pytest.approx(real.meta["calibration"]["uniform_ms_per_step"][m])
     too_fast = {m: {"ms_per_step": 0.5 * t.fixed} for m in MIXERS}
