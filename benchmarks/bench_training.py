@@ -270,43 +270,42 @@ def run_ours(args: argparse.Namespace, cfg: Any, live: dict[str, Any], flush: An
     live.update(status="training", kl_before=kl_before, losses=losses, placements=placements, step_s=step_s,
                 requested_timed_steps=args.steps, warmup_steps=args.warmup)
     stopped = None
-    collector = ScheduledGC(cfg.train.gc_every).__enter__()  # as Trainer.train: the same pauses on every rank
-    for i in range(budget_steps):
-        if i == args.warmup:
-            compile_before_timing = _compile_stats()
-        placement = trainer.next_placement()
-        sync()
-        t = time.perf_counter()
-        rec = trainer.train_step(placement)
-        sync()
-        dt = time.perf_counter() - t
-        trainer.step += 1
-        collector.step(trainer.step)
-        losses.append(rec["loss"])
-        placements.append(str(placement))
-        step_s.append(dt)
-        timed = args.warmup <= i < args.warmup + args.steps
-        if timed:
-            measured_s += dt
-            measured_tokens += trainer.tokens_per_step
-            measured_steps += 1
-            for m in placement:
-                counts[m] += 1
-            if measured_steps == args.steps:
-                compile_after_timing = _compile_stats()
-        if i < args.warmup + args.steps or i % 10 == 0:
-            live.update(timed_steps=measured_steps,
-                        tokens_per_s=measured_tokens / measured_s if measured_s else None,
-                        compile_stats_before_timing=compile_before_timing)
-            flush()
-        now = time.perf_counter()
-        if now > deadline:
-            if i >= args.warmup + args.steps - 1:
-                break  # the quality phase ends at the time limit
-            if measured_steps >= 1 or now > deadline + 60:
-                stopped = f"time limit reached after {measured_steps} of {args.steps} timed steps"
-                break
-    collector.__exit__()
+    with ScheduledGC(cfg.train.gc_every) as collector:  # as Trainer.train: the same pauses on every rank
+        for i in range(budget_steps):
+            if i == args.warmup:
+                compile_before_timing = _compile_stats()
+            placement = trainer.next_placement()
+            sync()
+            t = time.perf_counter()
+            rec = trainer.train_step(placement)
+            sync()
+            dt = time.perf_counter() - t
+            trainer.step += 1
+            collector.step(trainer.step)
+            losses.append(rec["loss"])
+            placements.append(str(placement))
+            step_s.append(dt)
+            timed = args.warmup <= i < args.warmup + args.steps
+            if timed:
+                measured_s += dt
+                measured_tokens += trainer.tokens_per_step
+                measured_steps += 1
+                for m in placement:
+                    counts[m] += 1
+                if measured_steps == args.steps:
+                    compile_after_timing = _compile_stats()
+            if i < args.warmup + args.steps or i % 10 == 0:
+                live.update(timed_steps=measured_steps,
+                            tokens_per_s=measured_tokens / measured_s if measured_s else None,
+                            compile_stats_before_timing=compile_before_timing)
+                flush()
+            now = time.perf_counter()
+            if now > deadline:
+                if i >= args.warmup + args.steps - 1:
+                    break  # the quality phase ends at the time limit
+                if measured_steps >= 1 or now > deadline + 60:
+                    stopped = f"time limit reached after {measured_steps} of {args.steps} timed steps"
+                    break
     if compile_after_timing is None and measured_steps:
         compile_after_timing = _compile_stats()
     if args.profile_steps and stopped is None and dev.type == "cuda":

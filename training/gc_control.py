@@ -16,9 +16,10 @@ class ScheduledGC:
 
     def __init__(self, every: int) -> None:
         self.every = every
-        self._was_enabled = gc.isenabled()
+        self._was_enabled = True
 
     def __enter__(self) -> "ScheduledGC":
+        self._was_enabled = gc.isenabled()
         if self.every > 0:
             gc.collect()
             gc.disable()

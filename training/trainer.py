@@ -31,9 +31,9 @@ from training.distributed import (DistEnv, apply_ddp, apply_fsdp, fsdp_layout, g
                                   resolve_strategy, unwrap)
 from training.engine import DistillPair
 from training.losses import LossSpec, TopKTargets
+from training.gc_control import ScheduledGC
 from training.models import (cast_params, load_student, load_teacher_model, load_tokenizer, prepare_student,
                              set_trainable)
-from training.gc_control import ScheduledGC
 from training.sampling import build_sampler, resolve_placements
 from training.sharded_step import clip_local_grads_, fused_adamw_local_step, local_grad_square_sum, shards_are_disjoint
 
@@ -547,8 +547,9 @@ class Trainer:
                 result.losses[self.step] = rec["loss"]
                 self.step += 1
                 self.tokens_seen += self.tokens_per_step
-                record = {"step": self.step, **rec, "tokens": self.tokens_seen, "tokens_per_s": self.tokens_per_step / dt,
-                          "placement": str(placement), "epoch": round(self.order.epoch_of(self.step), 4)}
+                record = {"step": self.step, **rec, "tokens": self.tokens_seen,
+                          "tokens_per_s": self.tokens_per_step / dt, "placement": str(placement),
+                          "epoch": round(self.order.epoch_of(self.step), 4)}
                 if env.device.type == "cuda":
                     record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
                 self._log(record)
