@@ -28,14 +28,14 @@ from scipy.stats import spearmanr
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from placement.cost import CostTable, analytic_costs  # noqa: E402
-from placement.optimize import Problem, optimize, solve_milp  # noqa: E402
-from placement.planted import planted_problem, planted_tables, truth  # noqa: E402
-from placement.presets import run_optimize, write_presets  # noqa: E402
-from placement.sampling import initial_design  # noqa: E402
-from placement.surrogate import fit_surrogate  # noqa: E402
+from supernet.placement.cost import CostTable, analytic_costs  # noqa: E402
+from supernet.placement.optimize import Problem, optimize, solve_milp  # noqa: E402
+from supernet.placement.planted import planted_problem, planted_tables, truth  # noqa: E402
+from supernet.placement.presets import run_optimize, write_presets  # noqa: E402
+from supernet.placement.sampling import initial_design  # noqa: E402
+from supernet.placement.surrogate import fit_surrogate  # noqa: E402
 from supernet.config import SupernetConfig  # noqa: E402
-from supernet.placement import MIXERS, Placement  # noqa: E402
+from supernet.layout import MIXERS, Placement  # noqa: E402
 
 L = 48
 

@@ -135,7 +135,7 @@ def _metric(url: str, name: str) -> float:
 
 
 def run_vllm(args, ckpt: Path, prompts: list[list[int]]) -> dict:
-    from serving.server import VllmServer, cpu_env, free_port, vllm_command
+    from supernet.serving.server import VllmServer, cpu_env, free_port, vllm_command
 
     work = Path(args.work_dir)
     extra = ["--max-model-len", str(args.context + args.decode_tokens + 16), "--dtype", args.dtype,
@@ -211,7 +211,7 @@ def reference_decode_rate(model, prompts: torch.Tensor, placement, steps: int) -
 
 
 def run_reference(args, ckpt: Path, prompts: list[list[int]]) -> dict:
-    from serving.speculative import greedy_generate, speculative_generate
+    from supernet.serving.speculative import greedy_generate, speculative_generate
     from supernet.model import SupernetForCausalLM
 
     device = torch.device(args.device)

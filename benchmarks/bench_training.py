@@ -123,7 +123,7 @@ def flops_per_token(student: torch.nn.Module, seq: int, mixer_mix: dict[str, flo
 # the baseline: plain HF Llama distillation step
 # ---------------------------------------------------------------------------------------------
 def run_baseline(teacher_path: str, seq: int, batch: int, warmup: int, steps: int) -> dict[str, Any]:
-    from training.models import cast_params, load_teacher_model
+    from supernet.training.models import cast_params, load_teacher_model
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bf16 = dev.type == "cuda"
@@ -178,7 +178,7 @@ def run_baseline(teacher_path: str, seq: int, batch: int, warmup: int, steps: in
 # ours
 # ---------------------------------------------------------------------------------------------
 def build_config(args: argparse.Namespace, out_dir: str, data: list[str], eval_data: list[str]) -> Any:
-    from training.config import config_from_dict
+    from supernet.training.config import config_from_dict
 
     return config_from_dict({
         "out_dir": out_dir, "seed": 0,
@@ -230,7 +230,7 @@ class Report:
 
 def _compile_stats() -> dict[str, int] | None:
     try:
-        from training.compile import compile_stats
+        from supernet.training.compile import compile_stats
 
         return compile_stats()
     except Exception:  # noqa: BLE001 - statistics only
@@ -239,8 +239,8 @@ def _compile_stats() -> dict[str, int] | None:
 
 def run_ours(args: argparse.Namespace, cfg: Any, live: dict[str, Any], flush: Any, deadline: float) -> dict[str, Any]:
     """Train with `training.Trainer`; `live` is filled in as it goes (it is the partial result)."""
-    from training.gc_control import ScheduledGC
-    from training.trainer import Trainer
+    from supernet.training.gc_control import ScheduledGC
+    from supernet.training.trainer import Trainer
 
     t_run = time.perf_counter()
     live.update(status="setting up", compile=bool(cfg.train.compile), micro_batch=args.batch,
@@ -410,9 +410,9 @@ def run_offline(args: argparse.Namespace, cfg: Any, data: list[str], student_dir
     """Write a top-K cache for a few windows (teacher throughput, bytes/token), then train from it."""
     import dataclasses
 
-    from training.logit_cache import write_logit_cache
-    from training.models import cast_params, load_teacher_model
-    from training.trainer import Trainer
+    from supernet.training.logit_cache import write_logit_cache
+    from supernet.training.models import cast_params, load_teacher_model
+    from supernet.training.trainer import Trainer
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cache_dir = Path(args.work_dir) / f"topk{args.offline_topk}"
@@ -521,7 +521,7 @@ def main() -> None:
 
     tmp = None
     if args.smoke:
-        from training.testing import write_synthetic_corpus
+        from supernet.training.testing import write_synthetic_corpus
 
         tmp = tempfile.mkdtemp(prefix="bench-training-")
         tr, ev = write_synthetic_corpus(tmp, 60, 8)
@@ -619,7 +619,7 @@ def main() -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
     if env is not None and exit_code == 0:
-        from training.distributed import shutdown
+        from supernet.training.distributed import shutdown
 
         shutdown(env)
     if not is_main:

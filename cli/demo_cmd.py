@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from cli.errors import UserError, friendly_errors
-from cli.pipeline import STEPS, PipelineSettings, console, run_pipeline
+from supernet.cli.errors import UserError, friendly_errors
+from supernet.cli.pipeline import STEPS, PipelineSettings, console, run_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 

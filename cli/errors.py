@@ -15,7 +15,7 @@ class UserError(Exception):
 @contextmanager
 def friendly_errors(*extra: type[BaseException]) -> Iterator[None]:
     """Turn expected failures into `error: <message>` and exit code 2, never a traceback."""
-    from supernet.placement import PlacementError
+    from supernet.layout import PlacementError
 
     try:
         yield

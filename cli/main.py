@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import demo_cmd, model_cmds, placement_cmds, serving_cmds, training_cmds
+from supernet.cli import demo_cmd, model_cmds, placement_cmds, serving_cmds, training_cmds
 
 app = typer.Typer(
     name="supernet",

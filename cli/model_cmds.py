@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cli.errors import UserError, friendly_errors
+from supernet.cli.errors import UserError, friendly_errors
 
 console = Console(stderr=True)
 
@@ -132,7 +132,7 @@ def generate(
         stats = None
         with torch.no_grad():
             if draft_preset:
-                from serving.speculative import speculative_generate
+                from supernet.serving.speculative import speculative_generate
 
                 draft = model.config.resolve(draft_preset)
                 tokens, stats = speculative_generate(

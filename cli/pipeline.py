@@ -88,7 +88,7 @@ def _run(cmd: list[str], log: Path) -> None:
 
 
 def _supernet() -> list[str]:
-    return [sys.executable, "-m", "cli.main"]
+    return [sys.executable, "-m", "supernet.cli.main"]
 
 
 def _device(s: PipelineSettings) -> str:
@@ -146,7 +146,7 @@ def step_presets(s: PipelineSettings) -> None:
     out = s.workdir / "presets.json"
     if out.exists() and (s.final / "config.json").exists():
         return
-    from placement.cost import load_costs
+    from supernet.placement.cost import load_costs
 
     costs = load_costs(s.workdir / "costs.json")
     num_layers = json.loads((s.trained / "config.json").read_text())["num_hidden_layers"]
@@ -166,7 +166,7 @@ def install_presets(ckpt: Path, presets_json: Path, out: Path) -> None:
     """Copy a checkpoint and write the optimised presets into its config (no weights change)."""
     import shutil
 
-    from supernet.placement import load_presets
+    from supernet.layout import load_presets
 
     config = json.loads((ckpt / "config.json").read_text())
     presets = load_presets(presets_json, config["num_hidden_layers"])
@@ -189,9 +189,9 @@ def step_measure(s: PipelineSettings) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from placement.evaluate import build_evaluator, load_texts
-    from placement.needle import needle_score
-    from supernet.placement import Placement
+    from supernet.placement.evaluate import build_evaluator, load_texts
+    from supernet.placement.needle import needle_score
+    from supernet.layout import Placement
     from supernet.throughput import compare_decode
 
     device = _device(s)
@@ -236,7 +236,7 @@ def measure_speculative(model, tokenizer, haystack, rows, s: PipelineSettings) -
     """Try draft/target pairs among the presets; report the best measured speedup (greedy, lossless)."""
     import torch
 
-    from serving.speculative import greedy_generate, speculative_generate
+    from supernet.serving.speculative import greedy_generate, speculative_generate
 
     device = next(model.parameters()).device
     prompts = [torch.tensor(tokenizer(t[:1500]).input_ids[:256])[None].to(device) for t in haystack[: s.spec_prompts]]
@@ -271,7 +271,7 @@ def measure_speculative(model, tokenizer, haystack, rows, s: PipelineSettings) -
 
 
 def step_report(s: PipelineSettings) -> None:
-    from cli.report import write_report
+    from supernet.cli.report import write_report
 
     write_report(s.workdir)
 

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cli.errors import UserError, friendly_errors
+from supernet.cli.errors import UserError, friendly_errors
 
 app = typer.Typer(name="placement", no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   help="Find the best placement for each speed: fit the surrogate, optimise, write presets.json.")
@@ -40,7 +40,7 @@ def _print_fit(console: Console, surrogate, fit_seconds: float) -> None:
 
 
 def _print_result(console: Console, run, speedups_given: bool) -> None:
-    from placement.presets import preset_name
+    from supernet.placement.presets import preset_name
 
     dp = run.result.dp
     if dp.exact_grid:
@@ -84,7 +84,7 @@ def optimize(
 ) -> None:
     """Fit the surrogate, then for each --speedup the placement with the best predicted quality."""
     with friendly_errors(ValueError):
-        from placement.presets import measured_points, run_optimize, write_presets
+        from supernet.placement.presets import measured_points, run_optimize, write_presets
 
         if resolution is not None and resolution < 10:
             raise UserError("--resolution must be at least 10")
@@ -98,7 +98,7 @@ def optimize(
         if save_surrogate is not None:
             run.surrogate.save(save_surrogate)
         if plot is not None:
-            from placement.plot import plot_frontier
+            from supernet.placement.plot import plot_frontier
 
             metric = run.evaluations.rows[0].get("metric", "quality") if run.evaluations else "quality"
             plot_frontier(plot, run.result.frontier, run.result.presets,
@@ -119,8 +119,8 @@ def fit(
     with friendly_errors(ValueError):
         import time
 
-        from placement.evaluations import read_evaluations
-        from placement.surrogate import fit_surrogate
+        from supernet.placement.evaluations import read_evaluations
+        from supernet.placement.surrogate import fit_surrogate
 
         ev = read_evaluations(evaluations)
         t0 = time.perf_counter()

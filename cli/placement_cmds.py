@@ -8,14 +8,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cli.errors import UserError, friendly_errors
-from cli.placement_cli import optimize as optimize_command
+from supernet.cli.errors import UserError, friendly_errors
+from supernet.cli.placement_cli import optimize as optimize_command
 
 console = Console(stderr=True)
 
 
 def _parse_mixers(text: str) -> tuple[str, ...]:
-    from supernet.placement import MIXERS
+    from supernet.layout import MIXERS
 
     names = tuple(dict.fromkeys(m.strip().lower() for m in text.split(",") if m.strip()))
     for m in names:
@@ -49,8 +49,8 @@ def eval_placements(
 ) -> None:
     """Measure the quality of sampled placements against the teacher (resumable)."""
     with friendly_errors(ValueError, OSError):
-        from placement.cost import analytic_costs, load_config, load_costs
-        from placement.evaluate import build_evaluator, run_campaign
+        from supernet.placement.cost import analytic_costs, load_config, load_costs
+        from supernet.placement.evaluate import build_evaluator, run_campaign
 
         names = _parse_mixers(mixers)
         if n < 1:
@@ -82,8 +82,8 @@ def costs(
 ) -> None:
     """Per-layer mixer costs (analytic from the config, or measured) -> costs.json."""
     with friendly_errors(ValueError, OSError):
-        from placement.cost import MODES, analytic_costs, load_config, measure_costs
-        from supernet.placement import MIXERS
+        from supernet.placement.cost import MODES, analytic_costs, load_config, measure_costs
+        from supernet.layout import MIXERS
 
         if mode not in MODES:
             raise UserError(f"unknown --mode {mode!r}; use decode or prefill")
@@ -93,7 +93,7 @@ def costs(
             raise UserError("--calibrate needs --measure in decode mode (it scales measured per-step costs)")
         config = load_config(ckpt)
         if measure:
-            from placement.evaluate import load_supernet, pick_device
+            from supernet.placement.evaluate import load_supernet, pick_device
 
             chosen = None
             if layers != "all":
@@ -106,7 +106,7 @@ def costs(
             model = load_supernet(ckpt, pick_device(device))
             table = measure_costs(model, context, batch, mode, repeats=repeats, layers=chosen)
             if calibrate:
-                from placement.cost import calibrate_in_stack
+                from supernet.placement.cost import calibrate_in_stack
 
                 single = {m: table.speedup([m] * config.num_hidden_layers) for m in table.mixers}
                 table = calibrate_in_stack(table, model)

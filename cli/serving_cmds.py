@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from cli.errors import UserError, friendly_errors
+from supernet.cli.errors import UserError, friendly_errors
 
 SERVE_HELP = """Serve CKPT through vLLM's OpenAI-compatible API.
 
@@ -50,8 +50,8 @@ def register(app: typer.Typer) -> None:
 
 def _prepare(checkpoint, preset, switchable, draft_preset, num_draft_tokens, name, host, port, extra):
     """Check the request against the checkpoint (one-line errors) and build vLLM's command line."""
-    from serving.plan import serving_plan
-    from serving.server import cpu_env, vllm_command
+    from supernet.serving.plan import serving_plan
+    from supernet.serving.server import cpu_env, vllm_command
 
     if not (checkpoint / "config.json").is_file():
         raise UserError(f"{checkpoint} is not a checkpoint folder (no config.json); give the folder `supernet convert` wrote")

@@ -1,6 +1,6 @@
 """`supernet distill`, `supernet sft` and `supernet cache-logits`.
 
-The same commands run alone or under `torchrun --nproc_per_node N -m cli.main distill CONFIG`
+The same commands run alone or under `torchrun --nproc_per_node N -m supernet.cli.main distill CONFIG`
 (see training/launch/); configuration lives in YAML (training/configs/), `--set key.path=value`
 overrides single keys.
 """
@@ -12,14 +12,14 @@ from typing import Optional
 
 import typer
 
-from cli.errors import UserError, friendly_errors
+from supernet.cli.errors import UserError, friendly_errors
 
 
 def _errors():
-    from training.config import ConfigError
-    from training.data import DataError
-    from training.logit_cache import CacheError
-    from training.trainer import TrainingDiverged
+    from supernet.training.config import ConfigError
+    from supernet.training.data import DataError
+    from supernet.training.logit_cache import CacheError
+    from supernet.training.trainer import TrainingDiverged
 
     return ConfigError, DataError, CacheError, TrainingDiverged
 
@@ -27,8 +27,8 @@ def _errors():
 def _run_stage(stage: str, config: Path, overrides: list[str], out_dir: Optional[str], max_steps: Optional[int],
                resume: Optional[str]) -> None:
     with friendly_errors(*_errors()):
-        from training.config import load_config
-        from training.trainer import run
+        from supernet.training.config import load_config
+        from supernet.training.trainer import run
 
         extra = list(overrides or [])
         if out_dir:
@@ -95,9 +95,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run the teacher once and store its top-K log-probabilities (+ tail mass) per token."""
         with friendly_errors(*_errors()):
-            from training.distributed import init_distributed, shutdown
-            from training.logit_cache import write_logit_cache
-            from training.models import load_teacher_model
+            from supernet.training.distributed import init_distributed, shutdown
+            from supernet.training.logit_cache import write_logit_cache
+            from supernet.training.models import load_teacher_model
 
             if top_k < 1:
                 raise UserError("--top-k must be at least 1")

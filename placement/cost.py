@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from supernet.placement import MIXERS, Placement, PlacementError
+from supernet.layout import MIXERS, Placement, PlacementError
 
 MODES = ("decode", "prefill")
 CHUNK = 64  # chunk size assumed for the chunked delta-rule FLOP count

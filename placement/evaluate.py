@@ -26,10 +26,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from placement.evaluations import append_evaluation, read_evaluations
-from placement.sampling import initial_design, propose_active
+from supernet.placement.evaluations import append_evaluation, read_evaluations
+from supernet.placement.sampling import initial_design, propose_active
 from supernet.io_utils import read_jsonl
-from supernet.placement import MIXERS, Placement, PlacementError
+from supernet.layout import MIXERS, Placement, PlacementError
 
 METRIC = "1-kl/kl_uniform"
 
@@ -292,7 +292,7 @@ def run_campaign(evaluate: Callable[[Placement], dict], out: str | Path, n_total
     """
     from tqdm.auto import tqdm
 
-    from placement.surrogate import encode, fit_surrogate
+    from supernet.placement.surrogate import encode, fit_surrogate
 
     if n_total < 1:
         raise PlacementError("--n must be >= 1")

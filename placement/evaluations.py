@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from supernet.io_utils import read_jsonl
-from supernet.placement import Placement, PlacementError
+from supernet.layout import Placement, PlacementError
 
 
 @dataclass

@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 
 from supernet.model import SupernetForCausalLM
-from supernet.placement import PlacementLike
+from supernet.layout import PlacementLike
 
 _WORDS = ["amber", "falcon", "harbor", "juniper", "lantern", "meadow", "nickel", "orchid", "pepper",
           "quartz", "saffron", "timber", "velvet", "walnut", "zephyr", "cobalt"]

@@ -25,7 +25,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from supernet.placement import Placement, PlacementError
+from supernet.layout import Placement, PlacementError
 
 REL_TOL = 1e-9  # relative slack allowed when comparing a cost with its budget (float rounding)
 

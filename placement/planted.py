@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from placement.optimize import Problem
-from placement.surrogate import pair_list
-from supernet.placement import MIXERS
+from supernet.placement.optimize import Problem
+from supernet.placement.surrogate import pair_list
+from supernet.layout import MIXERS
 
 
 def planted_tables(num_layers: int, num_mixers: int = 4, pairs: str = "nn", seed: int = 0,

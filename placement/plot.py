@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from placement.optimize import Solution
+from supernet.placement.optimize import Solution
 
 
 def plot_frontier(path: str | Path, frontier: Sequence[Solution], presets: Sequence[Solution],

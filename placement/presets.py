@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from placement.cost import CostTable, load_costs
-from placement.evaluations import Evaluations, read_evaluations
-from placement.optimize import OptimizeResult, Problem, Solution, optimize
-from placement.surrogate import ClusterExpansion, fit_surrogate
-from supernet.placement import PlacementError, save_presets
+from supernet.placement.cost import CostTable, load_costs
+from supernet.placement.evaluations import Evaluations, read_evaluations
+from supernet.placement.optimize import OptimizeResult, Problem, Solution, optimize
+from supernet.placement.surrogate import ClusterExpansion, fit_surrogate
+from supernet.layout import PlacementError, save_presets
 
 
 @dataclass

@@ -116,7 +116,7 @@ def propose_active(surrogate, costs, n: int, rng: np.random.Generator,
     Frontier points are taken evenly spread in speedup; when there are fewer than n unmeasured ones,
     random 1- and 2-layer perturbations of frontier points fill the rest.
     """
-    from placement.optimize import Problem, pareto_frontier
+    from supernet.placement.optimize import Problem, pareto_frontier
 
     design = Design(measured)
     if n <= 0:

@@ -19,7 +19,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from supernet.placement import MIXERS, Placement, PlacementError
+from supernet.layout import MIXERS, Placement, PlacementError
 
 PAIR_CHOICES = ("none", "nn", "all")  # plus "within:D" (all pairs at distance <= D)
 

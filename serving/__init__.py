@@ -42,7 +42,7 @@ the config hook and needs vLLM's V1 model runner (the plugin sets VLLM_USE_V2_MO
   cached FA block would be reused across presets although its values depend on the preset).
 
 Self-speculative decoding (`draft_preset` + `--speculative-config '{"method": "custom_class", "model":
-"serving.drafter.SupernetDrafter", "num_speculative_tokens": k}'`, which `supernet serve
+"supernet.serving.drafter.SupernetDrafter", "num_speculative_tokens": k}'`, which `supernet serve
 --draft-preset` writes). vLLM verifies the k drafts with the served (target) model and its
 rejection sampler, so greedy output is the target's own (sampling stays exact too: the drafts are
 deterministic proposals). Chosen over vLLM's `draft_model` method because that loads the draft as a

@@ -1,7 +1,7 @@
 """vLLM side of self-speculative decoding: a custom proposer that drafts with a fast preset.
 
     --hf-overrides '{"preset": "quality", "draft_preset": "fast"}'
-    --speculative-config '{"method": "custom_class", "model": "serving.drafter.SupernetDrafter",
+    --speculative-config '{"method": "custom_class", "model": "supernet.serving.drafter.SupernetDrafter",
                            "num_speculative_tokens": 4}'
 
 vLLM runs the target preset (the served model) and verifies the drafts with its rejection
@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from serving.speculative import restore, snapshot
+from supernet.serving.speculative import restore, snapshot
 from supernet.cache import SupernetCache
-from supernet.placement import Placement
+from supernet.layout import Placement
 
 
 class ServedDraftModel:
@@ -71,7 +71,7 @@ class ServedDraftModel:
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, cache: SupernetCache) -> torch.Tensor:
         """input_ids [T] -> logits [T, vocab]; reads and extends `cache`."""
-        from serving.vllm_model import SupernetAttention
+        from supernet.serving.vllm_model import SupernetAttention
 
         model = self.vllm_model.model
         t = input_ids.shape[0]
@@ -111,7 +111,7 @@ class SupernetDrafter:
     """vLLM `custom_class` proposer drafting with the checkpoint's `draft_preset`."""
 
     def __init__(self, vllm_config) -> None:
-        from serving.plan import serving_plan
+        from supernet.serving.plan import serving_plan
 
         self.config = vllm_config.model_config.hf_config
         plan = serving_plan(self.config)

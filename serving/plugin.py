@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 
 ARCHITECTURE = "SupernetForCausalLM"
-MODEL_PATH = "serving.vllm_model:SupernetForCausalLM"
+MODEL_PATH = "supernet.serving.vllm_model:SupernetForCausalLM"
 _registered = False
 
 
@@ -42,8 +42,8 @@ def _config_hook():
     class SupernetConfigHook(VerifyAndUpdateConfig):
         @staticmethod
         def verify_and_update_model_config(model_config) -> None:
-            from serving import routing
-            from serving.plan import serving_plan
+            from supernet.serving import routing
+            from supernet.serving.plan import serving_plan
 
             hf_config = model_config.hf_config
             plan = serving_plan(hf_config)  # raises PlacementError (one line) on a bad preset
@@ -55,8 +55,8 @@ def _config_hook():
 
         @staticmethod
         def verify_and_update_config(vllm_config) -> None:
-            from serving import routing
-            from serving.plan import serving_plan
+            from supernet.serving import routing
+            from supernet.serving.plan import serving_plan
 
             model_config = vllm_config.model_config
             plan = serving_plan(model_config.hf_config)
@@ -90,7 +90,7 @@ def _patch_request_model_names() -> None:
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
     except Exception:  # pragma: no cover - entrypoints not importable in this process
         return
-    from serving.routing import PRESET_KEY, validate_preset
+    from supernet.serving.routing import PRESET_KEY, validate_preset
 
     for cls in (CompletionRequest, ChatCompletionRequest):
         original = cls.to_sampling_params

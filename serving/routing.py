@@ -21,11 +21,11 @@ from dataclasses import dataclass
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 
-from serving.plan import ServingPlan, serving_plan
-from supernet.placement import PlacementError
+from supernet.serving.plan import ServingPlan, serving_plan
+from supernet.layout import PlacementError
 
 PRESET_KEY = "preset"
-ROUTER_FQCN = "serving.routing:PresetRouter"
+ROUTER_FQCN = "supernet.serving.routing:PresetRouter"
 
 # served presets, per process: set by the config hook (API server) and by the router (worker)
 _KNOWN_PRESETS: dict[str, ServingPlan] = {}

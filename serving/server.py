@@ -18,9 +18,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from serving.plan import serving_plan
+from supernet.serving.plan import serving_plan
 
-DRAFTER = "serving.drafter.SupernetDrafter"
+DRAFTER = "supernet.serving.drafter.SupernetDrafter"
 
 
 def served_names(model_dir: str | Path, name: str, preset: str | None, switchable: bool) -> list[str]:

@@ -6,7 +6,7 @@ Two halves:
   greedy. Output is the target preset's own greedy continuation: a draft token is kept only if it
   equals the target's argmax after the tokens before it, and the first disagreement is replaced
   by the target's token. `greedy_generate` is the target-only baseline with the same loop.
-- `serving.drafter.SupernetDrafter` is the vLLM side (vLLM verifies; our drafter proposes), and
+- `supernet.serving.drafter.SupernetDrafter` is the vLLM side (vLLM verifies; our drafter proposes), and
   reuses `snapshot` / `restore` from here.
 
 Rolling back after a rejection: attention KV can be cut back to a length, recurrent (GDN/KDA) and
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from supernet.cache import SupernetCache
-from supernet.placement import Placement, PlacementLike
+from supernet.layout import Placement, PlacementLike
 
 
 # -- cache snapshots ------------------------------------------------------------------------------

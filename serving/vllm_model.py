@@ -37,9 +37,9 @@ from vllm.model_executor.models.interfaces import IsHybrid
 from vllm.sequence import IntermediateTensors
 from vllm.v1.kv_cache_interface import MambaSpec
 
-from serving import routing
-from serving.linear_layers import SupernetLinearAttention, linear_state_dtypes, linear_state_shapes
-from serving.plan import LINEAR_MIXERS, serving_plan
+from supernet.serving import routing
+from supernet.serving.linear_layers import SupernetLinearAttention, linear_state_dtypes, linear_state_shapes
+from supernet.serving.plan import LINEAR_MIXERS, serving_plan
 from supernet.mixers import mixer_class
 
 

@@ -17,9 +17,9 @@ _LAZY = {
     "SupernetForCausalLM": "supernet.model",
     "SupernetModel": "supernet.model",
     "register_auto_classes": "supernet.model",
-    "MIXERS": "supernet.placement",
-    "Placement": "supernet.placement",
-    "PlacementError": "supernet.placement",
+    "MIXERS": "supernet.layout",
+    "Placement": "supernet.layout",
+    "PlacementError": "supernet.layout",
 }
 
 __all__ = sorted(_LAZY)

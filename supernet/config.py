@@ -5,7 +5,7 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-from supernet.placement import MIXERS, Placement, PlacementError
+from supernet.layout import MIXERS, Placement, PlacementError
 
 
 class SupernetConfig(PretrainedConfig):

@@ -16,7 +16,7 @@ from torch import nn
 
 from supernet.config import SupernetConfig
 from supernet.model import SupernetForCausalLM
-from supernet.placement import MIXERS, Placement
+from supernet.layout import MIXERS, Placement
 
 SUPPORTED_TEACHERS = ("llama", "mistral", "qwen2")
 

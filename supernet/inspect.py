@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from supernet.model import SupernetForCausalLM
-from supernet.placement import MIXERS
+from supernet.layout import MIXERS
 
 
 @dataclass

@@ -9,7 +9,7 @@ from supernet.config import SupernetConfig
 from supernet.mixers import build_mixers
 from supernet.ops.activations import silu_mul
 from supernet.ops.norm import RMSNorm
-from supernet.placement import MIXERS
+from supernet.layout import MIXERS
 
 
 class MLP(nn.Module):

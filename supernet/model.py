@@ -18,7 +18,7 @@ from supernet.config import SupernetConfig
 from supernet.layer import SupernetDecoderLayer
 from supernet.mixers.rotary import RotaryEmbedding
 from supernet.ops.norm import RMSNorm
-from supernet.placement import Placement, PlacementLike
+from supernet.layout import Placement, PlacementLike
 
 
 class SupernetPreTrainedModel(PreTrainedModel):

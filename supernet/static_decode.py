@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 import torch
 
 from supernet.cache import SupernetCache
-from supernet.placement import PlacementLike
+from supernet.layout import PlacementLike
 
 StateKey = tuple[int, str, str]  # (layer index, mixer name, state entry)
 

@@ -15,7 +15,7 @@ import torch
 
 from supernet.cache import SupernetCache
 from supernet.model import SupernetForCausalLM
-from supernet.placement import PlacementLike
+from supernet.layout import PlacementLike
 from supernet.static_decode import StaticDecoder
 
 

@@ -8,7 +8,7 @@ import torch
 
 from supernet.cache import SupernetCache
 from supernet.model import SupernetForCausalLM
-from supernet.placement import Placement, PlacementError
+from supernet.layout import Placement, PlacementError
 from tests.conftest import tiny_config
 
 MIXED = ["fa,swa,gdn,kda", "kda,gdn,swa,fa", "gdn,gdn,fa,kda", "swa,kda,kda,swa"]

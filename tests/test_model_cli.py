@@ -4,14 +4,14 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
+from supernet.cli.main import app
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    from training.testing import tiny_teacher_dir
+    from supernet.training.testing import tiny_teacher_dir
 
     out = tmp_path_factory.mktemp("cli") / "ckpt"
     result = runner.invoke(app, ["convert", str(tiny_teacher_dir()), str(out), "--swa-window", "8"])

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app as supernet_app
-from cli.placement_cli import app as placement_app
-from placement.cost import analytic_costs
-from placement.planted import planted_tables, truth
-from placement.sampling import initial_design
+from supernet.cli.main import app as supernet_app
+from supernet.cli.placement_cli import app as placement_app
+from supernet.placement.cost import analytic_costs
+from supernet.placement.planted import planted_tables, truth
+from supernet.placement.sampling import initial_design
 from supernet.config import SupernetConfig
-from supernet.placement import MIXERS, load_presets
+from supernet.layout import MIXERS, load_presets
 
 L = 8
 runner = CliRunner()

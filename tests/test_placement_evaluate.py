@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from placement.cost import analytic_costs
-from placement.evaluate import PlacementEvaluator, coarse_kl, full_kl, run_campaign
-from placement.evaluations import append_evaluation, read_evaluations
-from placement.sampling import initial_design, one_changed, propose_active, random_counts
-from placement.surrogate import fit_surrogate
+from supernet.placement.cost import analytic_costs
+from supernet.placement.evaluate import PlacementEvaluator, coarse_kl, full_kl, run_campaign
+from supernet.placement.evaluations import append_evaluation, read_evaluations
+from supernet.placement.sampling import initial_design, one_changed, propose_active, random_counts
+from supernet.placement.surrogate import fit_surrogate
 from supernet.config import SupernetConfig
-from supernet.placement import MIXERS, Placement, PlacementError
+from supernet.layout import MIXERS, Placement, PlacementError
 
 
 # -- the metric -----------------------------------------------------------------------------------

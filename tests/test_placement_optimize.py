@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from placement.optimize import (REL_TOL, Problem, brute_force, chain_dp, local_search, optimize, pareto_frontier,
+from supernet.placement.optimize import (REL_TOL, Problem, brute_force, chain_dp, local_search, optimize, pareto_frontier,
                                 solve_milp)
-from placement.planted import planted_problem
-from supernet.placement import PlacementError
+from supernet.placement.planted import planted_problem
+from supernet.layout import PlacementError
 
 
 def speed_grid(problem, n=6):

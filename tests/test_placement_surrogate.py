@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from placement.planted import planted_tables, truth
-from placement.surrogate import ClusterExpansion, FeatureMap, encode, fit_surrogate, pair_list
-from supernet.placement import MIXERS, Placement, PlacementError
+from supernet.placement.planted import planted_tables, truth
+from supernet.placement.surrogate import ClusterExpansion, FeatureMap, encode, fit_surrogate, pair_list
+from supernet.layout import MIXERS, Placement, PlacementError
 
 
 def planted_data(L=24, n=300, pairs="nn", seed=0, noise=0.01):

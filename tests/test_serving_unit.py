@@ -7,10 +7,10 @@ import sys
 import pytest
 import torch
 
-from serving.plan import serving_plan
-from serving.speculative import greedy_generate, restore, snapshot, speculative_generate
-from serving.testing import default_presets, make_checkpoint, tiny_config
-from supernet.placement import PlacementError
+from supernet.serving.plan import serving_plan
+from supernet.serving.speculative import greedy_generate, restore, snapshot, speculative_generate
+from supernet.serving.testing import default_presets, make_checkpoint, tiny_config
+from supernet.layout import PlacementError
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -116,12 +116,12 @@ def test_snapshot_restore_undoes_tokens(model):
 
 
 def _supernet(*args):
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "supernet.cli.main", *args], capture_output=True, text=True)
 
 
 def test_cli_serve_checks_before_starting_vllm(ckpt, tmp_path):
-    from cli.errors import UserError
-    from cli.serving_cmds import _prepare
+    from supernet.cli.errors import UserError
+    from supernet.cli.serving_cmds import _prepare
 
     with pytest.raises(UserError, match="no config.json"):
         _prepare(tmp_path / "missing", None, False, None, 4, "supernet", "127.0.0.1", 8000, [])
@@ -139,5 +139,5 @@ def test_cli_serve_checks_before_starting_vllm(ckpt, tmp_path):
     assert dry.returncode == 0, dry.stderr
     line = dry.stderr.strip().splitlines()[-1]
     assert "vllm.entrypoints.openai.api_server" in line and "--max-model-len 512" in line
-    assert '"preset": "fast"' in line and '"draft_preset": "linear"' in line and "serving.drafter.SupernetDrafter" in line
+    assert '"preset": "fast"' in line and '"draft_preset": "linear"' in line and "supernet.serving.drafter.SupernetDrafter" in line
     assert "supernet:fast" in line

@@ -14,9 +14,9 @@ import urllib.request
 import pytest
 import torch
 
-from serving.server import VllmServer, cpu_env, free_port, vllm_command
-from serving.speculative import greedy_generate
-from serving.testing import make_checkpoint, tiny_config
+from supernet.serving.server import VllmServer, cpu_env, free_port, vllm_command
+from supernet.serving.speculative import greedy_generate
+from supernet.serving.testing import make_checkpoint, tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -129,7 +129,7 @@ class TestSwitchableServer:
 
 
 class TestSpeculativeServer:
-    """One target preset (`balanced`), drafts from `near` through `serving.drafter.SupernetDrafter`."""
+    """One target preset (`balanced`), drafts from `near` through `supernet.serving.drafter.SupernetDrafter`."""
 
     def test_speculative_decoding_is_lossless(self, spec_server, expected):
         server = spec_server

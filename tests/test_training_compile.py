@@ -7,15 +7,15 @@ import math
 import pytest
 import torch
 
-from supernet.placement import Placement
-from training.testing import TinyWorld
+from supernet.layout import Placement
+from supernet.training.testing import TinyWorld
 
 pytestmark = pytest.mark.slow
 
 
 def _run(world, out_dir, compile_on: bool, steps: int):
-    from training.compile import compile_stats
-    from training.trainer import Trainer
+    from supernet.training.compile import compile_stats
+    from supernet.training.trainer import Trainer
 
     cfg = world.config(out_dir, data={"seq_len": 32},
                        train={"max_steps": steps, "compile": compile_on, "micro_batch_size": 2, "grad_accum": 1,
@@ -36,7 +36,7 @@ def _run(world, out_dir, compile_on: bool, steps: int):
 
 
 def test_compiled_layers_match_eager_without_recompiling(tmp_path):
-    from training.compile import compile_stats
+    from supernet.training.compile import compile_stats
 
     world = TinyWorld(tmp_path / "world")
     steps = 5

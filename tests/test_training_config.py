@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from training.config import ConfigError, config_from_dict, load_config, parse_overrides
+from supernet.training.config import ConfigError, config_from_dict, load_config, parse_overrides
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "training" / "configs").glob("*.yaml"))
 BASE = {"teacher": {"path": "t"}, "data": {"train": ["x.jsonl"]}}

@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from training.data import (DataError, GlobalOrder, PackedDataset, build_token_stream, tokenize_chat)
-from training.testing import byte_tokenizer, synthetic_chats, write_jsonl
+from supernet.training.data import (DataError, GlobalOrder, PackedDataset, build_token_stream, tokenize_chat)
+from supernet.training.testing import byte_tokenizer, synthetic_chats, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def test_packing_masks_only_the_cross_document_prediction(tmp_path, tok):
 def test_token_stream_is_cached(tmp_path, tok, monkeypatch):
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "some text"}] * 3)
     build_token_stream([str(path)], tok, tmp_path / "cache", progress=False)
-    import training.data as data
+    import supernet.training.data as data
 
     monkeypatch.setattr(data, "_write_stream", lambda *a, **k: pytest.fail("re-tokenised a cached corpus"))
     s2 = build_token_stream([str(path)], tok, tmp_path / "cache", progress=False)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from training.testing import TinyWorld
+from supernet.training.testing import TinyWorld
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +48,7 @@ def test_two_process_fsdp_matches_one_process(tmp_path, trainable, shard_teacher
     cfg_path.write_text(yaml.safe_dump(two.to_dict()))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           "-m", "cli.main", "distill", str(cfg_path)]
+           "-m", "supernet.cli.main", "distill", str(cfg_path)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "distill: 3 steps" in proc.stdout
@@ -62,14 +62,14 @@ def test_two_process_fsdp_matches_one_process(tmp_path, trainable, shard_teacher
     if compiled:  # in a fresh process too: dynamo's counters and caches are per process
         one_path = tmp_path / "one.yaml"
         one_path.write_text(yaml.safe_dump(one.to_dict()))
-        ref = subprocess.run([sys.executable, "-m", "cli.main", "distill", str(one_path)], cwd=REPO, env=env,
+        ref = subprocess.run([sys.executable, "-m", "supernet.cli.main", "distill", str(one_path)], cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=600)
         assert ref.returncode == 0, ref.stderr[-3000:]
         # FSDP2's unit hooks sit outside the compiled layers: the same graphs as one process, none eager
         line = [x for x in ref.stdout.splitlines() if x.startswith("torch.compile:")]
         assert line and " 0 frames left eager" in line[0] and line[0] in proc.stdout, (line, proc.stdout[-2000:])
     else:
-        from training.trainer import Trainer
+        from supernet.training.trainer import Trainer
 
         Trainer(one).train()
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
@@ -78,7 +78,7 @@ def test_two_process_fsdp_matches_one_process(tmp_path, trainable, shard_teacher
         assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), (step, a, b)
     # FSDP2 checkpoints are complete and the final export gathers the full model
     assert (tmp_path / "two" / "checkpoints" / "step-00000002").is_dir()
-    from training.models import load_student
+    from supernet.training.models import load_student
 
     m1, m2 = load_student(tmp_path / "one" / "final"), load_student(tmp_path / "two" / "final")
     p2 = dict(m2.named_parameters())

@@ -8,8 +8,8 @@ import pytest
 import torch
 import yaml
 
-from supernet.placement import Placement
-from training.testing import TinyWorld
+from supernet.layout import Placement
+from supernet.training.testing import TinyWorld
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +20,7 @@ def world(tmp_path_factory):
 
 
 def _trainer(cfg):
-    from training.trainer import Trainer
+    from supernet.training.trainer import Trainer
 
     return Trainer(cfg)
 
@@ -54,7 +54,7 @@ def test_distillation_lowers_held_out_kl_for_every_mixer(world, tmp_path):
     assert all(len(Placement.parse(r["placement"])) == 4 for r in rows.values())
     assert all(r["hidden"] > 0 for r in rows.values())
     # only mixer weights moved; the shared weights are the teacher's
-    from training.models import load_student
+    from supernet.training.models import load_student
 
     init, final = load_student(world.student_dir), t.student
     for name, p in init.named_parameters():
@@ -63,8 +63,8 @@ def test_distillation_lowers_held_out_kl_for_every_mixer(world, tmp_path):
 
 
 def test_offline_topk_cache_gives_the_online_loss(world, tmp_path):
-    from training.logit_cache import TopKCache, write_logit_cache
-    from training.models import load_teacher_model
+    from supernet.training.logit_cache import TopKCache, write_logit_cache
+    from supernet.training.models import load_teacher_model
 
     teacher, tok = load_teacher_model(str(world.teacher_dir))
     vocab = teacher.config.vocab_size
@@ -77,7 +77,7 @@ def test_offline_topk_cache_gives_the_online_loss(world, tmp_path):
     assert small["bytes_per_token"] == 8 * (2 + 2) + 9
     # the cache stores the same windows as the training data
     cache = TopKCache(tmp_path / "k8")
-    from training.data import PackedDataset, build_token_stream
+    from supernet.training.data import PackedDataset, build_token_stream
 
     ds = PackedDataset(build_token_stream([str(world.train)], tok, tmp_path / "dc", max_documents=docs,
                                           progress=False), 32)
@@ -127,7 +127,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_losses(world, tmp_path):
 def test_nan_loss_stops_before_the_update_and_keeps_the_last_good_checkpoint(world, tmp_path, fused):
     """fused: AdamW's fused kernel is enqueued before the host sees the loss and skips the update
     on the device (found_inf); for-each: the host checks first. Either way nothing changes."""
-    from training.trainer import TrainingDiverged
+    from supernet.training.trainer import TrainingDiverged
 
     t = _trainer(world.config(tmp_path / "r", train={"max_steps": 6, "fused_adamw": fused}, checkpoint={"every": 1},
                               sampling={"mixers": ["fa", "swa"]}))
@@ -167,7 +167,7 @@ def test_sft_on_chat_data_learns_the_assistant_replies(world, tmp_path):
     assert res.evals[12]["all-fa"] < res.evals[0]["all-fa"]
     assert res.evals[12]["all-gdn"] < res.evals[0]["all-gdn"]
     # the result is a supernet checkpoint the rest of the system can load
-    from training.models import load_student
+    from supernet.training.models import load_student
 
     model = load_student(res.final_dir)
     assert model(torch.tensor([[1, 2, 3]]), placement="all-kda", use_cache=False).logits.shape[-1] == 259
@@ -176,7 +176,7 @@ def test_sft_on_chat_data_learns_the_assistant_replies(world, tmp_path):
 def test_cli_distill_and_cache_logits(world, tmp_path):
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from supernet.cli.main import app
 
     cfg = world.config(tmp_path / "cli", train={"max_steps": 2}, eval={"at_end": True})
     path = tmp_path / "cfg.yaml"

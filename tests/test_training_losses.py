@@ -6,10 +6,10 @@ from collections import Counter
 import pytest
 import torch
 
-from supernet.placement import Placement
-from training.losses import (LossSpec, fused_lm_head_loss, hidden_match_loss, reference_logit_loss,
+from supernet.layout import Placement
+from supernet.training.losses import (LossSpec, fused_lm_head_loss, hidden_match_loss, reference_logit_loss,
                              topk_from_logits)
-from training.sampling import PlacementSampler
+from supernet.training.sampling import PlacementSampler
 
 N, D, V = 37, 16, 50
 

@@ -10,8 +10,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from training.gc_control import ScheduledGC
-from training.sharded_step import (clip_local_grads_, fused_adamw_local_step, local_grad_square_sum,
+from supernet.training.gc_control import ScheduledGC
+from supernet.training.sharded_step import (clip_local_grads_, fused_adamw_local_step, local_grad_square_sum,
                                    shards_are_disjoint)
 
 

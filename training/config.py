@@ -296,7 +296,7 @@ def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None =
 
 def validate(cfg: RunConfig) -> None:
     """Cross-field checks that a single key's type cannot express."""
-    from supernet.placement import MIXERS
+    from supernet.layout import MIXERS
 
     for m in cfg.sampling.mixers + cfg.train.train_mixers + list(cfg.sampling.weights) + \
             [k for k in cfg.train.mixer_lr_scale if k != "shared"]:

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from supernet.placement import Placement
-from training.losses import LossSpec, TopKTargets, fused_lm_head_loss, hidden_match_loss
+from supernet.layout import Placement
+from supernet.training.losses import LossSpec, TopKTargets, fused_lm_head_loss, hidden_match_loss
 
 
 class DistillPair(nn.Module):

@@ -34,7 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from supernet.io_utils import atomic_write_text
-from training.data import Batch, PackedDataset, build_token_stream, tokenizer_fingerprint
+from supernet.training.data import Batch, PackedDataset, build_token_stream, tokenizer_fingerprint
 
 FORMAT = "supernet-topk-logits"
 VERSION = 1

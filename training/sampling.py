@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from supernet.placement import MIXERS, Placement, load_presets
+from supernet.layout import MIXERS, Placement, load_presets
 
 
 class PlacementSampler:

@@ -155,7 +155,7 @@ class TinyWorld:
 
     def __init__(self, root: str | Path, n_train: int = 120, n_eval: int = 16) -> None:
         from supernet.convert import save_checkpoint, supernet_from_teacher
-        from training.models import load_teacher_model
+        from supernet.training.models import load_teacher_model
 
         self.root = Path(root)
         self.train, self.eval = write_synthetic_corpus(self.root / "data", n_train, n_eval)
@@ -169,7 +169,7 @@ class TinyWorld:
 
     def config(self, out_dir: str | Path, **sections: dict[str, Any]):
         """A small CPU RunConfig for this world; `sections` update the defaults key by key."""
-        from training.config import config_from_dict
+        from supernet.training.config import config_from_dict
 
         base: dict[str, Any] = {
             "out_dir": str(out_dir),

@@ -22,20 +22,20 @@ from typing import Any
 import torch
 import yaml
 
-from supernet.placement import Placement
-from training import checkpoint as ckpt
-from training.compile import compile_stats, eager_region
-from training.config import RunConfig
-from training.data import GlobalOrder, PackedDataset, build_token_stream, eval_indices
-from training.distributed import (DistEnv, apply_ddp, apply_fsdp, fsdp_layout, gradient_sync, init_distributed,
+from supernet.layout import Placement
+from supernet.training import checkpoint as ckpt
+from supernet.training.compile import compile_stats, eager_region
+from supernet.training.config import RunConfig
+from supernet.training.data import GlobalOrder, PackedDataset, build_token_stream, eval_indices
+from supernet.training.distributed import (DistEnv, apply_ddp, apply_fsdp, fsdp_layout, gradient_sync, init_distributed,
                                   resolve_strategy, unwrap)
-from training.engine import DistillPair
-from training.losses import LossSpec, TopKTargets
-from training.gc_control import ScheduledGC
-from training.models import (cast_params, load_student, load_teacher_model, load_tokenizer, prepare_student,
+from supernet.training.engine import DistillPair
+from supernet.training.losses import LossSpec, TopKTargets
+from supernet.training.gc_control import ScheduledGC
+from supernet.training.models import (cast_params, load_student, load_teacher_model, load_tokenizer, prepare_student,
                              set_trainable)
-from training.sampling import build_sampler, resolve_placements
-from training.sharded_step import clip_local_grads_, fused_adamw_local_step, local_grad_square_sum, shards_are_disjoint
+from supernet.training.sampling import build_sampler, resolve_placements
+from supernet.training.sharded_step import clip_local_grads_, fused_adamw_local_step, local_grad_square_sum, shards_are_disjoint
 
 
 class TrainingDiverged(RuntimeError):
@@ -122,7 +122,7 @@ class Trainer:
         seq = cfg.data.seq_len
         data_cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.out / "data-cache"
         if src == "offline" and needs_teacher_signal:
-            from training.logit_cache import TopKCache
+            from supernet.training.logit_cache import TopKCache
 
             self.train_ds = TopKCache(cfg.teacher.cache_dir)
             self.train_ds.check_compatible(seq, cfg.loss.temperature, tokenizer)
@@ -157,7 +157,7 @@ class Trainer:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.compiled_layers = bool(cfg.train.compile)
         if self.compiled_layers:  # per decoder layer (student and teacher): fuses norms, RoPE, SiLU, residuals
-            from training.compile import compile_layers
+            from supernet.training.compile import compile_layers
 
             compile_layers(student, teacher)
         self.strategy = resolve_strategy(cfg.distributed.strategy, env)
@@ -589,7 +589,7 @@ class Trainer:
 
 def run(cfg: RunConfig, config_text: str | None = None) -> TrainResult:
     """Build a trainer, train, shut the process group down."""
-    from training.distributed import shutdown
+    from supernet.training.distributed import shutdown
 
     trainer = Trainer(cfg, config_text)
     try:

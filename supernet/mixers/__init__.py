@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from supernet.config import SupernetConfig
-from supernet.placement import MIXERS
+from supernet.layout import MIXERS
 
 
 def mixer_class(name: str) -> type[nn.Module]:

@@ -8,4 +8,4 @@ shift
 STAGE=${STAGE:-distill}
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
-exec "${PYTHON:-python}" -m cli.main "$STAGE" "$CONFIG" "$@"
+exec "${PYTHON:-python}" -m supernet.cli.main "$STAGE" "$CONFIG" "$@"
