@@ -4,19 +4,21 @@ Why a flag instead of dying: a cluster preempts with SIGTERM (or `--signal=USR1@
 limit) and Ctrl-C sends SIGINT; dying there loses everything since the last checkpoint. The handler
 only records the request; the training loop reads it once per step, agrees on it over all ranks
 (inside the step's existing all-reduce) and saves before leaving. A second SIGINT stops at once
-(the user insists); repeated SIGTERM/SIGUSR1 are ignored, because torchrun forwards a signal its
-workers have already received.
+(the user insists) unless it comes within DUPLICATE_S of the first: torchrun forwards the Ctrl-C
+that its workers already received from the terminal. Repeated SIGTERM/SIGUSR1 are ignored.
 """
 from __future__ import annotations
 
 import signal
 import sys
 import threading
+import time
 from types import FrameType
 
 # EX_TEMPFAIL: "try again later". A job script requeues on it (training/launch/slurm.sbatch).
 PREEMPTED_EXIT_CODE = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+DUPLICATE_S = 2.0  # a second signal this soon after the first is the same request, delivered twice
 
 
 class StopRequest:
@@ -24,6 +26,7 @@ class StopRequest:
 
     def __init__(self, announce: bool = True) -> None:
         self.signal_name: str | None = None
+        self._first_at = 0.0
         self.announce = announce
         self._previous: dict[int, object] = {}
 
@@ -45,10 +48,11 @@ class StopRequest:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
         if self.signal_name is not None:
-            if signum == signal.SIGINT:
+            if signum == signal.SIGINT and time.monotonic() - self._first_at > DUPLICATE_S:
                 raise KeyboardInterrupt
             return
         self.signal_name = name
+        self._first_at = time.monotonic()
         if self.announce:
             again = " (Ctrl-C again to stop at once, without a checkpoint)" if signum == signal.SIGINT else ""
             print(f"\nreceived {name}: finishing the current step, then writing a checkpoint and stopping{again}",
