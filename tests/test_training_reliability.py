@@ -136,6 +136,7 @@ def test_sigterm_checkpoints_and_resume_gives_the_uninterrupted_losses(tmp_path)
     assert sorted(_losses(ref)) == list(range(1, steps + 1))
 
 
+@pytest.mark.slow  # needs the shared 4-step run (fixture `base`)
 def test_resume_refuses_a_changed_seq_len_and_cuts_metrics_back(base):
     tmp, cfg, out = base
     step2 = out / "checkpoints" / "step-00000002"
@@ -185,6 +186,7 @@ BAD_INPUTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,message", BAD_INPUTS, ids=[m.split()[0] for _, m in BAD_INPUTS])
 def test_bad_input_is_one_line(base, tmp_path, args, message):
     tmp, cfg, out = base
@@ -200,6 +202,7 @@ def test_bad_input_is_one_line(base, tmp_path, args, message):
     assert "Traceback" not in r.output and not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow  # needs the shared 4-step run (fixture `base`)
 def test_a_bad_input_in_a_real_process_prints_one_line(base):
     tmp, cfg, _ = base
     p = subprocess.run([sys.executable, "-m", "supernet.cli.main", "distill", str(cfg), "--set", "train.lr=-1"],
@@ -208,6 +211,7 @@ def test_a_bad_input_in_a_real_process_prints_one_line(base):
     assert p.stderr.strip().splitlines() == ["error: train.lr must be a positive number, got -1.0; e.g. train.lr=3e-4"]
 
 
+@pytest.mark.slow  # needs the shared 4-step run (fixture `base`)
 def test_checkpoints_load_without_pickle(base, monkeypatch):
     """Every torch.load runs with weights_only=True; DCP's metadata passes the restricted unpickler."""
     from supernet.training import checkpoint as ckpt
@@ -264,6 +268,7 @@ def test_resave_keeps_the_old_copy_until_the_new_one_is_in_and_stale_folders_go(
     assert torch.equal(fresh.weight, model.weight)
 
 
+@pytest.mark.slow  # needs the shared 4-step run (fixture `base`)
 def test_plot_run_writes_a_png(base):
     tmp, _, out = base
     r = _cli("plot-run", out, "--out", tmp / "plot.png")
@@ -278,6 +283,7 @@ def test_plot_run_writes_a_png(base):
     assert r.exit_code == 2 and "metrics.jsonl does not exist" in r.output
 
 
+@pytest.mark.slow  # needs the shared 4-step run (fixture `base`)
 def test_tensorboard_is_used_when_enabled(base, tmp_path, monkeypatch):
     pytest.importorskip("tensorboard")
     tmp, cfg, _ = base

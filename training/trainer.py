@@ -9,6 +9,8 @@ One optimizer step:
   3. all-reduce the loss, clip gradients, stop on a non-finite loss or gradient norm *before* the
      optimizer step (weights and the last checkpoint stay good), step AdamW and the LR schedule.
 Evaluation (KL to the teacher on held-out windows for fixed placements), JSONL metrics, checkpoints.
+A stop signal (training/preemption.py) is voted on in step 3's all-reduce, so every rank leaves
+after the same step, with a checkpoint.
 """
 from __future__ import annotations
 
