@@ -78,8 +78,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         ax_eval.legend(fontsize=8)
     else:
         ax_eval.text(0.5, 0.5, "no evaluation records", ha="center", va="center", transform=ax_eval.transAxes)
-    ax_eval.set(title=f"held-out {'KL to the teacher' if metric == 'eval_kl' else 'cross-entropy'} per placement",
-                xlabel="step")
+    what = ("KL to the teacher" if metric == "eval_kl" else "cross-entropy") if names else "evaluation"
+    ax_eval.set(title=f"held-out {what} per placement", xlabel="step")
     if train:
         tput = [r.get("tokens_per_s", 0.0) for r in train]
         ax_tput.plot(steps, tput, color="tab:green", alpha=0.3 if window > 1 else 1.0, lw=0.8)
