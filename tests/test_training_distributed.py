@@ -12,14 +12,29 @@ import torch
 import yaml
 
 from supernet.training.testing import TinyWorld
+from tests.float_bounds import U32, adam_ratio_bound
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _losses(out: Path) -> dict[int, float]:
+def _losses(out: Path, key: str = "loss") -> dict[int, float]:
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+    return {r["step"]: r[key] for r in rows if key in r}
+
+
+# Tolerances (derived, so that they hold on any CPU):
+# - Losses: the per-micro-batch forward is the same computation in both runs; they differ in the
+#   order of the sums over tokens and ranks (128 token losses per step, GEMMs of K <= 128 terms,
+#   a log-sum-exp over 259 logits), each within gamma_n ~ n u of its absolute sum, so
+#   rel ~ (128 + 128 + 259) u = 3e-5 worst case, ~sqrt of that in practice. Later steps add the
+#   weights' differences, but only to second order where they are large (next comment).
+LOSS_RTOL = 3e-5
+# - Weights: AdamW normalises every element by its own gradient history, so an element whose
+#   gradient is a near-cancelling sum (at its own rounding level) can take a different step in the
+#   two runs, by up to C lr per step whatever the gradients (tests/float_bounds.py). Elementwise that
+#   is the only bound that holds on every CPU; the function the weights compute is compared through
+#   the losses and the final eval loss, which such elements barely move (their gradient is ~0).
 
 
 @pytest.mark.parametrize("trainable,shard_teacher,layers_per_unit,compiled,port", [
@@ -71,16 +86,31 @@ def test_two_process_fsdp_matches_one_process(tmp_path, trainable, shard_teacher
     else:
         from supernet.training.trainer import Trainer
 
-        Trainer(one).train()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the ranks' OMP_NUM_THREADS: the same GEMM splits in both runs
+        try:
+            Trainer(one).train()
+        finally:
+            torch.set_num_threads(threads)
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert sorted(a) == sorted(b) == [1, 2, 3]
     for step in a:
-        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), (step, a, b)
+        assert b[step] == pytest.approx(a[step], rel=LOSS_RTOL, abs=1e-6), (step, a, b)
+    ea, eb = _losses(tmp_path / "one", "eval_kl"), _losses(tmp_path / "two", "eval_kl")
+    assert ea and sorted(ea) == sorted(eb)
+    for step in ea:  # the final weights, compared by what they compute
+        assert eb[step] == pytest.approx(ea[step], rel=LOSS_RTOL, abs=1e-6), (step, ea, eb)
     # FSDP2 checkpoints are complete and the final export gathers the full model
     assert (tmp_path / "two" / "checkpoints" / "step-00000002").is_dir()
     from supernet.training.models import load_student
 
     m1, m2 = load_student(tmp_path / "one" / "final"), load_student(tmp_path / "two" / "final")
     p2 = dict(m2.named_parameters())
+    assert sorted(p2) == sorted(name for name, _ in m1.named_parameters())
+    step_bound = 2 * adam_ratio_bound(*one.train.betas, 3) * 3 * one.train.lr  # both runs, 3 steps at most lr
     for name, p in m1.named_parameters():
-        assert torch.allclose(p, p2[name], atol=1e-5), name
+        assert p.shape == p2[name].shape, name
+        if trainable == "mixers" and ".mixers." not in name:
+            assert torch.equal(p, p2[name]), name  # frozen: both exports hold the initial weights
+        else:
+            torch.testing.assert_close(p2[name], p, rtol=8 * 3 * U32, atol=step_bound, msg=name)
