@@ -492,17 +492,17 @@ def _held_out_for_all_alphas(G, y, yc, alphas, members):
     lam = np.clip(lam, 0.0, None)  # G is a Gram matrix: negative eigenvalues are rounding
     U = _from_complement(Ub, v)  # [n, n-1], orthonormal columns, each summing to zero
     D = alphas[:, None] / (lam[None, :] + alphas[:, None])  # [A, n-1]: I - H = U diag(D) U^T
+    root_D = np.sqrt(D)
     z = U.T @ yc
     oof = np.empty((len(y), len(alphas)))
     for rows in members:
         Uv = U[rows]
-        UvT = np.ascontiguousarray(Uv.T)
-        resid = (D * z[None, :]) @ UvT  # [A, m]: full-data residuals on the fold
+        resid = (D * z[None, :]) @ Uv.T  # [A, m]: full-data residuals on the fold
         Mv = np.empty((len(alphas), len(rows), len(rows)))  # I - H_vv per alpha
         scaled = np.empty_like(Uv)
         for a in range(len(alphas)):  # one cache-sized buffer instead of an [A, m, n] temporary
-            np.multiply(Uv, D[a], out=scaled)
-            np.matmul(scaled, UvT, out=Mv[a])
+            np.multiply(Uv, root_D[a], out=scaled)
+            np.dot(scaled, scaled.T, out=Mv[a])  # S S^T: numpy calls BLAS syrk, half a GEMM
         held_out = np.linalg.solve(Mv, resid[:, :, None])[:, :, 0]
         oof[rows] = (y[rows][None, :] - held_out).T
     return oof, (U, lam, z)
