@@ -391,8 +391,10 @@ def fit_surrogate(
     return model
 
 
-# Above this many evaluations the n x n eigendecomposition of the closed form costs more than the
-# k refits (each a thin SVD with p columns), so the search refits instead; both give the same answer.
+# The closed form costs ~ n^3 per pair ratio (an n x n eigendecomposition, then for each of the 37
+# penalties the fold blocks of I - H, n^3 / k), the refits ~ k n p^2 (thin SVDs with p columns): by
+# flop count they cross near 2000 rows for p ~ 600 (L = 48, nn pairs), so above this the search
+# refits instead. Both give the same answer.
 CLOSED_FORM_MAX_ROWS = 2000
 
 
