@@ -12,7 +12,7 @@ Llama's behaviour (see supernet/convert.py for which family sets what):
 - `query_pre_attn_scalar`: attention scores are scaled by its -1/2 power instead of head_dim's.
 - `final_logit_softcapping`: logits -> c * tanh(logits / c).
 - `hidden_act`: the gated MLP's activation (silu, or Gemma's gelu_pytorch_tanh).
-- `layer_types`: the teacher's attention kind per layer ("full_attention" / "sliding_attention");
+- `teacher_layer_types`: the teacher's attention kind per layer ("full_attention" / "sliding_attention");
   it decides which RoPE a layer's attention mixers use and the `teacher` preset. The SWA mixers'
   window is `swa_window`, set to the teacher's sliding window when it has one.
 - `sliding_rope_theta` / `sliding_rope_scaling`: RoPE of the teacher's sliding layers when it
@@ -76,7 +76,7 @@ class SupernetConfig(PretrainedConfig):
         embed_scale: float | None = None,
         query_pre_attn_scalar: float | None = None,
         final_logit_softcapping: float | None = None,
-        layer_types: list[str] | None = None,
+        teacher_layer_types: list[str] | None = None,
         sliding_rope_theta: float | None = None,
         sliding_rope_scaling: dict | None = None,
         # sliding-window attention
@@ -124,11 +124,13 @@ class SupernetConfig(PretrainedConfig):
         self.embed_scale = embed_scale
         self.query_pre_attn_scalar = query_pre_attn_scalar
         self.final_logit_softcapping = final_logit_softcapping
-        self.layer_types = list(layer_types) if layer_types is not None else ["full_attention"] * num_hidden_layers
-        if len(self.layer_types) != num_hidden_layers:
-            raise ValueError(f"layer_types has {len(self.layer_types)} entries for {num_hidden_layers} layers")
-        for kind in self.layer_types:
-            _choice("layer_types entry", kind, LAYER_TYPES)
+        self.teacher_layer_types = (
+            list(teacher_layer_types) if teacher_layer_types is not None else ["full_attention"] * num_hidden_layers
+        )
+        if len(self.teacher_layer_types) != num_hidden_layers:
+            raise ValueError(f"teacher_layer_types has {len(self.teacher_layer_types)} entries for {num_hidden_layers} layers")
+        for kind in self.teacher_layer_types:
+            _choice("teacher_layer_types entry", kind, LAYER_TYPES)
         self.sliding_rope_theta = sliding_rope_theta
         self.sliding_rope_scaling = sliding_rope_scaling
         self.swa_window = swa_window
@@ -187,11 +189,11 @@ class SupernetConfig(PretrainedConfig):
 
     def uses_sliding_rope(self, layer_idx: int) -> bool:
         """Whether layer `layer_idx`'s attention mixers take the sliding layers' RoPE (Gemma 3 local)."""
-        return self.sliding_rope_theta is not None and self.layer_types[layer_idx] == "sliding_attention"
+        return self.sliding_rope_theta is not None and self.teacher_layer_types[layer_idx] == "sliding_attention"
 
     def teacher_placement(self) -> list[str]:
         """The placement that computes the teacher's function: swa where the teacher's layer slides."""
-        return ["swa" if kind == "sliding_attention" else "fa" for kind in self.layer_types]
+        return ["swa" if kind == "sliding_attention" else "fa" for kind in self.teacher_layer_types]
 
     @property
     def mixer_names(self) -> tuple[str, ...]:

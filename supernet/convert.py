@@ -138,7 +138,7 @@ def supernet_config_from_teacher(teacher_config: Any, **overrides: Any) -> Super
         embed_scale=c.hidden_size**0.5 if is_gemma else None,
         query_pre_attn_scalar=getattr(c, "query_pre_attn_scalar", None) if is_gemma else None,
         final_logit_softcapping=getattr(c, "final_logit_softcapping", None),
-        layer_types=layer_types,
+        teacher_layer_types=layer_types,
         sliding_rope_theta=sliding_theta,
         sliding_rope_scaling=sliding_scaling,
     )

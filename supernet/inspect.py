@@ -29,7 +29,7 @@ def describe_teacher(config) -> str:
         parts.append(config.hidden_act)
     if config.final_logit_softcapping is not None:
         parts.append(f"logit softcap {config.final_logit_softcapping:g}")
-    sliding = sum(kind == "sliding_attention" for kind in config.layer_types)
+    sliding = sum(kind == "sliding_attention" for kind in config.teacher_layer_types)
     if sliding:
         parts.append(f"{sliding}/{config.num_hidden_layers} sliding layers (window {config.swa_window})")
     if config.sliding_rope_theta is not None:

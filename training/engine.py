@@ -37,7 +37,12 @@ class DistillPair(nn.Module):
         self.hidden_layers = list(range(n)) if hidden_layers is None else list(hidden_layers)
         if any(not 0 <= i < n for i in self.hidden_layers):
             raise ValueError(f"loss.hidden_layers must lie in 0..{n - 1}")
-        self.all_fa = Placement.uniform("fa", n)
+        # the placement that computes the teacher's function (all-fa, or swa on a sliding teacher's
+        # sliding layers, e.g. Gemma 3); checkpoints from before the `teacher` preset get all-fa
+        self.all_fa = Placement.parse(student.config.teacher_placement(), n)
+        if student.config.final_logit_softcapping is not None:
+            raise ValueError("distilling a model with final_logit_softcapping is not supported: "
+                             "the fused lm_head loss computes uncapped logits")
         self.compute_dtype = compute_dtype
 
     def _teacher_hidden(self, input_ids: Tensor, want_layers: bool) -> tuple[Tensor, tuple[Tensor, ...] | None, Tensor]:
