@@ -236,3 +236,25 @@ def test_unsupported_architecture_is_one_line_naming_it_and_the_supported_ones()
     assert "\n" not in msg and "'gpt2'" in msg
     for arch in ("LlamaForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "Olmo2ForCausalLM"):
         assert arch in msg
+
+
+@torch.no_grad()
+def test_self_fa_distillation_teacher_is_the_teacher(pair):
+    """Training's `self-fa` teacher (the student's own teacher placement) gives the online teacher's loss."""
+    from supernet.layout import Placement
+    from supernet.training.engine import DistillPair
+    from supernet.training.losses import LossSpec
+
+    name, teacher, supernet = pair
+    n = supernet.config.num_hidden_layers
+    ids = torch.randint(3, VOCAB, (2, 11), generator=torch.Generator().manual_seed(5))
+    weight = torch.ones(2, 11) / 22
+    placement = Placement.parse([("gdn", "kda", "swa", "fa")[i % 4] for i in range(n)], n)  # not the teacher
+    if supernet.config.final_logit_softcapping is not None:
+        with pytest.raises(ValueError, match="final_logit_softcapping"):
+            DistillPair(supernet, None, "self-fa", LossSpec())
+        return
+    online, _ = DistillPair(supernet, teacher, "online", LossSpec())(ids, weight, placement)
+    self_fa, _ = DistillPair(supernet, None, "self-fa", LossSpec())(ids, weight, placement)
+    assert online.item() > 1e-4
+    assert self_fa.item() == pytest.approx(online.item(), rel=1e-5, abs=1e-7), name
