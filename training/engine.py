@@ -6,8 +6,9 @@ fused lm_head loss needs those weights as plain tensors, so it runs inside this 
 
 Teacher modes:
 * online: `teacher` is a separate frozen model; it runs under no_grad on the same micro-batch.
-* self-fa: no separate teacher; the student itself under the all-fa placement, no grad. A converted
-  supernet's all-fa placement computes exactly the teacher's function, so while the shared weights
+* self-fa: no separate teacher; the student itself under its teacher placement (all-fa, or swa on a
+  sliding teacher's sliding layers), no grad. A converted supernet's teacher placement computes
+  exactly the teacher's function, so while the shared weights
   and the fa mixers stay frozen this *is* the teacher, at no extra memory. It is refused when they
   train (the config check says so).
 * offline: the teacher's top-K log-probabilities come with the batch (no teacher forward).
