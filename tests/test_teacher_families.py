@@ -250,6 +250,11 @@ def test_self_fa_distillation_teacher_is_the_teacher(pair):
     ids = torch.randint(3, VOCAB, (2, 11), generator=torch.Generator().manual_seed(5))
     weight = torch.ones(2, 11) / 22
     placement = Placement.parse([("gdn", "kda", "swa", "fa")[i % 4] for i in range(n)], n)  # not the teacher
+    with pytest.raises(ValueError, match="self-fa needs the teacher placement's mixers frozen"):
+        DistillPair(supernet, None, "self-fa", LossSpec())
+    for layer in supernet.model.layers:
+        for m in set(supernet.config.teacher_placement()):
+            layer.mixers[m].requires_grad_(False)
     if supernet.config.final_logit_softcapping is not None:
         with pytest.raises(ValueError, match="final_logit_softcapping"):
             DistillPair(supernet, None, "self-fa", LossSpec())

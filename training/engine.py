@@ -41,6 +41,11 @@ class DistillPair(nn.Module):
         # the placement that computes the teacher's function (all-fa, or swa on a sliding teacher's
         # sliding layers, e.g. Gemma 3); checkpoints from before the `teacher` preset get all-fa
         self.all_fa = Placement.parse(student.config.teacher_placement(), n)
+        if mode == "self-fa":
+            for i, m in enumerate(self.all_fa):
+                if any(p.requires_grad for p in student.model.layers[i].mixers[m].parameters()):
+                    raise ValueError(f"teacher.source self-fa needs the teacher placement's mixers frozen, but layer "
+                                     f"{i}'s {m!r} trains; leave {m!r} out of train.train_mixers or use an online teacher")
         if student.config.final_logit_softcapping is not None:
             raise ValueError("distilling a model with final_logit_softcapping is not supported: "
                              "the fused lm_head loss computes uncapped logits")
