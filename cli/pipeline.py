@@ -174,7 +174,11 @@ def install_presets(ckpt: Path, presets_json: Path, out: Path) -> None:
     if tmp.exists():
         shutil.rmtree(tmp)
     shutil.copytree(ckpt, tmp)
-    config["presets"] = {"all-fa": ["fa"] * config["num_hidden_layers"], **{k: v.to_list() for k, v in presets.items()}}
+    all_fa = ["fa"] * config["num_hidden_layers"]
+    # a sliding teacher's own placement (e.g. Gemma 3's swa/fa pattern) stays a preset; for others it is all-fa
+    kept = {k: v for k, v in config.get("presets", {}).items() if k == "teacher" and v != all_fa}
+    config["presets"] = {"all-fa": all_fa, **kept,
+                         **{k: v.to_list() for k, v in presets.items()}}
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)

@@ -57,7 +57,9 @@ def test_checkpoint_has_documented_layout(teacher_and_supernet):
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "supernet"
     assert config["architectures"] == ["SupernetForCausalLM"]
-    assert config["placement"] == ["fa"] * 30 and config["presets"] == {"all-fa": ["fa"] * 30}
+    assert config["placement"] == ["fa"] * 30
+    assert config["presets"] == {"teacher": ["fa"] * 30, "all-fa": ["fa"] * 30}
+    assert config["teacher_family"] == "llama" and config["norm_layout"] == "pre"
     assert (out / "tokenizer.json").exists() or (out / "tokenizer_config.json").exists()
 
 

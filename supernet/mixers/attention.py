@@ -17,6 +17,7 @@ from supernet.cache import SupernetCache
 from supernet.config import SupernetConfig
 from supernet.mixers.rotary import apply_rotary, signed_sin
 from supernet.ops.attention import causal_attention, decode_mask_bias, masked_decode_attention
+from supernet.ops.norm import RMSNorm
 
 
 class _GrowingKV:
@@ -128,7 +129,12 @@ class _SlidingKV:
 
 
 class AttentionMixer(nn.Module):
-    """Causal GQA attention with RoPE; `window=None` is FA, an integer window is SWA."""
+    """Causal GQA attention with RoPE; `window=None` is FA, an integer window is SWA.
+
+    Follows the teacher's family: optional q/k RMSNorm before RoPE (`config.qk_norm`: per head, or
+    over the whole projection as in OLMo 2), the score scale `query_pre_attn_scalar ** -0.5` when
+    set (Gemma 3) else `head_dim ** -0.5`, and the RoPE of its layer's kind (given by the model).
+    """
 
     name = "fa"
 
@@ -139,12 +145,30 @@ class AttentionMixer(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.scale = self.head_dim**-0.5
+        self.scale = (config.query_pre_attn_scalar or self.head_dim) ** -0.5
+        # layers of the teacher's two kinds (Gemma 3) get different (cos, sin): memo them apart
+        self.rope_key = ("rope_signed_sin", config.uses_sliding_rope(layer_idx))
         d, bias = config.hidden_size, config.attention_bias
         self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=bias)
+        self.qk_norm = config.qk_norm
+        if self.qk_norm != "none":
+            whole = self.qk_norm == "whole"
+            self.q_norm = RMSNorm(self.num_heads * self.head_dim if whole else self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.num_kv_heads * self.head_dim if whole else self.head_dim, config.rms_norm_eps)
+
+    def _project(self, x: torch.Tensor, proj: nn.Linear, norm_name: str, heads: int) -> torch.Tensor:
+        """proj(x) as [B, H, T, Dh], q/k-normalised as the teacher does (before RoPE)."""
+        b, t, _ = x.shape
+        y = proj(x)
+        if self.qk_norm == "whole":
+            y = getattr(self, norm_name)(y)
+        y = y.view(b, t, heads, self.head_dim)
+        if self.qk_norm == "per_head":
+            y = getattr(self, norm_name)(y)
+        return y.transpose(1, 2)
 
     def forward(
         self,
@@ -153,13 +177,13 @@ class AttentionMixer(nn.Module):
         cache: SupernetCache | None = None,
     ) -> torch.Tensor:
         b, t, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = self._project(hidden_states, self.q_proj, "q_norm", self.num_heads)
+        k = self._project(hidden_states, self.k_proj, "k_norm", self.num_kv_heads)
         v = self.v_proj(hidden_states).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if position_embeddings is None:
             raise ValueError("attention mixers need rotary position embeddings (cos, sin)")
         cos, sin = position_embeddings
-        signed = cache.shared("rope_signed_sin", lambda: signed_sin(sin), source=sin) if cache is not None else None
+        signed = cache.shared(self.rope_key, lambda: signed_sin(sin), source=sin) if cache is not None else None
         q, k = apply_rotary(q, k, cos, sin, signed)
         if cache is not None and cache.static_position is not None:
             if t != 1:
@@ -199,8 +223,10 @@ class AttentionMixer(nn.Module):
         self, q_w: torch.Tensor, k_w: torch.Tensor, v_w: torch.Tensor, o_w: torch.Tensor,
         num_heads: int, num_kv_heads: int, head_dim: int,
         biases: dict[str, torch.Tensor] | None = None,
+        norms: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """Copy the teacher's attention projections (same shapes by construction)."""
+        """Copy the teacher's attention projections (same shapes by construction); `biases` and
+        `norms` ("q_norm"/"k_norm" weights) by module name, when the teacher has them."""
         if (num_heads, num_kv_heads, head_dim) != (self.num_heads, self.num_kv_heads, self.head_dim):
             raise ValueError(
                 f"teacher attention has {num_heads}/{num_kv_heads} heads of {head_dim}, "
@@ -210,6 +236,10 @@ class AttentionMixer(nn.Module):
             proj.weight.copy_(w)
         for name, b in (biases or {}).items():
             getattr(self, name).bias.copy_(b)
+        if bool(norms) != (self.qk_norm != "none"):
+            raise ValueError(f"teacher q/k norms {sorted(norms or {})} do not match qk_norm={self.qk_norm!r}")
+        for name, w in (norms or {}).items():
+            getattr(self, name).weight.copy_(w)
 
 
 class SlidingWindowAttentionMixer(AttentionMixer):
