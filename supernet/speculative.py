@@ -186,11 +186,11 @@ class _StaticRows:
                 module.rollback(self.cache.states[i][m], index)
 
 
-def check_draft_settings(model, draft: PlacementLike, target: PlacementLike, k: int) -> tuple[Placement, Placement]:
-    """The resolved (draft, target), or a ValueError that names the bad setting and the fix."""
+def check_draft_settings(config, draft: PlacementLike, target: PlacementLike, k: int) -> tuple[Placement, Placement]:
+    """The resolved (draft, target) for a model `config`, or a ValueError naming the bad setting and the fix."""
     if k < 1:
         raise ValueError(f"draft tokens per round (k) must be >= 1, got {k}")
-    d, t = model.config.resolve(draft), model.config.resolve(target)
+    d, t = config.resolve(draft), config.resolve(target)
     if tuple(d) == tuple(t):
         raise ValueError(f"the draft placement equals the target ({t.summary()}): drafting with the target "
                          "itself only adds work; pick a faster preset or drop --draft-preset")
@@ -217,7 +217,7 @@ def speculative_generate(
     """
     if input_ids.dim() != 2 or input_ids.shape[1] < 2:
         raise ValueError(f"speculative decoding needs input_ids [B, T] with T >= 2, got {tuple(input_ids.shape)}")
-    draft, target = check_draft_settings(model, draft_placement, target_placement, k)
+    draft, target = check_draft_settings(model.config, draft_placement, target_placement, k)
     device = input_ids.device
     cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
     batch, prompt = input_ids.shape
