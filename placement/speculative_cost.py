@@ -90,11 +90,15 @@ class Prediction:
 def predict(table: CostTable, target: Placement, draft: Placement, alpha: float, k: int, *, name: str = "draft",
             config: Any | None = None, token_fraction: float | None = None) -> Prediction:
     """The speedup of drafting with `draft` (k per round) over the target alone (module docstring)."""
+    return predict_from_costs(table.cost(target), table.cost(draft), token_cost(table, target, config, token_fraction),
+                              token_cost(table, draft, config, token_fraction), alpha, k, name=name)
+
+
+def predict_from_costs(c_t: float, c_d: float, extra_t: float, extra_d: float, alpha: float, k: int, *,
+                       name: str = "draft") -> Prediction:
+    """The formula itself, from step costs (C_t, C_d) and token costs (c_t, c_d) in one unit."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    c_t, c_d = table.cost(target), table.cost(draft)
-    extra_t = token_cost(table, target, config, token_fraction)
-    extra_d = token_cost(table, draft, config, token_fraction)
     round_cost = k * c_d + extra_d + c_t + k * extra_t
     return Prediction(name, k, alpha, expected_tokens(alpha, k), round_cost, c_t)
 

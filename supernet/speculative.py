@@ -62,8 +62,10 @@ class SpecStats:
     ragged_rounds: int = 0  # rounds in which active rows kept different numbers of drafts
     target_forwards: int = 0
     draft_forwards: int = 0
+    prefill_seconds: float = 0.0  # both prefills and making the caches static
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
+    decode_seconds: float = 0.0  # every round, end to end (drafting, verification, commits)
     accepted_per_round: list[float] = field(default_factory=list)
 
     @property
@@ -85,10 +87,12 @@ class SpecStats:
 
     def as_dict(self) -> dict[str, float]:
         return {"rounds": self.rounds, "drafted": self.drafted, "accepted": self.accepted,
+                "rejections": self.rejections, "ragged_rounds": self.ragged_rounds,
                 "acceptance_rate": self.acceptance_rate,
                 "per_token_acceptance": self.per_token_acceptance, "tokens_per_round": self.tokens_per_round,
                 "target_forwards": self.target_forwards, "draft_forwards": self.draft_forwards,
-                "draft_seconds": self.draft_seconds, "verify_seconds": self.verify_seconds}
+                "prefill_seconds": self.prefill_seconds, "draft_seconds": self.draft_seconds,
+                "verify_seconds": self.verify_seconds, "decode_seconds": self.decode_seconds}
 
 
 # -- the acceptance rule ---------------------------------------------------------------------------
@@ -226,6 +230,7 @@ def speculative_generate(
     timer = _Timer(device)
 
     # prefill: the target reads the prompt and gives the first token; the draft reads all but its last token
+    timer.start()
     t_cache, d_cache = SupernetCache(layers), SupernetCache(layers)
     first_logits = model(input_ids, past_key_values=t_cache, use_cache=True, placement=target, logits_to_keep=1).logits[:, -1]
     model(input_ids[:, :-1], past_key_values=d_cache, use_cache=True, placement=draft, logits_to_keep=1)
@@ -236,6 +241,9 @@ def speculative_generate(
     shared = dict(capacity=capacity, lookahead=k + 1, history_slots=k + 2, cuda_graph=cuda_graph)
     verifier = _StaticRows(model, target, t_cache, step_tokens=(k + 1,), **shared)
     drafter = _StaticRows(model, draft, d_cache, step_tokens=(2, 1) if k > 1 else (2,), **shared)
+    stats.prefill_seconds = timer.stop()
+    decode = _Timer(device)
+    decode.start()
 
     out: list[list[int]] = [[int(x)] for x in first.tolist()]
     done = torch.tensor([max_new_tokens <= 1 or int(x) == eos_token_id for x in first.tolist()], device=device)
@@ -292,6 +300,7 @@ def speculative_generate(
                     break
             finished.append(len(out[b]) >= max_new_tokens or out[b][-1] == eos_token_id)
         done = torch.tensor(finished, device=device)
+    stats.decode_seconds = decode.stop()
     return out, stats
 
 
