@@ -164,6 +164,11 @@ class _StaticRows:
         self.inputs = {t: torch.zeros(batch, t, dtype=torch.long, device=device) for t in step_tokens}
         self.logits = {t: torch.zeros(batch, t, vocab, dtype=dtype, device=device) for t in step_tokens}
         mixers = [(i, m) for i, _, m in self.mixers]
+        # One set of fixed state tensors for every step shape: a step that replaces a state (eagerly,
+        # or while warming up before its capture) is copied back into it (`_pin`), so the graphs of
+        # the other shapes, which read these very tensors, always see the current state.
+        self.fixed = {(i, m, key): v for i, m in mixers for key, v in cache.states[i][m].items()
+                      if isinstance(v, torch.Tensor)}
         self.steps = {t: GraphedStep(lambda t=t: self._body(t), cache, mixers, cuda_graph=cuda_graph) for t in step_tokens}
 
     def _body(self, t: int) -> None:
@@ -181,7 +186,15 @@ class _StaticRows:
         self.slot.fill_(slot)
         with torch.inference_mode():
             self.steps[t]()
+            self._pin()
         return self.logits[t]
+
+    def _pin(self) -> None:
+        for (i, m, key), fixed in self.fixed.items():
+            state = self.cache.states[i][m]
+            if state[key] is not fixed:
+                fixed.copy_(state[key])
+                state[key] = fixed
 
     def rollback(self, index: torch.Tensor) -> None:
         """Row b returns to history slot index[b] (0: where the round began)."""

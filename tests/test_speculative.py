@@ -90,6 +90,9 @@ def test_rollback_equals_recomputation_and_static_steps_equal_eager(model, place
                        step_tokens=(k + 1, 1), cuda_graph=False)
     fed = _prompts(batch, k + 1, seed=6)
     step_logits = rows.run(fed, torch.full((batch,), 10), slot=1).clone()
+    # every state stays the tensor it was when the steps were built: what CUDA graphs of the
+    # different step shapes (sharing these states) rely on
+    assert all(cache.states[i][m][key] is t for (i, m, key), t in rows.fixed.items())
     keep = torch.tensor([0, 1, 3, 5])  # history slot: 0 = nothing kept, i = the first i fed tokens kept
     rows.rollback(keep)
     refs = []
