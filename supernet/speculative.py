@@ -234,6 +234,8 @@ def speculative_generate(
     """
     if input_ids.dim() != 2 or input_ids.shape[1] < 2:
         raise ValueError(f"speculative decoding needs input_ids [B, T] with T >= 2, got {tuple(input_ids.shape)}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     draft, target = check_draft_settings(model.config, draft_placement, target_placement, k)
     device = input_ids.device
     cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
