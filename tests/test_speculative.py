@@ -181,3 +181,32 @@ def test_bad_draft_settings_are_clear_errors(model):
         speculative_generate(model, ids, "fa,swa,gdn,kda", "fa,swa,gdn,kda")
     with pytest.raises(ValueError, match="T >= 2"):
         speculative_generate(model, ids[:, :1], *PAIRS[0])
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_per_token_states_are_the_states_of_every_prefix(per_channel):
+    """The delta rule's kept states (what rollback gathers from) equal running each prefix alone."""
+    from supernet.ops.delta_rule import delta_rule_per_token_states, gated_delta_rule, kda_rule
+    from supernet.ops.short_conv import tails_after_each_token
+
+    gen = torch.Generator().manual_seed(0)
+    B, T, H, HV, K, V = 2, 5, 2, 4 if not per_channel else 2, 8, 8
+    q, k = torch.randn(B, T, H, K, generator=gen), torch.randn(B, T, H, K, generator=gen)
+    v = torch.randn(B, T, HV, V, generator=gen)
+    g = torch.randn(B, T, HV, K, generator=gen) if per_channel else torch.randn(B, T, HV, generator=gen)
+    beta = torch.randn(B, T, HV, generator=gen)
+    a_log, dt = torch.zeros(HV), torch.zeros(HV * K if per_channel else HV)
+    h0 = torch.randn(B, HV, K, V, generator=gen)
+    gates = dict(use_qk_l2norm=True, A_log=a_log, dt_bias=dt, beta_logits=True)
+    o, states = delta_rule_per_token_states(q, k, v, g, beta, initial_state=h0, **gates)
+    rule = kda_rule if per_channel else gated_delta_rule
+    for t in range(1, T + 1):
+        o_t, s_t = rule(q[:, :t], k[:, :t], v[:, :t], g[:, :t], beta[:, :t], initial_state=h0,
+                        output_final_state=True, **gates)
+        torch.testing.assert_close(states[:, t - 1], s_t, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(o[:, :t], o_t, atol=1e-5, rtol=1e-5)
+    tail, x = torch.randn(B, 6, 3, generator=gen), torch.randn(B, T, 6, generator=gen)
+    tails = tails_after_each_token(tail, x)
+    full = torch.cat([tail, x.transpose(1, 2)], -1)
+    for t in range(T):
+        assert torch.equal(tails[:, t], full[..., t + 1 : t + 4])
