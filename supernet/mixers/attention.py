@@ -7,6 +7,14 @@ Static decoding (`cache.static_position` set, see supernet/static_decode.py): a 
 its key/value at a slot given by a device tensor and attends over the whole fixed-size buffer with a
 validity mask, so no Python int decides a shape or an index and the step can be replayed as a CUDA
 graph.
+
+Speculative decoding (supernet/speculative.py) uses the general form of the same static step: `t`
+tokens per row and one position per row (`cache.static_position` of shape [B]), so rows may sit at
+different lengths after ragged acceptance. FA's buffer is indexed by position, so taking back
+rejected tokens is just moving the position back (slots after it are masked and later overwritten).
+SWA keeps a ring of `window + lookahead` slots with the absolute position held in every slot
+(`slot_pos`): writing `t <= lookahead + 1` tokens never overwrites a key some query of the step still
+needs, and stale keys of rejected tokens are masked by their position until overwritten.
 """
 from __future__ import annotations
 
@@ -119,6 +127,23 @@ class _SlidingKV:
         return state["k"], state["v"]
 
     @staticmethod
+    def to_position_ring(state: dict, window: int, lookahead: int) -> None:
+        """Lay the kept keys out in a ring of `window + lookahead` slots (position p in slot p % size)
+        and record each slot's absolute position in `slot_pos` [B, size] (-1: empty)."""
+        seen = state["len"]
+        k, v = _SlidingKV.ordered(state, window)
+        kept = k.shape[2]
+        size = window + lookahead
+        b, h, _, d = k.shape
+        positions = torch.arange(seen - kept, seen, device=k.device)
+        slots = positions % size
+        ring_k, ring_v = k.new_zeros(b, h, size, d), v.new_zeros(b, h, size, d)
+        ring_k[:, :, slots], ring_v[:, :, slots] = k, v
+        slot_pos = torch.full((b, size), -1, dtype=torch.long, device=k.device)
+        slot_pos[:, slots] = positions
+        state["k"], state["v"], state["slot_pos"] = ring_k, ring_v, slot_pos
+
+    @staticmethod
     def ordered(state: dict, window: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The kept keys/values in position order."""
         seen, k, v = state["len"], state["k"], state["v"]
@@ -186,8 +211,9 @@ class AttentionMixer(nn.Module):
         signed = cache.shared(self.rope_key, lambda: signed_sin(sin), source=sin) if cache is not None else None
         q, k = apply_rotary(q, k, cos, sin, signed)
         if cache is not None and cache.static_position is not None:
-            if t != 1:
-                raise ValueError(f"static decoding takes one token per step, got {t}")
+            state = cache.mixer_state(self.layer_idx, self.name)
+            if t != 1 or cache.static_position.numel() != 1 or "slot_pos" in state:
+                return self._static_rows(q, k, v, state, cache)
             state = cache.mixer_state(self.layer_idx, self.name)
             position = cache.static_position
             if self.window is None:
@@ -206,17 +232,60 @@ class AttentionMixer(nn.Module):
         out = causal_attention(q, k, v, scale=self.scale, window=self.window)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
+    def _static_rows(self, q, k, v, state: dict, cache: SupernetCache) -> torch.Tensor:
+        """Static step of `t` tokens per row, row b starting at position `cache.static_position[b]`."""
+        b, _, t, d = q.shape
+        positions = (cache.static_position.view(-1, 1) + torch.arange(t, device=q.device)).expand(b, t)
+        size = state["k"].shape[2]
+        slots = positions if self.window is None else torch.remainder(positions, size)
+        index = slots[:, None, :, None].expand(b, k.shape[1], t, d)
+        state["k"].scatter_(2, index, k)
+        state["v"].scatter_(2, index, v)
+        if self.window is None:
+            key_pos = torch.arange(size, device=q.device).expand(b, size)
+        else:
+            if t > size - self.window + 1:
+                raise ValueError(f"a static SWA step of {t} tokens needs a ring of {self.window + t - 1} slots, "
+                                 f"this one has {size}; prepare with a larger lookahead")
+            state["slot_pos"].scatter_(1, slots, positions)
+            key_pos = state["slot_pos"]
+
+        def bias() -> torch.Tensor:
+            kp, qp = key_pos[:, None, :], positions[:, :, None]  # [B, 1, S], [B, t, 1]
+            live = (kp <= qp) & (kp >= 0)
+            if self.window is not None:
+                live &= kp > qp - self.window
+            return torch.zeros(live.shape, dtype=q.dtype, device=q.device).masked_fill_(~live, float("-inf"))[:, None]
+
+        # every layer of a kind writes the same positions, so one mask serves them all
+        mask = cache.shared(("rows_bias", self.window, size, t, q.dtype), bias, source=cache.static_position)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, state["k"], state["v"], attn_mask=mask, scale=self.scale, enable_gqa=q.shape[1] != k.shape[1])
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
     def _update_cache(self, state: dict, k: torch.Tensor, v: torch.Tensor, t: int):
         if self.window is None:
             return _GrowingKV.append(state, k, v)
         return _SlidingKV.append(state, k, v, self.window)
 
-    def prepare_static(self, state: dict, capacity: int) -> None:
-        """Make this mixer's cache fixed-size for static decoding up to `capacity` total tokens."""
+    def prepare_static(self, state: dict, capacity: int, lookahead: int = 0) -> None:
+        """Make this mixer's cache fixed-size for static decoding up to `capacity` total tokens.
+
+        `lookahead` > 0 (speculative steps of up to lookahead + 1 tokens): SWA moves to the
+        position ring (`_SlidingKV.to_position_ring`); FA needs nothing more than the capacity.
+        """
         if self.window is None:
             _GrowingKV.reserve(state, capacity)
+        elif lookahead > 0:
+            _SlidingKV.to_position_ring(state, self.window, lookahead)
         else:
             _SlidingKV.reserve(state, self.window)
+
+    def prepare_history(self, state: dict, slots: int) -> None:
+        """Attention needs no per-token history: rolling back is moving the position back."""
+
+    def rollback(self, state: dict, index: torch.Tensor) -> None:
+        """Nothing to undo in place (see `prepare_history`)."""
 
     @torch.no_grad()
     def init_from_attention(

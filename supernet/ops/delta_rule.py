@@ -133,10 +133,12 @@ def recurrent_delta_rule(
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
+    output_all_states: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gated delta rule one token at a time. g [B,T,HV] (per head) or [B,T,HV,K] (per channel).
 
-    Returns (o [B, T, HV, V] in v.dtype, final state [B, HV, K, V] fp32 or None).
+    Returns (o [B, T, HV, V] in v.dtype, final state [B, HV, K, V] fp32 or None); with
+    `output_all_states` the second item is the state after every token, [B, T, HV, K, V].
     """
     B, T, H, K, HV, V = _check_shapes(q, k, v, g, beta)
     scale = K**-0.5 if scale is None else scale
@@ -146,7 +148,7 @@ def recurrent_delta_rule(
     decay = g.float().exp()
     per_channel = g.dim() == 4
     S = _initial_state(initial_state, B, HV, K, V, q.device)
-    outs = []
+    outs, states = [], []
     for t in range(T):
         d = decay[:, t]
         S = S * (d.unsqueeze(-1) if per_channel else d[..., None, None])
@@ -154,7 +156,11 @@ def recurrent_delta_rule(
         err = vf[:, t] - (k_t @ S).squeeze(-2)  # v_t - S^T k_t
         S = S + k_t.transpose(-1, -2) * (bf[:, t, :, None] * err).unsqueeze(-2)
         outs.append((qf[:, t].unsqueeze(-2) @ S).squeeze(-2))
+        if output_all_states:
+            states.append(S)
     o = torch.stack(outs, dim=1) if outs else vf.new_zeros(B, 0, HV, V)
+    if output_all_states:
+        return o.to(v.dtype), torch.stack(states, dim=1)
     return o.to(v.dtype), (S if output_final_state else None)
 
 
@@ -502,3 +508,33 @@ def kda_rule(
     g, beta, A_log, dt_bias, beta_logits = _prepare_gates(q, k, v, g, beta, A_log, dt_bias, beta_logits)
     return _dispatch("kda", q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
                      A_log, dt_bias, beta_logits)
+
+
+def delta_rule_per_token_states(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    use_qk_l2norm: bool = False,
+    A_log: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    beta_logits: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GDN (g [B, T, HV]) or KDA (g [B, T, HV, K]) keeping the state after every token.
+
+    For speculative decoding's few tokens per step (a draft token, or the k + 1 tokens of a
+    verification): the token loop computes each intermediate state anyway, so keeping them costs
+    T state writes and no extra arithmetic, and any prefix can be committed exactly afterwards.
+    Torch path on every device (fla's fused kernels return the final state only).
+    Returns (o [B, T, HV, V], states [B, T, HV, K, V] fp32).
+    """
+    _check_gate(g, A_log, dt_bias)
+    _check_shapes(q, k, v, g, beta)
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        g, beta = _torch_gates(g, beta, A_log, dt_bias, beta_logits)
+        if use_qk_l2norm:
+            q, k = l2_normalize(q), l2_normalize(k)
+        return recurrent_delta_rule(q, k, v, g, beta, scale, initial_state, output_all_states=True)
