@@ -110,6 +110,7 @@ def decode_rate(base_url: str, prompts: list[list[int]], max_tokens: int, models
     import concurrent.futures as cf
 
     models = models or ["supernet"] * len(prompts)
+    submitted = time.perf_counter()
     with cf.ThreadPoolExecutor(len(prompts)) as pool:
         streams = list(pool.map(lambda pm: _stream(base_url, pm[0], max_tokens, pm[1]), zip(prompts, models)))
     start = max(s[0] for s in streams)
@@ -118,7 +119,8 @@ def decode_rate(base_url: str, prompts: list[list[int]], max_tokens: int, models
     if end <= start or tokens == 0:
         raise RuntimeError("no window where all streams decode; raise --decode-tokens")
     return {"decode_tokens_per_s": tokens / (end - start), "window_s": end - start, "tokens_in_window": tokens,
-            "first_token_s": start - min(s[0] for s in streams)}
+            "first_token_s": start - min(s[0] for s in streams),
+            "prefill_s": start - submitted}  # all prompts submitted at once until every one has its first token
 
 
 def _concurrency(log: str) -> dict:
@@ -201,18 +203,23 @@ def switchable_costs(url: str, prompts: list[list[int]], args) -> dict:
     single = {}
     for p in args.mixed:
         rate = decode_rate(url, prompts[:n], args.decode_tokens, [f"supernet:{p}"] * n)
-        single[p] = {"decode_tokens_per_s": rate["decode_tokens_per_s"], "step_s": n / rate["decode_tokens_per_s"]}
+        single[p] = {"decode_tokens_per_s": rate["decode_tokens_per_s"], "step_s": n / rate["decode_tokens_per_s"],
+                     "prefill_s": rate["prefill_s"]}
         print(f"[vllm] switchable, batch of {p}: {rate['decode_tokens_per_s']:.2f} tok/s", flush=True)
     models = [f"supernet:{args.mixed[i % len(args.mixed)]}" for i in range(n)]
     mix = decode_rate(url, prompts[:n], args.decode_tokens, models)
     shares = {p: sum(m == f"supernet:{p}" for m in models) / n for p in args.mixed}
     weighted = sum(shares[p] * single[p]["step_s"] for p in args.mixed)
     mixed_step = n / mix["decode_tokens_per_s"]
+    weighted_prefill = sum(shares[p] * single[p]["prefill_s"] for p in args.mixed)
     print(f"[vllm] switchable, mixed batch: {mix['decode_tokens_per_s']:.2f} tok/s; "
           f"step {mixed_step:.3f}s vs token-weighted {weighted:.3f}s = {mixed_step / weighted:.3f}x", flush=True)
     return {"batch": n, "single_preset_batches": single, "mixed_batch_tokens_per_s": mix["decode_tokens_per_s"],
             "mixed_step_s": mixed_step, "token_weighted_single_step_s": weighted,
-            "mixed_over_weighted": mixed_step / weighted, "shares": shares}
+            "mixed_over_weighted": mixed_step / weighted, "shares": shares,
+            # prefill of the whole batch (chunked: steps hold several prompts): per-token work dominates there
+            "mixed_prefill_s": mix["prefill_s"], "token_weighted_single_prefill_s": weighted_prefill,
+            "prefill_mixed_over_weighted": mix["prefill_s"] / weighted_prefill}
 
 
 
@@ -307,12 +314,14 @@ def main(argv: list[str] | None = None) -> None:
               f"acceptance {s['acceptance_rate']}, speedup {s['speedup']}")
     if result.get("switchable"):
         sw = result["switchable"]
-        rows = [{"batch": f"all {p}", "decode_tokens_per_s": v["decode_tokens_per_s"], "step_s": v["step_s"]}
-                for p, v in sw["single_preset_batches"].items()]
-        rows.append({"batch": "mixed", "decode_tokens_per_s": sw["mixed_batch_tokens_per_s"], "step_s": sw["mixed_step_s"]})
-        print_table(rows, ["batch", "decode_tokens_per_s", "step_s"],
-                    f"switchable server, batch {sw['batch']}: mixed step / token-weighted single-preset steps = "
-                    f"{sw['mixed_over_weighted']:.3f}; max concurrency {sw.get('max_concurrency')}")
+        rows = [{"batch": f"all {p}", "decode_tokens_per_s": v["decode_tokens_per_s"], "step_s": v["step_s"],
+                 "prefill_s": v["prefill_s"]} for p, v in sw["single_preset_batches"].items()]
+        rows.append({"batch": "mixed", "decode_tokens_per_s": sw["mixed_batch_tokens_per_s"], "step_s": sw["mixed_step_s"],
+                     "prefill_s": sw["mixed_prefill_s"]})
+        print_table(rows, ["batch", "decode_tokens_per_s", "step_s", "prefill_s"],
+                    f"switchable server, batch {sw['batch']}: mixed / token-weighted single-preset = "
+                    f"{sw['mixed_over_weighted']:.3f} (decode step), {sw['prefill_mixed_over_weighted']:.3f} (prefill); "
+                    f"max concurrency {sw.get('max_concurrency')}")
     name = f"serving_{args.engine}_{'cuda' if args.device.startswith('cuda') else 'cpu'}"
     write_results(name, {"engine": args.engine, "context": args.context, "batch": args.batch, "dtype": args.dtype,
                          "compiled": bool(getattr(args, "compiled", False)),

@@ -129,6 +129,7 @@ def test_cli_serve_checks_before_starting_vllm(ckpt, tmp_path):
         _prepare(ckpt, None, True, "fast", 4, "supernet", "127.0.0.1", 8000, [])
     cmd, _env = _prepare(ckpt, None, True, None, 4, "m", "127.0.0.1", 8000, [])
     names = cmd[cmd.index("--served-model-name") + 1 : cmd.index("--hf-overrides")]
+    assert "--enforce-eager" in cmd  # switchable: eager; one preset: compiled (below)
     assert names[:2] == ["m", "m:default"]
     assert sorted(names[2:]) == ["m:all-fa", "m:balanced", "m:fast", "m:linear", "m:near"]
     bad = _supernet("serve", str(ckpt), "--preset", "nope")
@@ -140,7 +141,7 @@ def test_cli_serve_checks_before_starting_vllm(ckpt, tmp_path):
     line = dry.stderr.strip().splitlines()[-1]
     assert "vllm.entrypoints.openai.api_server" in line and "--max-model-len 512" in line
     assert '"preset": "fast"' in line and '"draft_preset": "linear"' in line and "supernet.serving.drafter.SupernetDrafter" in line
-    assert "supernet:fast" in line
+    assert "supernet:fast" in line and "--enforce-eager" not in line
 
 
 def test_step_route_gathers_each_mixers_tokens_once_per_step(monkeypatch):
