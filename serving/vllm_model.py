@@ -7,10 +7,12 @@ pages). Checkpoints load as saved by `supernet` (names in the spec); q/k/v and g
 on load.
 
 Only the mixers of the served placement(s) exist (`serving.plan`): a server for one preset
-allocates KV cache for its attention layers only. In switchable mode a layer holds every mixer
-that some served preset uses there; each mixer runs once over the whole batch when at least one
-request in the batch needs it, and every token keeps the output of its own preset's mixer (the
-caches of mixers a request does not use receive writes that nobody reads).
+allocates KV cache for its attention layers only, and the model carries `@support_torch_compile`
+(vLLM compiles it and captures CUDA graphs; the GDN/KDA core is a custom op, see
+`linear_layers`). In switchable mode a layer holds every mixer that some served preset uses
+there; the route of every token is computed once per step (`routing.StepRoute`) and each mixer
+runs only over the tokens whose preset uses it (gather, run, scatter back). Switchable mode runs
+eagerly: its gathers have data-dependent sizes.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.forward_context import get_forward_context
@@ -98,7 +101,8 @@ class SupernetAttention(nn.Module):
             per_layer_sliding_window=window, prefix=f"{prefix}.attn",
         )
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+    def _qkv(self, positions: torch.Tensor, hidden_states: torch.Tensor):
+        """Projections, the family's q/k norms and RoPE: q, k, v for these tokens."""
         qkv, _ = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.qk_norm == "whole":
@@ -107,7 +111,22 @@ class SupernetAttention(nn.Module):
             q = self.q_norm(q.reshape(-1, self.num_heads, self.head_dim)).reshape(q.shape)
             k = self.k_norm(k.reshape(-1, self.num_kv_heads, self.head_dim)).reshape(k.shape)
         q, k = self.rotary_emb(positions, q, k)
-        out, _ = self.o_proj(self.attn(q, k, v))
+        return q, k, v
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        out, _ = self.o_proj(self.attn(*self._qkv(positions, hidden_states)))
+        return out
+
+    def forward_rows(self, positions: torch.Tensor, hidden_states: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Switchable mode: projections for `tokens` only ([M] flat indices; returns [M, D]).
+
+        The attention kernel itself still runs over the step's whole layout: its metadata (and
+        vLLM's CPU scheduler plan) covers every request of the step, so the other rows get zero
+        queries/keys/values (their writes land in KV pages nobody reads)."""
+        n = hidden_states.shape[0]
+        q, k, v = self._qkv(positions.index_select(0, tokens), hidden_states.index_select(0, tokens))
+        full = [t.new_zeros(n, t.shape[1]).index_copy_(0, tokens, t) for t in (q, k, v)]
+        out, _ = self.o_proj(self.attn(*full).index_select(0, tokens))
         return out
 
 
@@ -168,7 +187,28 @@ class SupernetDecoderLayer(nn.Module):
         mixer = self.mixers[name]
         return mixer(positions, x) if isinstance(mixer, SupernetAttention) else mixer(x)
 
-    def forward(self, positions, hidden_states, residual, route: "routing.BatchRoute | None"):
+    def run_mixer_rows(self, name: str, positions: torch.Tensor, x: torch.Tensor, sel: "routing.Selection") -> torch.Tensor:
+        mixer = self.mixers[name]
+        if isinstance(mixer, SupernetAttention):
+            return mixer.forward_rows(positions, x, sel.tokens)
+        return mixer.forward_rows(x, sel.tokens, sel.rows)
+
+    def mix(self, positions, x, route: "routing.StepRoute | None") -> torch.Tensor:
+        if len(self.mixers) == 1:
+            return self.run_mixer(next(iter(self.mixers)), positions, x)
+        if route is None:  # profile / warm-up run: exercise every mixer, keep the first
+            outs = [self.run_mixer(name, positions, x) for name in self.mixers]
+            return outs[0]
+        out = None
+        for name, sel in route.layer_plan(self.layer_idx):
+            if sel is None:  # every request of the step uses this mixer here
+                return self.run_mixer(name, positions, x)
+            if out is None:
+                out = torch.zeros_like(x)
+            out.index_copy_(0, sel.tokens, self.run_mixer_rows(name, positions, x, sel))
+        return out
+
+    def forward(self, positions, hidden_states, residual, route: "routing.StepRoute | None"):
         if self.norm_layout == "post":
             residual = hidden_states if residual is None else hidden_states + residual
             x = residual
@@ -177,13 +217,7 @@ class SupernetDecoderLayer(nn.Module):
             x = self.input_layernorm(hidden_states)
         else:
             x, residual = self.input_layernorm(hidden_states, residual)
-        if route is None or len(self.mixers) == 1:
-            out = self.run_mixer(next(iter(self.mixers)), positions, x)
-        else:
-            out = None
-            for name, mask in route.layer_masks(self.layer_idx):
-                part = self.run_mixer(name, positions, x)
-                out = part if out is None else torch.where(mask[:, None], part, out)
+        out = self.mix(positions, x, route)
         if self.norm_layout == "post":
             residual = residual + self.post_attention_layernorm(out)
             return self.post_feedforward_layernorm(self.mlp(residual)), residual
@@ -194,6 +228,15 @@ class SupernetDecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
+def _compiled(vllm_config: VllmConfig) -> bool:
+    """Compile (and graph) single-preset servers; switchable ones gather data-dependent subsets."""
+    return not serving_plan(vllm_config.model_config.hf_config).switchable
+
+
+@support_torch_compile(
+    dynamic_arg_dims={"input_ids": 0, "positions": 0, "intermediate_tensors": 0, "inputs_embeds": 0},
+    enable_if=_compiled,
+)
 class SupernetModel(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
@@ -219,7 +262,9 @@ class SupernetModel(nn.Module):
             hidden = hidden * torch.tensor(scale, dtype=torch.float32).to(hidden.dtype)
         return hidden
 
-    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                intermediate_tensors: IntermediateTensors | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         hidden = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
         route = self.router.route(get_forward_context(), hidden.shape[0], hidden.device) if self.router else None
         residual = None
