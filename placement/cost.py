@@ -27,9 +27,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from supernet.layout import MIXERS, Placement, PlacementError
+from supernet.mixers.registry import mean_visible_keys, shared_parameter_counts, spec
 
 MODES = ("decode", "prefill")
-CHUNK = 64  # chunk size assumed for the chunked delta-rule FLOP count
 
 
 # -- the table ------------------------------------------------------------------------------------
@@ -153,77 +153,18 @@ def load_costs(path: str | Path) -> CostTable:
 
 
 # -- analytic model -------------------------------------------------------------------------------
+# Per-mixer sizes come from supernet.mixers.registry (pure Python, no torch): one place per mixer.
 def mixer_params(config: Any, mixer: str) -> dict[str, int]:
-    """Parameter counts of one layer's mixer, split into matmul weights and the rest (per the spec)."""
-    D = config.hidden_size
-    W = config.linear_conv_size
-    if mixer in ("fa", "swa"):
-        hq, hkv, dh = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        matmul = D * hq * dh + 2 * D * hkv * dh + hq * dh * D
-        other = (hq * dh + 2 * hkv * dh + D) if config.attention_bias else 0
-        return {"matmul": matmul, "other": other}
-    if mixer == "gdn":
-        h, hv, k, v = config.gdn_num_heads, config.gdn_num_v_heads, config.gdn_head_dim, config.gdn_v_head_dim
-        matmul = 2 * D * h * k + D * hv * v + 2 * D * hv + D * hv * v + hv * v * D  # q,k,v,a,b,g,o
-        other = (2 * h * k + hv * v) * W + 2 * hv + v  # convs, A_log, dt_bias, o_norm
-        return {"matmul": matmul, "other": other}
-    if mixer == "kda":
-        h, k, v = config.kda_num_heads, config.kda_head_dim, config.kda_v_head_dim
-        matmul = (2 * D * h * k + D * h * v + D * k + k * h * k + D * h + D * v + v * h * v + h * v * D)
-        other = (2 * h * k + h * v) * W + h + h * k + v  # convs, A_log, dt_bias, o_norm
-        return {"matmul": matmul, "other": other}
-    raise PlacementError(f"unknown mixer {mixer!r}; choose from {', '.join(MIXERS)}")
+    """Parameter counts of one layer's mixer, split into matmul weights and the rest (the registry's)."""
+    try:
+        return spec(mixer).params(config)
+    except ValueError as exc:
+        raise PlacementError(str(exc)) from None
 
 
 def shared_params(config: Any) -> dict[str, int]:
     """Placement-independent parameters: per-layer MLP + norms, and the embeddings / lm_head."""
-    D, F, V = config.hidden_size, config.intermediate_size, config.vocab_size
-    mlp = 3 * D * F + (2 * F + D if getattr(config, "mlp_bias", False) else 0)
-    return {"layer_matmul": mlp, "layer_other": 2 * D, "lm_head": V * D, "final_norm": D}
-
-
-def mean_visible_keys(context: int, window: int | None) -> float:
-    """Average number of keys a causal query sees over a prompt of `context` tokens."""
-    n = context
-    if window is None or window >= n:
-        return (n + 1) / 2
-    w = window
-    return (w * (w + 1) / 2 + (n - w) * w) / n
-
-
-def _cache_bytes(config: Any, mixer: str, context: int, dtype_bytes: int, state_bytes: int) -> float:
-    """Bytes of one sequence's decode cache that a decode step reads (and, for state, writes)."""
-    if mixer in ("fa", "swa"):
-        tokens = context if mixer == "fa" else min(context, config.swa_window)
-        per_token = 2 * config.num_key_value_heads * config.head_dim * dtype_bytes
-        return tokens * per_token + per_token  # read the cache, append this token
-    W = config.linear_conv_size
-    if mixer == "gdn":
-        h, hv, k, v = config.gdn_num_heads, config.gdn_num_v_heads, config.gdn_head_dim, config.gdn_v_head_dim
-        state, conv = hv * k * v, (2 * h * k + hv * v) * (W - 1)
-    else:
-        h, k, v = config.kda_num_heads, config.kda_head_dim, config.kda_v_head_dim
-        state, conv = h * k * v, (2 * h * k + h * v) * (W - 1)
-    return 2 * (state * state_bytes + conv * dtype_bytes)  # read + write
-
-
-def _mixer_flops(config: Any, mixer: str, context: int) -> float:
-    """FLOPs per prompt token of one mixer (projections + token mixing), averaged over the prompt."""
-    proj = 2 * mixer_params(config, mixer)["matmul"]
-    if mixer in ("fa", "swa"):
-        keys = mean_visible_keys(context, None if mixer == "fa" else config.swa_window)
-        return proj + 4 * config.num_attention_heads * config.head_dim * keys  # QK^T and PV
-    W = config.linear_conv_size
-    if mixer == "gdn":
-        h, hv, k, v = config.gdn_num_heads, config.gdn_num_v_heads, config.gdn_head_dim, config.gdn_v_head_dim
-        heads, channels, extra = hv, 2 * h * k + hv * v, 0
-    else:
-        h, k, v = config.kda_num_heads, config.kda_head_dim, config.kda_v_head_dim
-        heads, channels, extra = h, 2 * h * k + h * v, CHUNK * k  # per-channel decay inside the chunk
-    c = min(CHUNK, context)
-    # chunked delta rule per head: state in/out (4KV) + intra-chunk scores and outputs (2C(K+V))
-    mixing = heads * (4 * k * v + 2 * c * (k + v) + extra)
-    return proj + mixing + 2 * W * channels
+    return shared_parameter_counts(config)
 
 
 def analytic_costs(config: Any, context_length: int, batch_size: int = 1, mode: str = "decode",
@@ -238,11 +179,11 @@ def analytic_costs(config: Any, context_length: int, batch_size: int = 1, mode: 
     per_layer: dict[str, np.ndarray] = {}
     for m in MIXERS:
         if mode == "decode":
-            p = mixer_params(config, m)
-            weights = (p["matmul"] + p["other"]) * dtype_bytes / B
-            value = weights + _cache_bytes(config, m, N, dtype_bytes, state_bytes)
+            mixer = spec(m)
+            weights = mixer.weight_bytes(config, dtype_bytes) / B
+            value = weights + mixer.decode_bytes(config, N, dtype_bytes, state_bytes)
         else:
-            value = _mixer_flops(config, m, N)
+            value = spec(m).prefill_flops(config, N)
         per_layer[m] = np.array([float(value)])
     if mode == "decode":
         weights = L * (shared["layer_matmul"] + shared["layer_other"]) + shared["final_norm"] + shared["lm_head"]
