@@ -128,6 +128,13 @@ def generate(
         if chat:
             text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
         ids = tokenizer(text, return_tensors="pt").input_ids.to(device)
+        if choice in model.presets:
+            from supernet.placement.cost import setting_warning
+
+            warning = setting_warning(getattr(model.config, "presets_cost_source", None), 1,
+                                      ids.shape[1] + max_new_tokens, model.device.type)
+            if warning:
+                console.print(f"[yellow]{warning}[/]")
         t0 = time.time()
         stats = None
         with torch.no_grad():

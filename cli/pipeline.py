@@ -153,7 +153,9 @@ def step_presets(s: PipelineSettings) -> None:
     matrix = costs.matrix(list(costs.mixers), num_layers)
     max_speedup = costs.reference_cost(num_layers) / (costs.fixed + matrix.min(axis=1).sum())
     speedups = sorted({*(x for x in s.speedups if x < max_speedup), round(max_speedup * 0.999, 3)})
-    cmd = [sys.executable, "-m", "cli.placement_cli", "optimize", "--evaluations", str(s.workdir / "evaluations.jsonl"),
+    if len(speedups) < 3 and max_speedup > 1.03:  # few targets reachable here (a CPU at batch 1): space them out
+        speedups = sorted({*speedups, *(round(1 + (max_speedup - 1) * f, 3) for f in (1 / 3, 2 / 3))})
+    cmd = [sys.executable, "-m", "supernet.cli.placement_cli", "optimize", "--evaluations", str(s.workdir / "evaluations.jsonl"),
            "--costs", str(s.workdir / "costs.json"), "--out", str(out), "--plot", str(s.workdir / "frontier.png"),
            "--frontier", "--save-surrogate", str(s.workdir / "surrogate.json")]
     for x in speedups:
@@ -175,6 +177,9 @@ def install_presets(ckpt: Path, presets_json: Path, out: Path) -> None:
         shutil.rmtree(tmp)
     shutil.copytree(ckpt, tmp)
     config["presets"] = {"all-fa": ["fa"] * config["num_hidden_layers"], **{k: v.to_list() for k, v in presets.items()}}
+    source = json.loads(presets_json.read_text()).get("cost_source")
+    if source:  # `serve` / `generate` warn when the presets are used far from this setting
+        config["presets_cost_source"] = source
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)

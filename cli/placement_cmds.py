@@ -72,6 +72,12 @@ def costs(
     batch: int = typer.Option(1, "--batch", help="Batch size B."),
     mode: str = typer.Option("decode", help="decode (bytes or time per generated token) or prefill (FLOPs / time)."),
     measure: bool = typer.Option(False, "--measure", help="Time each mixer on this device instead of the analytic model."),
+    profile: Optional[str] = typer.Option(None, "--profile", help="Analytic costs in ms on a device profile: a shipped "
+                                          "name (h200) or a profile .json (from --fit-profile)."),
+    fit_profile: Optional[Path] = typer.Option(None, "--fit-profile", help="Fit a device profile of this device from "
+                                               "timings and write it here (with --tables: from those costs files)."),
+    tables: Optional[str] = typer.Option(None, "--tables", help="With --fit-profile: comma list of measured costs.json "
+                                         "files (`costs --measure`) to fit from instead of timing now."),
     out: Path = typer.Option(Path("costs.json"), "--out", "-o", help="costs.json to write."),
     repeats: int = typer.Option(10, help="Timed repeats per mixer (median) with --measure."),
     layers: str = typer.Option("all", help="With --measure: 'all' or a comma list of layers to time (others copy)."),
@@ -80,10 +86,9 @@ def costs(
     dtype_bytes: int = typer.Option(2, help="Bytes per weight / KV element of the analytic model."),
     device: Optional[str] = typer.Option(None, help="cuda / cpu (default: cuda when available)."),
 ) -> None:
-    """Per-layer mixer costs (analytic from the config, or measured) -> costs.json."""
+    """Per-layer mixer costs (analytic from the config, on a device profile, or measured) -> costs.json."""
     with friendly_errors(ValueError, OSError):
-        from supernet.placement.cost import MODES, analytic_costs, load_config, measure_costs
-        from supernet.layout import MIXERS
+        from supernet.placement.cost import MODES, analytic_costs, cost_source, describe_cost_source, load_config
 
         if mode not in MODES:
             raise UserError(f"unknown --mode {mode!r}; use decode or prefill")
@@ -91,39 +96,110 @@ def costs(
             raise UserError("--context, --batch and --repeats must be >= 1")
         if calibrate and not (measure and mode == "decode"):
             raise UserError("--calibrate needs --measure in decode mode (it scales measured per-step costs)")
+        if sum(x is not None and x is not False for x in (measure or None, profile, fit_profile)) > 1:
+            raise UserError("give one of --measure, --profile and --fit-profile")
+        if tables is not None and fit_profile is None:
+            raise UserError("--tables goes with --fit-profile")
         config = load_config(ckpt)
+        if fit_profile is not None:
+            _fit_profile(ckpt, config, fit_profile, tables, context, batch, repeats, device)
+            return
         if measure:
-            from supernet.placement.evaluate import load_supernet, pick_device
+            table = _measure(ckpt, config, context, batch, mode, repeats, layers, calibrate, device)
+        elif profile is not None:
+            from supernet.placement.profile import load_profile, profile_costs
 
-            chosen = None
-            if layers != "all":
-                try:
-                    chosen = [int(x) for x in layers.split(",")]
-                except ValueError:
-                    raise UserError(f"--layers must be 'all' or a comma list of integers, got {layers!r}") from None
-                if any(not 0 <= i < config.num_hidden_layers for i in chosen):
-                    raise UserError(f"--layers must lie in 0..{config.num_hidden_layers - 1}")
-            model = load_supernet(ckpt, pick_device(device))
-            table = measure_costs(model, context, batch, mode, repeats=repeats, layers=chosen)
-            if calibrate:
-                from supernet.placement.cost import calibrate_in_stack
-
-                single = {m: table.speedup([m] * config.num_hidden_layers) for m in table.mixers}
-                table = calibrate_in_stack(table, model)
-                for m, f in table.meta["calibration"]["factors"].items():
-                    console.print(f"in-stack {m}: x{f:.3f} of its single-layer cost "
-                                  f"(all-{m} {single[m]:.3f}x -> {table.speedup([m] * config.num_hidden_layers):.3f}x)")
+            table = profile_costs(config, load_profile(profile), context, batch, mode)
         else:
             table = analytic_costs(config, context, batch, mode, dtype_bytes=dtype_bytes)
         table.save(out)
         L = config.num_hidden_layers
         view = Table("mixer", f"per layer ({table.unit})", "all-layers speedup")
-        for m in MIXERS:
+        for m in MIXERS_ORDER:
             if m in table.per_layer:
                 view.add_row(m, f"{float(table.per_layer[m].mean()):.4g}", f"{table.speedup([m] * L):.3f}x")
         view.add_row("fixed", f"{table.fixed:.4g}", "")
         Console().print(view)
-        console.print(f"wrote {out} ({table.meta.get('source')}, {mode}, N={context}, B={batch})")
+        console.print(f"wrote {out}: costs {describe_cost_source(cost_source(table))}")
+
+
+MIXERS_ORDER = ("fa", "swa", "gdn", "kda")
+
+
+def _measure(ckpt, config, context, batch, mode, repeats, layers, calibrate, device):
+    from supernet.placement.cost import measure_costs
+    from supernet.placement.evaluate import load_supernet, pick_device
+
+    chosen = None
+    if layers != "all":
+        try:
+            chosen = [int(x) for x in layers.split(",")]
+        except ValueError:
+            raise UserError(f"--layers must be 'all' or a comma list of integers, got {layers!r}") from None
+        if any(not 0 <= i < config.num_hidden_layers for i in chosen):
+            raise UserError(f"--layers must lie in 0..{config.num_hidden_layers - 1}")
+    model = load_supernet(ckpt, pick_device(device))
+    table = measure_costs(model, context, batch, mode, repeats=repeats, layers=chosen)
+    if calibrate:
+        from supernet.placement.cost import calibrate_in_stack
+
+        single = {m: table.speedup([m] * config.num_hidden_layers) for m in table.mixers}
+        table = calibrate_in_stack(table, model)
+        for m, f in table.meta["calibration"]["factors"].items():
+            console.print(f"in-stack {m}: x{f:.3f} of its single-layer cost "
+                          f"(all-{m} {single[m]:.3f}x -> {table.speedup([m] * config.num_hidden_layers):.3f}x)")
+    return table
+
+
+def _fit_profile(ckpt, config, out: Path, tables: Optional[str], context: int, batch: int, repeats: int,
+                 device: Optional[str]) -> None:
+    """Fit a device profile from measured decode tables: given ones, or timed now at four settings
+    (batch 1 and B, context N/4 and N; in-stack all-<mixer> steps at B, N)."""
+    import json
+
+    from supernet.placement.observations import config_shape, table_observations
+    from supernet.placement.profile import fit_profile
+
+    shape = config_shape(config)
+    observations, sources = [], []
+    if tables is not None:
+        from supernet.io_utils import read_json
+
+        for name in [t.strip() for t in tables.split(",") if t.strip()]:
+            data = read_json(Path(name), "costs file", "write one with `supernet costs CKPT --measure`", UserError)
+            observations += table_observations(data, shape, name)
+            sources.append({"file": name, "device": data.get("device_name") or data.get("device"),
+                            "batch": data.get("batch_size"), "context": data.get("context_length")})
+        kind = "cuda" if any(str(s["device"]).startswith(("cuda", "NVIDIA")) for s in sources) else "cpu"
+    else:
+        from supernet.placement.cost import calibrate_in_stack, measure_costs
+        from supernet.placement.evaluate import load_supernet, pick_device
+
+        model = load_supernet(ckpt, pick_device(device))
+        kind = next(model.parameters()).device.type
+        settings = sorted({(b, n) for b in (1, batch) for n in (max(8, context // 4), context)})
+        for b, n in settings:
+            table = measure_costs(model, n, b, "decode", repeats=repeats, layers=[0])
+            if (b, n) == (batch, context):
+                table = calibrate_in_stack(table, model)
+            data = table.to_dict()
+            observations += table_observations(data, shape, f"timed here B={b} N={n}")
+            sources.append({"device": table.meta.get("device_name"), "batch": b, "context": n})
+    if not observations:
+        raise UserError("no timings to fit a profile from; give --tables or let the command time this device")
+    name = out.stem
+    prof = fit_profile(observations, name, f"fitted by `supernet costs --fit-profile` on {sources[0]['device']}",
+                       device=kind)
+    prof.fit["sources"] = sources
+    prof.save(out)
+    view = Table("timing", "B", "N", "measured ms", "profile ms", "error")
+    for r in prof.fit["rows"]:
+        view.add_row(f"{r['source']}: {r['label']}", str(r["batch"]), str(r["context"]), f"{r['measured_ms']:.4g}",
+                     f"{r['predicted_ms']:.4g}", f"{100 * r['error']:+.1f}%")
+    Console().print(view)
+    console.print(f"wrote {out}: {prof.summary()}")
+    console.print(f"use it with `supernet costs CKPT --profile {out}`; {json.dumps(prof.fit['max_abs_error'])} worst "
+                  "relative error over the timings it was fitted on")
 
 
 def register(app: typer.Typer) -> None:

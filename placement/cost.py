@@ -308,9 +308,29 @@ def measure_costs(model: Any, context_length: int, batch_size: int = 1, mode: st
     fixed = _measure_fixed(model, N if mode == "prefill" else 1, B, repeats, warmup, randn, device,
                            graphs and mode == "decode") / (N if mode == "prefill" else 1)
     unit = "ms/step" if mode == "decode" else "ms/token"
-    meta = {"mode": mode, "source": "measured", "num_layers": L, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+    meta = {"mode": mode, "source": "measured", "num_layers": L, "device": str(device),
+            "device_name": device_name(device), "dtype": str(dtype).replace("torch.", ""),
             "repeats": repeats, "layers_timed": len(layers), "cuda_graph": graphs and mode == "decode" and device.type == "cuda"}
     return CostTable({m: per_layer[m] for m in mixers}, float(fixed), unit, N, B, meta)
+
+
+def device_name(device: Any) -> str:
+    """'NVIDIA H200' or 'cpu (x86_64, AMD EPYC ..., 2 threads)': what a measured table was timed on."""
+    import platform
+
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu ({cpu}, {torch.get_num_threads()} threads)"
 
 
 def calibrate_in_stack(table: CostTable, model: Any, *, new_tokens: int = 32, rounds: int = 3, windows: int = 2,
@@ -396,3 +416,59 @@ def load_config(path: str | Path) -> Any:
         return SupernetConfig(**data)
     except (TypeError, ValueError) as exc:
         raise PlacementError(f"{cfg_file} is not a supernet config: {str(exc).splitlines()[0]}") from None
+
+
+# -- where costs came from -------------------------------------------------------------------------
+FAR_FACTOR = 4.0  # a batch or context this many times off the optimised one is "far" (speedups move a lot)
+
+
+def cost_source(table: CostTable) -> dict:
+    """The `cost_source` record of presets.json: measured on which device, or analytic with which
+    profile, at which batch, context and mode."""
+    m = table.meta
+    src = {"kind": m.get("source", "unknown"), "mode": m.get("mode", "decode"), "unit": table.unit,
+           "batch": table.batch_size, "context": table.context_length}
+    if src["kind"] == "measured":
+        src.update({"device": m.get("device"), "device_name": m.get("device_name"), "dtype": m.get("dtype"),
+                    "cuda_graph": m.get("cuda_graph"), "calibrated_in_stack": "calibration" in m})
+    else:
+        src["profile"] = m.get("profile")  # None: the bytes / FLOPs count alone
+        if m.get("profile"):
+            src["profile_device"] = m.get("profile_device")
+    return src
+
+
+def describe_cost_source(src: dict) -> str:
+    """One line for tables and warnings."""
+    setting = f"{src.get('mode', 'decode')}, batch {src.get('batch')}, context {src.get('context')}"
+    if src.get("kind") == "measured":
+        where = src.get("device_name") or src.get("device") or "an unrecorded device"
+        extra = ", calibrated in-stack" if src.get("calibrated_in_stack") else ""
+        return f"measured on {where} ({src.get('dtype', '?')}{extra}), {setting}"
+    if src.get("profile"):
+        return f"analytic with the {src['profile']} device profile, {setting}"
+    if src.get("kind") == "analytic":
+        return f"analytic ({src.get('unit', 'bytes')} counted, no device profile), {setting}"
+    return f"of unknown origin, {setting}"
+
+
+def setting_warning(src: dict | None, batch: int, context: int, device: str | None = None) -> str | None:
+    """A one-line warning when presets are used far from the setting they were optimised for."""
+    if not src:
+        return None
+    far = []
+    for name, used in (("batch", batch), ("context", context)):
+        made = src.get(name)
+        if made and used and max(made / used, used / made) >= FAR_FACTOR:
+            far.append(f"{name} {used} (optimised for {made})")
+    made_on = src.get("device") if src.get("kind") == "measured" else None
+    if device and made_on and str(made_on).split(":")[0] != str(device).split(":")[0]:
+        far.append(f"device {device} (measured on {made_on})")
+    made_for = src.get("profile_device") if src.get("kind") == "analytic" else None
+    if device and made_for and str(device).split(":")[0] != made_for:
+        far.append(f"device {device} (the {src['profile']} profile describes {made_for})")
+    if not far:
+        return None
+    return (f"warning: presets were optimised with costs {describe_cost_source(src)}; used here at "
+            f"{', '.join(far)}, their speedups can differ a lot (re-run `supernet costs` and `placement optimize` "
+            "for this setting)")

@@ -44,6 +44,7 @@ class DeviceProfile:
     dtype_bytes: int = 2
     state_bytes: int = 4
     fit: dict[str, Any] = field(default_factory=dict)  # what it was fitted from, and how well
+    device: str = "cuda"  # the device type it describes (cuda / cpu): a warning compares it with the one used
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,7 +68,7 @@ def profile_from_dict(data: Any, source: str = "profile") -> DeviceProfile:
         prof = DeviceProfile(str(data["name"]), str(data.get("description", "")), float(data["bandwidth"]),
                              float(data["peak_flops"]), float(data["step_latency"]), float(data["layer_latency"]),
                              lat, int(data.get("dtype_bytes", 2)), int(data.get("state_bytes", 4)),
-                             dict(data.get("fit", {})))
+                             dict(data.get("fit", {})), str(data.get("device", "cuda")))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise PlacementError(f"{source} is not a device profile ({type(exc).__name__}: {exc}); "
                              "write one with `supernet costs CKPT --fit-profile OUT.json`") from None
@@ -171,6 +172,7 @@ def profile_costs(config: Any, profile: DeviceProfile, context: int, batch: int,
         fixed = 1e3 * (profile.step_latency + config.num_hidden_layers * profile.layer_latency + shared) / context
         unit = "ms/token"
     meta = {"mode": mode, "source": "analytic", "num_layers": config.num_hidden_layers, "profile": profile.name,
+            "profile_device": profile.device,
             "dtype_bytes": profile.dtype_bytes, "state_bytes": profile.state_bytes}
     return CostTable(per_layer, float(fixed), unit, context, batch, meta)
 
@@ -233,7 +235,7 @@ def _nnls(A: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def fit_profile(observations: Sequence[Observation], name: str, description: str = "", *,
-                peak_flops: float | None = None, dtype_bytes: int = 2, state_bytes: int = 4,
+                peak_flops: float | None = None, dtype_bytes: int = 2, state_bytes: int = 4, device: str = "cuda",
                 ridge: float = 1e-4, iterations: int = 8) -> DeviceProfile:
     """Least relative squares, non-negative, over the observations.
 
@@ -282,6 +284,7 @@ def fit_profile(observations: Sequence[Observation], name: str, description: str
                 lo = a
         prof = fit_at(float(np.exp((lo + hi) / 2)))[1]
     prof.fit = fit_report(prof, obs)
+    prof.device = device
     return prof
 
 
