@@ -138,7 +138,10 @@ def step_costs(s: PipelineSettings) -> None:
     cmd = _supernet() + ["costs", str(s.trained), "--context", str(s.cost_context), "--batch", str(s.cost_batch),
                          "--out", str(out), "--device", _device(s)]
     if s.measure_costs:
-        cmd += ["--measure", "--layers", "0"] + (["--calibrate"] if s.calibrate_costs else [])
+        cmd += ["--measure", "--layers", "0"]
+        if s.calibrate_costs:  # the whole-step timing protocol of the measure step, so the two agree
+            cmd += ["--repeats", "3", "--calibrate", "--calibrate-tokens", str(s.throughput_tokens), "--calibrate-rounds",
+                    str(s.throughput_rounds), "--calibrate-windows", str(s.throughput_windows)]
     _run(cmd, s.workdir / "log.txt")
 
 

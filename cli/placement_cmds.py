@@ -83,6 +83,9 @@ def costs(
     layers: str = typer.Option("all", help="With --measure: 'all' or a comma list of layers to time (others copy)."),
     calibrate: bool = typer.Option(False, "--calibrate", help="With --measure (decode): also time the whole model "
                                    "under each all-<mixer> placement and scale that mixer's costs to match it."),
+    calibrate_tokens: int = typer.Option(32, help="With --calibrate: decode steps per timed window."),
+    calibrate_rounds: int = typer.Option(3, help="With --calibrate: timed passes over the all-<mixer> placements."),
+    calibrate_windows: int = typer.Option(2, help="With --calibrate: timed windows per pass (the median counts)."),
     dtype_bytes: int = typer.Option(2, help="Bytes per weight / KV element of the analytic model."),
     device: Optional[str] = typer.Option(None, help="cuda / cpu (default: cuda when available)."),
 ) -> None:
@@ -96,6 +99,8 @@ def costs(
             raise UserError("--context, --batch and --repeats must be >= 1")
         if calibrate and not (measure and mode == "decode"):
             raise UserError("--calibrate needs --measure in decode mode (it scales measured per-step costs)")
+        if min(calibrate_tokens, calibrate_rounds, calibrate_windows) < 1:
+            raise UserError("--calibrate-tokens, --calibrate-rounds and --calibrate-windows must be >= 1")
         if sum(x is not None and x is not False for x in (measure or None, profile, fit_profile)) > 1:
             raise UserError("give one of --measure, --profile and --fit-profile")
         if tables is not None and fit_profile is None:
@@ -105,7 +110,8 @@ def costs(
             _fit_profile(ckpt, config, fit_profile, tables, context, batch, repeats, device)
             return
         if measure:
-            table = _measure(ckpt, config, context, batch, mode, repeats, layers, calibrate, device)
+            rounds = (calibrate_tokens, calibrate_rounds, calibrate_windows)
+            table = _measure(ckpt, config, context, batch, mode, repeats, layers, calibrate, device, rounds)
         elif profile is not None:
             from supernet.placement.profile import load_profile, profile_costs
 
@@ -126,7 +132,7 @@ def costs(
 MIXERS_ORDER = ("fa", "swa", "gdn", "kda")
 
 
-def _measure(ckpt, config, context, batch, mode, repeats, layers, calibrate, device):
+def _measure(ckpt, config, context, batch, mode, repeats, layers, calibrate, device, rounds=(32, 3, 2)):
     from supernet.placement.cost import measure_costs
     from supernet.placement.evaluate import load_supernet, pick_device
 
@@ -144,7 +150,7 @@ def _measure(ckpt, config, context, batch, mode, repeats, layers, calibrate, dev
         from supernet.placement.cost import calibrate_in_stack
 
         single = {m: table.speedup([m] * config.num_hidden_layers) for m in table.mixers}
-        table = calibrate_in_stack(table, model)
+        table = calibrate_in_stack(table, model, new_tokens=rounds[0], rounds=rounds[1], windows=rounds[2])
         for m, f in table.meta["calibration"]["factors"].items():
             console.print(f"in-stack {m}: x{f:.3f} of its single-layer cost "
                           f"(all-{m} {single[m]:.3f}x -> {table.speedup([m] * config.num_hidden_layers):.3f}x)")
@@ -180,8 +186,8 @@ def _fit_profile(ckpt, config, out: Path, tables: Optional[str], context: int, b
         settings = sorted({(b, n) for b in (1, batch) for n in (max(8, context // 4), context)})
         for b, n in settings:
             table = measure_costs(model, n, b, "decode", repeats=repeats, layers=[0])
-            if (b, n) == (batch, context):
-                table = calibrate_in_stack(table, model)
+            if (b, n) == (batch, context):  # whole steps too: what a profile must predict
+                table = calibrate_in_stack(table, model, new_tokens=8, rounds=2, windows=2)
             data = table.to_dict()
             observations += table_observations(data, shape, f"timed here B={b} N={n}")
             sources.append({"device": table.meta.get("device_name"), "batch": b, "context": n})

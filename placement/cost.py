@@ -12,7 +12,10 @@ Analytic model (`--mode`):
 - prefill: compute-bound, so FLOPs per prompt token averaged over a prompt of N tokens: 2 per weight
   for the projections, plus attention scores over the visible keys (FA: (N+1)/2 on average, SWA:
   capped at the window) or the chunked delta-rule work for GDN/KDA (constant in N).
-Shared weights (MLP, norms, embeddings, lm_head) go into `fixed`.
+Shared weights (MLP, norms, embeddings, lm_head) go into `fixed`. Sizes per mixer come from
+supernet/mixers/registry.py. Counting bytes misses what dominates small models (kernel latency);
+`supernet.placement.profile.profile_costs` adds it with a device profile (ms, fitted from timings).
+Every table says where it came from (`cost_source`), and presets.json keeps that record.
 """
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from supernet.layout import MIXERS, PlacementError
+from supernet.mixers.registry import spec
 from supernet.placement.profile import FIXED, LAYER, STEP, Observation
 
 # Fitting weights: whole steps are what a profile must predict; single-layer tables (a mixer timed
@@ -107,7 +108,7 @@ def h200_observations(results: str | Path) -> tuple[list[Observation], list[Obse
                                           name, TABLE_WEIGHT))
         else:
             table = {**data["costs"], "per_layer": {m: v for m, v in data["costs"]["per_layer"].items()
-                                                    if m in ("fa", "swa")}}
+                                                    if spec(m).family == "attention"}}
             fitted += table_observations(table, config, f"{name} costs")
     e2e = json.loads((results / "e2e_measurements.json").read_text())
     st = e2e["settings"]

@@ -17,6 +17,7 @@ from torch import nn
 from supernet.config import SupernetConfig
 from supernet.model import SupernetForCausalLM
 from supernet.layout import MIXERS, Placement
+from supernet.mixers.registry import spec
 
 SUPPORTED_TEACHERS = ("llama", "mistral", "qwen2")
 
@@ -83,7 +84,7 @@ def supernet_from_teacher(teacher: nn.Module, **overrides: Any) -> SupernetForCa
         shape = (config.num_attention_heads, config.num_key_value_heads, config.head_dim)
         for name in MIXERS:
             mixer = dst.mixers[name]
-            if name in ("fa", "swa"):
+            if spec(name).family == "attention":  # same projections as the teacher, biases included
                 mixer.init_from_attention(*weights, *shape, biases=biases)
             else:
                 mixer.init_from_attention(*weights, *shape)
