@@ -91,6 +91,7 @@ def costs(
 ) -> None:
     """Per-layer mixer costs (analytic from the config, on a device profile, or measured) -> costs.json."""
     with friendly_errors(ValueError, OSError):
+        from supernet.layout import MIXERS
         from supernet.placement.cost import MODES, analytic_costs, cost_source, describe_cost_source, load_config
 
         if mode not in MODES:
@@ -121,15 +122,12 @@ def costs(
         table.save(out)
         L = config.num_hidden_layers
         view = Table("mixer", f"per layer ({table.unit})", "all-layers speedup")
-        for m in MIXERS_ORDER:
+        for m in MIXERS:
             if m in table.per_layer:
                 view.add_row(m, f"{float(table.per_layer[m].mean()):.4g}", f"{table.speedup([m] * L):.3f}x")
         view.add_row("fixed", f"{table.fixed:.4g}", "")
         Console().print(view)
         console.print(f"wrote {out}: costs {describe_cost_source(cost_source(table))}")
-
-
-MIXERS_ORDER = ("fa", "swa", "gdn", "kda")
 
 
 def _measure(ckpt, config, context, batch, mode, repeats, layers, calibrate, device, rounds=(32, 3, 2)):
