@@ -48,6 +48,7 @@ class PipelineSettings:
     throughput_tokens: int = 64
     throughput_rounds: int = 3  # timed passes over all presets in turn; the median of all windows counts
     throughput_windows: int = 2  # timed windows of throughput_tokens steps after each prefill
+    throughput_clock: str = "wall"  # or "cpu": the process's CPU time, robust on a shared CPU machine
     needle_contexts: list[int] = field(default_factory=lambda: [2048, 4096, 8192])
     spec_k: int = 4
     spec_tokens: int = 128
@@ -141,7 +142,8 @@ def step_costs(s: PipelineSettings) -> None:
         cmd += ["--measure", "--layers", "0"]
         if s.calibrate_costs:  # the whole-step timing protocol of the measure step, so the two agree
             cmd += ["--repeats", "3", "--calibrate", "--calibrate-tokens", str(s.throughput_tokens), "--calibrate-rounds",
-                    str(s.throughput_rounds), "--calibrate-windows", str(s.throughput_windows)]
+                    str(s.throughput_rounds), "--calibrate-windows", str(s.throughput_windows),
+                    "--calibrate-clock", s.throughput_clock]
     _run(cmd, s.workdir / "log.txt")
 
 
@@ -211,7 +213,8 @@ def step_measure(s: PipelineSettings) -> None:
     info = json.loads((s.workdir / "presets.json").read_text())
     predicted = {p["name"]: p for p in info["presets"]}
     speeds = compare_decode(model, presets, batch=s.throughput_batch, context=s.throughput_context,
-                            new_tokens=s.throughput_tokens, rounds=s.throughput_rounds, windows=s.throughput_windows)
+                            new_tokens=s.throughput_tokens, rounds=s.throughput_rounds, windows=s.throughput_windows,
+                            clock=s.throughput_clock)
     rows = []
     for name, placement in presets.items():
         console.print(f"[bold]measuring {name}[/] ({placement.summary()})")

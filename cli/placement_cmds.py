@@ -86,6 +86,8 @@ def costs(
     calibrate_tokens: int = typer.Option(32, help="With --calibrate: decode steps per timed window."),
     calibrate_rounds: int = typer.Option(3, help="With --calibrate: timed passes over the all-<mixer> placements."),
     calibrate_windows: int = typer.Option(2, help="With --calibrate: timed windows per pass (the median counts)."),
+    calibrate_clock: str = typer.Option("wall", help="With --calibrate: wall, or cpu (this process's CPU time: "
+                                        "robust on a shared CPU machine; CPU runs only)."),
     dtype_bytes: int = typer.Option(2, help="Bytes per weight / KV element of the analytic model."),
     device: Optional[str] = typer.Option(None, help="cuda / cpu (default: cuda when available)."),
 ) -> None:
@@ -111,7 +113,9 @@ def costs(
             _fit_profile(ckpt, config, fit_profile, tables, context, batch, repeats, device)
             return
         if measure:
-            rounds = (calibrate_tokens, calibrate_rounds, calibrate_windows)
+            if calibrate_clock not in ("wall", "cpu"):
+                raise UserError(f"unknown --calibrate-clock {calibrate_clock!r}; use wall or cpu")
+            rounds = (calibrate_tokens, calibrate_rounds, calibrate_windows, calibrate_clock)
             table = _measure(ckpt, config, context, batch, mode, repeats, layers, calibrate, device, rounds)
         elif profile is not None:
             from supernet.placement.profile import load_profile, profile_costs
@@ -130,7 +134,7 @@ def costs(
         console.print(f"wrote {out}: costs {describe_cost_source(cost_source(table))}")
 
 
-def _measure(ckpt, config, context, batch, mode, repeats, layers, calibrate, device, rounds=(32, 3, 2)):
+def _measure(ckpt, config, context, batch, mode, repeats, layers, calibrate, device, rounds=(32, 3, 2, "wall")):
     from supernet.placement.cost import measure_costs
     from supernet.placement.evaluate import load_supernet, pick_device
 
@@ -148,7 +152,8 @@ def _measure(ckpt, config, context, batch, mode, repeats, layers, calibrate, dev
         from supernet.placement.cost import calibrate_in_stack
 
         single = {m: table.speedup([m] * config.num_hidden_layers) for m in table.mixers}
-        table = calibrate_in_stack(table, model, new_tokens=rounds[0], rounds=rounds[1], windows=rounds[2])
+        table = calibrate_in_stack(table, model, new_tokens=rounds[0], rounds=rounds[1], windows=rounds[2],
+                                   clock=rounds[3])
         for m, f in table.meta["calibration"]["factors"].items():
             console.print(f"in-stack {m}: x{f:.3f} of its single-layer cost "
                           f"(all-{m} {single[m]:.3f}x -> {table.speedup([m] * config.num_hidden_layers):.3f}x)")
@@ -157,8 +162,9 @@ def _measure(ckpt, config, context, batch, mode, repeats, layers, calibrate, dev
 
 def _fit_profile(ckpt, config, out: Path, tables: Optional[str], context: int, batch: int, repeats: int,
                  device: Optional[str]) -> None:
-    """Fit a device profile from measured decode tables: given ones, or timed now at four settings
-    (batch 1 and B, context N/4 and N; in-stack all-<mixer> steps at B, N)."""
+    """Fit a device profile from measured decode tables: given ones, or timed now: whole all-<mixer>
+    steps at batch 1 and B, context N/4 and N (on the CPU a mixer timed alone is a poor guide to its
+    share of an eager whole step, so only whole steps are fitted there)."""
     import json
 
     from supernet.placement.observations import config_shape, table_observations
@@ -183,11 +189,13 @@ def _fit_profile(ckpt, config, out: Path, tables: Optional[str], context: int, b
         kind = next(model.parameters()).device.type
         settings = sorted({(b, n) for b in (1, batch) for n in (max(8, context // 4), context)})
         for b, n in settings:
-            table = measure_costs(model, n, b, "decode", repeats=repeats, layers=[0])
-            if (b, n) == (batch, context):  # whole steps too: what a profile must predict
-                table = calibrate_in_stack(table, model, new_tokens=8, rounds=2, windows=2)
+            table = measure_costs(model, n, b, "decode", repeats=repeats, layers=[0], progress=False)
+            clock = "cpu" if kind == "cpu" else "wall"
+            table = calibrate_in_stack(table, model, new_tokens=8, rounds=3, windows=1, clock=clock)
             data = table.to_dict()
-            observations += table_observations(data, shape, f"timed here B={b} N={n}")
+            observations += [o for o in table_observations(data, shape, f"timed here B={b} N={n}") if o.kind == "step"]
+            console.print(f"timed B={b} N={n}: " + ", ".join(
+                f"all-{m} {ms:.3g} ms" for m, ms in data["calibration"]["uniform_ms_per_step"].items()))
             sources.append({"device": table.meta.get("device_name"), "batch": b, "context": n})
     if not observations:
         raise UserError("no timings to fit a profile from; give --tables or let the command time this device")

@@ -337,7 +337,7 @@ def device_name(device: Any) -> str:
 
 
 def calibrate_in_stack(table: CostTable, model: Any, *, new_tokens: int = 32, rounds: int = 3, windows: int = 2,
-                       speeds: dict[str, dict] | None = None) -> CostTable:
+                       speeds: dict[str, dict] | None = None, clock: str = "wall") -> CostTable:
     """Scale each mixer's per-layer decode costs to what it costs inside the whole model.
 
     A mixer timed alone is not a mixer among 29 others: in the e2e run (H200, batch 64, 8k) the
@@ -360,7 +360,7 @@ def calibrate_in_stack(table: CostTable, model: Any, *, new_tokens: int = 32, ro
     if speeds is None:
         uniform = {m: Placement.uniform(m, L) for m in table.mixers}
         speeds = compare_decode(model, uniform, batch=table.batch_size, context=table.context_length,
-                                new_tokens=new_tokens, rounds=rounds, windows=windows)
+                                new_tokens=new_tokens, rounds=rounds, windows=windows, clock=clock)
     per_layer, factors, steps = {}, {}, {}
     for m in table.mixers:
         layers = table.matrix((m,), L)[:, 0]
@@ -375,7 +375,7 @@ def calibrate_in_stack(table: CostTable, model: Any, *, new_tokens: int = 32, ro
         "method": "in-stack: per-layer costs scaled so that fixed + L layers = the measured all-<mixer> step",
         "uniform_ms_per_step": steps, "factors": factors,
         "uniform_ms_range": {m: [speeds[m].get("ms_per_step_min"), speeds[m].get("ms_per_step_max")] for m in steps},
-        "new_tokens": new_tokens, "rounds": rounds, "windows": windows}}
+        "new_tokens": new_tokens, "rounds": rounds, "windows": windows, "clock": clock}}
     return CostTable(per_layer, table.fixed, table.unit, table.context_length, table.batch_size, meta)
 
 
