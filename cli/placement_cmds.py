@@ -167,6 +167,7 @@ def _fit_profile(ckpt, config, out: Path, tables: Optional[str], context: int, b
     share of an eager whole step, so only whole steps are fitted there)."""
     import json
 
+    from supernet.layout import MIXERS
     from supernet.placement.observations import config_shape, table_observations
     from supernet.placement.profile import fit_profile
 
@@ -182,21 +183,25 @@ def _fit_profile(ckpt, config, out: Path, tables: Optional[str], context: int, b
                             "batch": data.get("batch_size"), "context": data.get("context_length")})
         kind = "cuda" if any(str(s["device"]).startswith(("cuda", "NVIDIA")) for s in sources) else "cpu"
     else:
-        from supernet.placement.cost import calibrate_in_stack, measure_costs
+        from supernet.layout import Placement
+        from supernet.placement.cost import device_name
         from supernet.placement.evaluate import load_supernet, pick_device
+        from supernet.placement.profile import STEP, Observation
+        from supernet.throughput import compare_decode
 
         model = load_supernet(ckpt, pick_device(device))
         kind = next(model.parameters()).device.type
-        settings = sorted({(b, n) for b in (1, batch) for n in (max(8, context // 4), context)})
-        for b, n in settings:
-            table = measure_costs(model, n, b, "decode", repeats=repeats, layers=[0], progress=False)
-            clock = "cpu" if kind == "cpu" else "wall"
-            table = calibrate_in_stack(table, model, new_tokens=8, rounds=3, windows=1, clock=clock)
-            data = table.to_dict()
-            observations += [o for o in table_observations(data, shape, f"timed here B={b} N={n}") if o.kind == "step"]
-            console.print(f"timed B={b} N={n}: " + ", ".join(
-                f"all-{m} {ms:.3g} ms" for m, ms in data["calibration"]["uniform_ms_per_step"].items()))
-            sources.append({"device": table.meta.get("device_name"), "batch": b, "context": n})
+        clock = "cpu" if kind == "cpu" else "wall"  # CPU time: other processes' slices do not count
+        L = config.num_hidden_layers
+        uniform = {m: Placement.uniform(m, L) for m in MIXERS}
+        for b, n in sorted({(b, n) for b in (1, batch) for n in (max(8, context // 4), context)}):
+            speeds = compare_decode(model, uniform, batch=b, context=n, new_tokens=8, rounds=3, windows=1, clock=clock)
+            where = f"timed here B={b} N={n}"
+            observations += [Observation(STEP, shape, b, n, float(speeds[m]["ms_per_step"]), {m: L}, f"all-{m}", where)
+                             for m in MIXERS]
+            sources.append({"device": device_name(next(model.parameters()).device), "batch": b, "context": n,
+                            "clock": clock})
+            console.print(f"{where}: " + ", ".join(f"all-{m} {speeds[m]['ms_per_step']:.3g} ms" for m in MIXERS))
     if not observations:
         raise UserError("no timings to fit a profile from; give --tables or let the command time this device")
     name = out.stem

@@ -59,8 +59,8 @@ def test_demo_report_measured_within_20_percent_of_predicted(tmp_path, monkeypat
         workdir=tmp_path / "run", teacher=str(tiny_teacher_dir()), train_data=str(train), eval_data=str(evaluation),
         swa_window=8, eval_batch=2, cost_context=256, cost_batch=8, measure_costs=True, calibrate_costs=True,
         speedups=[1.2, 1.4], quality_seq_len=32, quality_sequences=2, throughput_batch=8, throughput_context=256,
-        throughput_tokens=8, throughput_rounds=7, throughput_windows=1, throughput_clock="cpu", needle_contexts=[64], spec_k=2,
-        spec_tokens=4, spec_prompts=1, device="cpu",
+        throughput_tokens=8, throughput_rounds=7, throughput_windows=1, throughput_clock="cpu",
+        needle_contexts=[64], spec_k=2, spec_tokens=4, spec_prompts=1, device="cpu",
     )
     # one thread and the process's CPU time: on a loaded machine two OpenMP threads wait on each
     # other at every op, and wall time counts the slices other processes take; seven interleaved
