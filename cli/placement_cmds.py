@@ -172,13 +172,14 @@ def _fit_profile(ckpt, config, out: Path, tables: Optional[str], context: int, b
     from supernet.placement.profile import fit_profile
 
     shape = config_shape(config)
-    observations, sources = [], []
+    observations, sources, dtype_bytes = [], [], 2
     if tables is not None:
         from supernet.io_utils import read_json
 
         for name in [t.strip() for t in tables.split(",") if t.strip()]:
             data = read_json(Path(name), "costs file", "write one with `supernet costs CKPT --measure`", UserError)
             observations += table_observations(data, shape, name)
+            dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(str(data.get("dtype")), dtype_bytes)
             sources.append({"file": name, "device": data.get("device_name") or data.get("device"),
                             "batch": data.get("batch_size"), "context": data.get("context_length")})
         kind = "cuda" if any(str(s["device"]).startswith(("cuda", "NVIDIA")) for s in sources) else "cpu"
@@ -191,6 +192,7 @@ def _fit_profile(ckpt, config, out: Path, tables: Optional[str], context: int, b
 
         model = load_supernet(ckpt, pick_device(device))
         kind = next(model.parameters()).device.type
+        dtype_bytes = next(model.parameters()).element_size()  # bytes moved per weight / cache element
         clock = "cpu" if kind == "cpu" else "wall"  # CPU time: other processes' slices do not count
         L = config.num_hidden_layers
         uniform = {m: Placement.uniform(m, L) for m in MIXERS}
@@ -206,7 +208,7 @@ def _fit_profile(ckpt, config, out: Path, tables: Optional[str], context: int, b
         raise UserError("no timings to fit a profile from; give --tables or let the command time this device")
     name = out.stem
     prof = fit_profile(observations, name, f"fitted by `supernet costs --fit-profile` on {sources[0]['device']}",
-                       device=kind)
+                       device=kind, dtype_bytes=dtype_bytes)
     prof.fit["sources"] = sources
     prof.save(out)
     view = Table("timing", "B", "N", "measured ms", "profile ms", "error")

@@ -56,7 +56,7 @@ class DeviceProfile:
 
     def summary(self) -> str:
         lat = ", ".join(f"{m} {1e6 * v:.1f}" for m, v in self.mixer_latency.items())
-        return (f"{self.name}: {self.bandwidth / 1e9:.0f} GB/s, {self.peak_flops / 1e12:.1f} TFLOP/s, latencies "
+        return (f"{self.name}: {self.bandwidth / 1e9:.0f} GB/s, {self.peak_flops / 1e12:.3g} TFLOP/s, latencies "
                 f"(us) step {1e6 * self.step_latency:.1f}, layer {1e6 * self.layer_latency:.1f}, mixers {lat}")
 
 
