@@ -48,6 +48,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS, device_name, print_table, write_results  # noqa: E402
+from supernet.layout import MIXERS  # noqa: E402
+from supernet.mixers.registry import spec  # noqa: E402
 
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
 SINGLE = ("all-fa", "all-swa", "all-gdn", "all-kda")
@@ -81,15 +83,13 @@ def _linear_flops(module: torch.nn.Module) -> tuple[float, float]:
 
 def _core_flops(mixer: str, cfg: Any, seq: int) -> float:
     """Forward FLOPs per token of the token-mixing core (attention scores / recurrence)."""
-    if mixer in ("fa", "swa"):
-        w = seq if mixer == "fa" else min(cfg.swa_window, seq)
+    if spec(mixer).family == "attention":
+        w = min(spec(mixer).window(cfg) or seq, seq)
         keys = (seq + 1) / 2 if w >= seq else w - w * w / (2 * seq)  # mean keys per query (causal)
         return 4.0 * keys * cfg.num_attention_heads * cfg.head_dim  # QK^T and PV
     c = 64  # chunk length of the chunked delta rule: state read/update + intra-chunk terms
-    if mixer == "gdn":
-        h, k, v = cfg.gdn_num_v_heads, cfg.gdn_head_dim, cfg.gdn_v_head_dim
-    else:
-        h, k, v = cfg.kda_num_heads, cfg.kda_head_dim, cfg.kda_v_head_dim
+    d = spec(mixer).dims(cfg)
+    h, k, v = d["HV"], d["K"], d["V"]
     return h * (6.0 * k * v + 4.0 * c * (k + v))
 
 
@@ -263,7 +263,7 @@ def run_ours(args: argparse.Namespace, cfg: Any, live: dict[str, Any], flush: An
     losses: list[float] = []
     placements: list[str] = []
     step_s: list[float] = []
-    counts = {m: 0 for m in ("fa", "swa", "gdn", "kda")}
+    counts = {m: 0 for m in MIXERS}
     measured_s, measured_tokens, measured_steps = 0.0, 0, 0
     budget_steps = max(args.warmup + args.steps, math.ceil(args.budget_tokens / trainer.tokens_per_step))
     compile_before_timing = compile_after_timing = None

@@ -36,7 +36,7 @@ from supernet.placement.cost import measure_costs  # noqa: E402
 from supernet.cache import SupernetCache  # noqa: E402
 from supernet.model import SupernetForCausalLM  # noqa: E402
 from supernet.ops.fla_backend import fused_kernels  # noqa: E402
-from supernet.layout import Placement  # noqa: E402
+from supernet.layout import MIXERS, Placement  # noqa: E402
 from supernet.static_decode import StaticDecoder  # noqa: E402
 from supernet.throughput import compare_decode  # noqa: E402
 
@@ -137,7 +137,7 @@ def main() -> None:
     else:
         config = smollm2_config(swa_window=512)
     presets = json.loads(Path(args.presets).read_text())["presets"]
-    placements = {m: Placement.uniform(m, 30) for m in ("fa", "swa", "gdn", "kda")}
+    placements = {m: Placement.uniform(m, 30) for m in MIXERS}
     placements = {f"all-{k}": v for k, v in placements.items()}
     placements.update({p["name"]: Placement.parse(p["placement"], 30) for p in presets})
     mixed = {"mixed": Placement.parse(",".join(["fa", "swa", "gdn", "kda", "swa", "gdn"] * 5), 30)}

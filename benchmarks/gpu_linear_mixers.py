@@ -83,6 +83,7 @@ from supernet.cache import SupernetCache  # noqa: E402
 from supernet.config import SupernetConfig  # noqa: E402
 from supernet.mixers.gdn import GatedDeltaNetMixer  # noqa: E402
 from supernet.mixers.kda import KimiDeltaAttentionMixer  # noqa: E402
+from supernet.mixers.registry import spec  # noqa: E402
 from supernet.ops import delta_rule, gated_norm, short_conv  # noqa: E402
 from supernet.ops.fla_backend import ENV_SWITCH, fused_kernels  # noqa: E402
 from supernet.static_decode import GraphedStep  # noqa: E402
@@ -225,10 +226,9 @@ FLA_CHECK_TOKENS = 64  # the cross-check's length: fused recurrent kernel in bot
 
 def linear_dims(mixer: str, config: SupernetConfig) -> tuple[int, int, int, int]:
     """(q/k heads, v heads, key head dim, value head dim) of our mixer `mixer` under `config`."""
-    if mixer == "gdn":
-        return config.gdn_num_heads, config.gdn_num_v_heads, config.gdn_head_dim, config.gdn_v_head_dim
-    if mixer == "kda":
-        return config.kda_num_heads, config.kda_num_heads, config.kda_head_dim, config.kda_v_head_dim
+    if mixer in FLA_LAYER_CLASSES:
+        d = spec(mixer).dims(config)
+        return d["H"], d["HV"], d["K"], d["V"]
     raise ValueError(f"no fla layer for mixer {mixer!r} (known: {', '.join(FLA_LAYER_CLASSES)})")
 
 

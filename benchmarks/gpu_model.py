@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import print_table, time_fn, write_results  # noqa: E402
 from supernet.cache import SupernetCache  # noqa: E402
 from supernet.config import SupernetConfig  # noqa: E402
-from supernet.mixers import mixer_class  # noqa: E402
+from supernet.mixers import mixer_class, spec  # noqa: E402
 from supernet.mixers.rotary import RotaryEmbedding  # noqa: E402
 from supernet.ops.attention import causal_attention  # noqa: E402
 
@@ -105,7 +105,7 @@ def time_layers(config, device, contexts, batches, mixers, repeat) -> list[dict]
 
 
 def _raw_timings(name, mixer, x, cos, sin, repeat) -> dict:
-    if name not in ("fa", "swa"):
+    if spec(name).family != "attention":
         return {}
     b, t, _ = x.shape
     h, kv, d = mixer.num_heads, mixer.num_kv_heads, mixer.head_dim
@@ -135,7 +135,7 @@ def _decode_timing(name, mixer, x, cos, sin, rope, repeat) -> dict:
         state.update(snapshot)  # keep the context length fixed across repeats
 
     out = {"decode_ms": 1e3 * time_fn(step, repeat=repeat)}
-    if name in ("fa", "swa"):
+    if spec(name).family == "attention":
         keys = state["k"][:, :, : min(t, state["k"].shape[2])]
         vals = state["v"][:, :, : keys.shape[2]]
         q = torch.randn(b, mixer.num_heads, 1, mixer.head_dim, device=x.device, dtype=x.dtype)

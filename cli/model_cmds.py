@@ -165,6 +165,13 @@ def generate(
         if draft and ids.shape[1] < 2:
             raise UserError("self-speculative decoding needs a prompt of at least 2 tokens")
         generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
+        if choice in model.presets:
+            from supernet.placement.cost import setting_warning
+
+            warning = setting_warning(getattr(model.config, "presets_cost_source", None), 1,
+                                      ids.shape[1] + max_new_tokens, model.device.type)
+            if warning:
+                console.print(f"[yellow]{warning}[/]")
         t0 = time.time()
         rows, stats = run_generation(model, ids, model.placement, max_new_tokens, tokenizer.eos_token_id,
                                      draft=draft, k=k, temperature=temperature, generator=generator)

@@ -48,6 +48,7 @@ class PipelineSettings:
     throughput_tokens: int = 64
     throughput_rounds: int = 3  # timed passes over all presets in turn; the median of all windows counts
     throughput_windows: int = 2  # timed windows of throughput_tokens steps after each prefill
+    throughput_clock: str = "wall"  # or "cpu": the process's CPU time, robust on a shared CPU machine
     needle_contexts: list[int] = field(default_factory=lambda: [2048, 4096, 8192])
     spec_k: int = 4
     spec_tokens: int = 128
@@ -138,7 +139,11 @@ def step_costs(s: PipelineSettings) -> None:
     cmd = _supernet() + ["costs", str(s.trained), "--context", str(s.cost_context), "--batch", str(s.cost_batch),
                          "--out", str(out), "--device", _device(s)]
     if s.measure_costs:
-        cmd += ["--measure", "--layers", "0"] + (["--calibrate"] if s.calibrate_costs else [])
+        cmd += ["--measure", "--layers", "0"]
+        if s.calibrate_costs:  # the whole-step timing protocol of the measure step, so the two agree
+            cmd += ["--repeats", "3", "--calibrate", "--calibrate-tokens", str(s.throughput_tokens), "--calibrate-rounds",
+                    str(s.throughput_rounds), "--calibrate-windows", str(s.throughput_windows),
+                    "--calibrate-clock", s.throughput_clock]
     _run(cmd, s.workdir / "log.txt")
 
 
@@ -153,7 +158,9 @@ def step_presets(s: PipelineSettings) -> None:
     matrix = costs.matrix(list(costs.mixers), num_layers)
     max_speedup = costs.reference_cost(num_layers) / (costs.fixed + matrix.min(axis=1).sum())
     speedups = sorted({*(x for x in s.speedups if x < max_speedup), round(max_speedup * 0.999, 3)})
-    cmd = [sys.executable, "-m", "cli.placement_cli", "optimize", "--evaluations", str(s.workdir / "evaluations.jsonl"),
+    if len(speedups) < 3 and max_speedup > 1.03:  # few targets reachable here (a CPU at batch 1): space them out
+        speedups = sorted({*speedups, *(round(1 + (max_speedup - 1) * f, 3) for f in (1 / 3, 2 / 3))})
+    cmd = [sys.executable, "-m", "supernet.cli.placement_cli", "optimize", "--evaluations", str(s.workdir / "evaluations.jsonl"),
            "--costs", str(s.workdir / "costs.json"), "--out", str(out), "--plot", str(s.workdir / "frontier.png"),
            "--frontier", "--save-surrogate", str(s.workdir / "surrogate.json")]
     for x in speedups:
@@ -179,6 +186,9 @@ def install_presets(ckpt: Path, presets_json: Path, out: Path) -> None:
     kept = {k: v for k, v in config.get("presets", {}).items() if k == "teacher" and v != all_fa}
     config["presets"] = {"all-fa": all_fa, **kept,
                          **{k: v.to_list() for k, v in presets.items()}}
+    source = json.loads(presets_json.read_text()).get("cost_source")
+    if source:  # `serve` / `generate` warn when the presets are used far from this setting
+        config["presets_cost_source"] = source
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)
@@ -207,7 +217,8 @@ def step_measure(s: PipelineSettings) -> None:
     info = json.loads((s.workdir / "presets.json").read_text())
     predicted = {p["name"]: p for p in info["presets"]}
     speeds = compare_decode(model, presets, batch=s.throughput_batch, context=s.throughput_context,
-                            new_tokens=s.throughput_tokens, rounds=s.throughput_rounds, windows=s.throughput_windows)
+                            new_tokens=s.throughput_tokens, rounds=s.throughput_rounds, windows=s.throughput_windows,
+                            clock=s.throughput_clock)
     rows = []
     for name, placement in presets.items():
         console.print(f"[bold]measuring {name}[/] ({placement.summary()})")

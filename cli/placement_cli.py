@@ -50,6 +50,9 @@ def _print_result(console: Console, run, speedups_given: bool) -> None:
         bound = (f"rounding bound {dp.error_bound:.3g} {run.costs.unit} = {100 * dp.error_bound / tightest:.2g}% "
                  "of the tightest budget (each preset is at least as good as the true optimum of a budget "
                  "smaller by that much)")
+    from supernet.placement.cost import cost_source, describe_cost_source
+
+    console.print(f"costs: {describe_cost_source(cost_source(run.costs))}")
     console.print(f"optimiser: {run.result.method}, {len(dp.best)} cost cells of {dp.step:.3g} {run.costs.unit}, "
                   f"{bound}; solved in {run.result.seconds:.3f}s")
     if run.excluded:

@@ -72,18 +72,29 @@ def costs(
     batch: int = typer.Option(1, "--batch", help="Batch size B."),
     mode: str = typer.Option("decode", help="decode (bytes or time per generated token) or prefill (FLOPs / time)."),
     measure: bool = typer.Option(False, "--measure", help="Time each mixer on this device instead of the analytic model."),
+    profile: Optional[str] = typer.Option(None, "--profile", help="Analytic costs in ms on a device profile: a shipped "
+                                          "name (h200) or a profile .json (from --fit-profile)."),
+    fit_profile: Optional[Path] = typer.Option(None, "--fit-profile", help="Fit a device profile of this device from "
+                                               "timings and write it here (with --tables: from those costs files)."),
+    tables: Optional[str] = typer.Option(None, "--tables", help="With --fit-profile: comma list of measured costs.json "
+                                         "files (`costs --measure`) to fit from instead of timing now."),
     out: Path = typer.Option(Path("costs.json"), "--out", "-o", help="costs.json to write."),
     repeats: int = typer.Option(10, help="Timed repeats per mixer (median) with --measure."),
     layers: str = typer.Option("all", help="With --measure: 'all' or a comma list of layers to time (others copy)."),
     calibrate: bool = typer.Option(False, "--calibrate", help="With --measure (decode): also time the whole model "
                                    "under each all-<mixer> placement and scale that mixer's costs to match it."),
+    calibrate_tokens: int = typer.Option(32, help="With --calibrate: decode steps per timed window."),
+    calibrate_rounds: int = typer.Option(3, help="With --calibrate: timed passes over the all-<mixer> placements."),
+    calibrate_windows: int = typer.Option(2, help="With --calibrate: timed windows per pass (the median counts)."),
+    calibrate_clock: str = typer.Option("wall", help="With --calibrate: wall, or cpu (this process's CPU time: "
+                                        "robust on a shared CPU machine; CPU runs only)."),
     dtype_bytes: int = typer.Option(2, help="Bytes per weight / KV element of the analytic model."),
     device: Optional[str] = typer.Option(None, help="cuda / cpu (default: cuda when available)."),
 ) -> None:
-    """Per-layer mixer costs (analytic from the config, or measured) -> costs.json."""
+    """Per-layer mixer costs (analytic from the config, on a device profile, or measured) -> costs.json."""
     with friendly_errors(ValueError, OSError):
-        from supernet.placement.cost import MODES, analytic_costs, load_config, measure_costs
         from supernet.layout import MIXERS
+        from supernet.placement.cost import MODES, analytic_costs, cost_source, describe_cost_source, load_config
 
         if mode not in MODES:
             raise UserError(f"unknown --mode {mode!r}; use decode or prefill")
@@ -91,28 +102,25 @@ def costs(
             raise UserError("--context, --batch and --repeats must be >= 1")
         if calibrate and not (measure and mode == "decode"):
             raise UserError("--calibrate needs --measure in decode mode (it scales measured per-step costs)")
+        if min(calibrate_tokens, calibrate_rounds, calibrate_windows) < 1:
+            raise UserError("--calibrate-tokens, --calibrate-rounds and --calibrate-windows must be >= 1")
+        if sum(x is not None and x is not False for x in (measure or None, profile, fit_profile)) > 1:
+            raise UserError("give one of --measure, --profile and --fit-profile")
+        if tables is not None and fit_profile is None:
+            raise UserError("--tables goes with --fit-profile")
         config = load_config(ckpt)
+        if fit_profile is not None:
+            _fit_profile(ckpt, config, fit_profile, tables, context, batch, repeats, device)
+            return
         if measure:
-            from supernet.placement.evaluate import load_supernet, pick_device
+            if calibrate_clock not in ("wall", "cpu"):
+                raise UserError(f"unknown --calibrate-clock {calibrate_clock!r}; use wall or cpu")
+            rounds = (calibrate_tokens, calibrate_rounds, calibrate_windows, calibrate_clock)
+            table = _measure(ckpt, config, context, batch, mode, repeats, layers, calibrate, device, rounds)
+        elif profile is not None:
+            from supernet.placement.profile import load_profile, profile_costs
 
-            chosen = None
-            if layers != "all":
-                try:
-                    chosen = [int(x) for x in layers.split(",")]
-                except ValueError:
-                    raise UserError(f"--layers must be 'all' or a comma list of integers, got {layers!r}") from None
-                if any(not 0 <= i < config.num_hidden_layers for i in chosen):
-                    raise UserError(f"--layers must lie in 0..{config.num_hidden_layers - 1}")
-            model = load_supernet(ckpt, pick_device(device))
-            table = measure_costs(model, context, batch, mode, repeats=repeats, layers=chosen)
-            if calibrate:
-                from supernet.placement.cost import calibrate_in_stack
-
-                single = {m: table.speedup([m] * config.num_hidden_layers) for m in table.mixers}
-                table = calibrate_in_stack(table, model)
-                for m, f in table.meta["calibration"]["factors"].items():
-                    console.print(f"in-stack {m}: x{f:.3f} of its single-layer cost "
-                                  f"(all-{m} {single[m]:.3f}x -> {table.speedup([m] * config.num_hidden_layers):.3f}x)")
+            table = profile_costs(config, load_profile(profile), context, batch, mode)
         else:
             table = analytic_costs(config, context, batch, mode, dtype_bytes=dtype_bytes)
         table.save(out)
@@ -123,7 +131,94 @@ def costs(
                 view.add_row(m, f"{float(table.per_layer[m].mean()):.4g}", f"{table.speedup([m] * L):.3f}x")
         view.add_row("fixed", f"{table.fixed:.4g}", "")
         Console().print(view)
-        console.print(f"wrote {out} ({table.meta.get('source')}, {mode}, N={context}, B={batch})")
+        console.print(f"wrote {out}: costs {describe_cost_source(cost_source(table))}")
+
+
+def _measure(ckpt, config, context, batch, mode, repeats, layers, calibrate, device, rounds=(32, 3, 2, "wall")):
+    from supernet.placement.cost import measure_costs
+    from supernet.placement.evaluate import load_supernet, pick_device
+
+    chosen = None
+    if layers != "all":
+        try:
+            chosen = [int(x) for x in layers.split(",")]
+        except ValueError:
+            raise UserError(f"--layers must be 'all' or a comma list of integers, got {layers!r}") from None
+        if any(not 0 <= i < config.num_hidden_layers for i in chosen):
+            raise UserError(f"--layers must lie in 0..{config.num_hidden_layers - 1}")
+    model = load_supernet(ckpt, pick_device(device))
+    table = measure_costs(model, context, batch, mode, repeats=repeats, layers=chosen)
+    if calibrate:
+        from supernet.placement.cost import calibrate_in_stack
+
+        single = {m: table.speedup([m] * config.num_hidden_layers) for m in table.mixers}
+        table = calibrate_in_stack(table, model, new_tokens=rounds[0], rounds=rounds[1], windows=rounds[2],
+                                   clock=rounds[3])
+        for m, f in table.meta["calibration"]["factors"].items():
+            console.print(f"in-stack {m}: x{f:.3f} of its single-layer cost "
+                          f"(all-{m} {single[m]:.3f}x -> {table.speedup([m] * config.num_hidden_layers):.3f}x)")
+    return table
+
+
+def _fit_profile(ckpt, config, out: Path, tables: Optional[str], context: int, batch: int, repeats: int,
+                 device: Optional[str]) -> None:
+    """Fit a device profile from measured decode tables: given ones, or timed now: whole all-<mixer>
+    steps at batch 1 and B, context N/4 and N (on the CPU a mixer timed alone is a poor guide to its
+    share of an eager whole step, so only whole steps are fitted there)."""
+    import json
+
+    from supernet.layout import MIXERS
+    from supernet.placement.observations import config_shape, table_observations
+    from supernet.placement.profile import fit_profile
+
+    shape = config_shape(config)
+    observations, sources, dtype_bytes = [], [], 2
+    if tables is not None:
+        from supernet.io_utils import read_json
+
+        for name in [t.strip() for t in tables.split(",") if t.strip()]:
+            data = read_json(Path(name), "costs file", "write one with `supernet costs CKPT --measure`", UserError)
+            observations += table_observations(data, shape, name)
+            dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(str(data.get("dtype")), dtype_bytes)
+            sources.append({"file": name, "device": data.get("device_name") or data.get("device"),
+                            "batch": data.get("batch_size"), "context": data.get("context_length")})
+        kind = "cuda" if any(str(s["device"]).startswith(("cuda", "NVIDIA")) for s in sources) else "cpu"
+    else:
+        from supernet.layout import Placement
+        from supernet.placement.cost import device_name
+        from supernet.placement.evaluate import load_supernet, pick_device
+        from supernet.placement.profile import STEP, Observation
+        from supernet.throughput import compare_decode
+
+        model = load_supernet(ckpt, pick_device(device))
+        kind = next(model.parameters()).device.type
+        dtype_bytes = next(model.parameters()).element_size()  # bytes moved per weight / cache element
+        clock = "cpu" if kind == "cpu" else "wall"  # CPU time: other processes' slices do not count
+        L = config.num_hidden_layers
+        uniform = {m: Placement.uniform(m, L) for m in MIXERS}
+        for b, n in sorted({(b, n) for b in (1, batch) for n in (max(8, context // 4), context)}):
+            speeds = compare_decode(model, uniform, batch=b, context=n, new_tokens=8, rounds=3, windows=1, clock=clock)
+            where = f"timed here B={b} N={n}"
+            observations += [Observation(STEP, shape, b, n, float(speeds[m]["ms_per_step"]), {m: L}, f"all-{m}", where)
+                             for m in MIXERS]
+            sources.append({"device": device_name(next(model.parameters()).device), "batch": b, "context": n,
+                            "clock": clock})
+            console.print(f"{where}: " + ", ".join(f"all-{m} {speeds[m]['ms_per_step']:.3g} ms" for m in MIXERS))
+    if not observations:
+        raise UserError("no timings to fit a profile from; give --tables or let the command time this device")
+    name = out.stem
+    prof = fit_profile(observations, name, f"fitted by `supernet costs --fit-profile` on {sources[0]['device']}",
+                       device=kind, dtype_bytes=dtype_bytes)
+    prof.fit["sources"] = sources
+    prof.save(out)
+    view = Table("timing", "B", "N", "measured ms", "profile ms", "error")
+    for r in prof.fit["rows"]:
+        view.add_row(f"{r['source']}: {r['label']}", str(r["batch"]), str(r["context"]), f"{r['measured_ms']:.4g}",
+                     f"{r['predicted_ms']:.4g}", f"{100 * r['error']:+.1f}%")
+    Console().print(view)
+    console.print(f"wrote {out}: {prof.summary()}")
+    console.print(f"use it with `supernet costs CKPT --profile {out}`; {json.dumps(prof.fit['max_abs_error'])} worst "
+                  "relative error over the timings it was fitted on")
 
 
 def register(app: typer.Typer) -> None:

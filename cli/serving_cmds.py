@@ -78,12 +78,32 @@ def _prepare(checkpoint, preset, switchable, draft_preset, num_draft_tokens, nam
     env = dict(os.environ)
     import torch
 
+    from supernet.placement.cost import setting_warning
+
+    warning = setting_warning(getattr(config, "presets_cost_source", None) if preset or switchable else None,
+                              _extra_int(extra, "--max-num-seqs"), _extra_int(extra, "--max-model-len"),
+                              "cuda" if torch.cuda.is_available() else "cpu")
+    if warning:
+        print(warning, file=sys.stderr)
+
     if not torch.cuda.is_available():
         job = Path(os.environ.get("SUPERNET_SERVE_DIR", Path.home() / ".cache" / "supernet" / "serve"))
         env = cpu_env(job, env)
     else:
         env.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     return cmd, env
+
+
+def _extra_int(extra: list[str], flag: str) -> int | None:
+    """The integer value of a vLLM option passed through (`--flag N` or `--flag=N`), if given."""
+    for i, arg in enumerate(extra):
+        value = arg.split("=", 1)[1] if arg.startswith(flag + "=") else extra[i + 1] if arg == flag and i + 1 < len(extra) else None
+        if value is not None:
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
 
 
 def _quote(arg: str) -> str:

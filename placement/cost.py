@@ -12,7 +12,10 @@ Analytic model (`--mode`):
 - prefill: compute-bound, so FLOPs per prompt token averaged over a prompt of N tokens: 2 per weight
   for the projections, plus attention scores over the visible keys (FA: (N+1)/2 on average, SWA:
   capped at the window) or the chunked delta-rule work for GDN/KDA (constant in N).
-Shared weights (MLP, norms, embeddings, lm_head) go into `fixed`.
+Shared weights (MLP, norms, embeddings, lm_head) go into `fixed`. Sizes per mixer come from
+supernet/mixers/registry.py. Counting bytes misses what dominates small models (kernel latency);
+`supernet.placement.profile.profile_costs` adds it with a device profile (ms, fitted from timings).
+Every table says where it came from (`cost_source`), and presets.json keeps that record.
 """
 from __future__ import annotations
 
@@ -27,9 +30,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from supernet.layout import MIXERS, Placement, PlacementError
+from supernet.mixers.registry import mean_visible_keys, shared_parameter_counts, spec
 
 MODES = ("decode", "prefill")
-CHUNK = 64  # chunk size assumed for the chunked delta-rule FLOP count
 
 
 # -- the table ------------------------------------------------------------------------------------
@@ -153,77 +156,18 @@ def load_costs(path: str | Path) -> CostTable:
 
 
 # -- analytic model -------------------------------------------------------------------------------
+# Per-mixer sizes come from supernet.mixers.registry (pure Python, no torch): one place per mixer.
 def mixer_params(config: Any, mixer: str) -> dict[str, int]:
-    """Parameter counts of one layer's mixer, split into matmul weights and the rest (per the spec)."""
-    D = config.hidden_size
-    W = config.linear_conv_size
-    if mixer in ("fa", "swa"):
-        hq, hkv, dh = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        matmul = D * hq * dh + 2 * D * hkv * dh + hq * dh * D
-        other = (hq * dh + 2 * hkv * dh + D) if config.attention_bias else 0
-        return {"matmul": matmul, "other": other}
-    if mixer == "gdn":
-        h, hv, k, v = config.gdn_num_heads, config.gdn_num_v_heads, config.gdn_head_dim, config.gdn_v_head_dim
-        matmul = 2 * D * h * k + D * hv * v + 2 * D * hv + D * hv * v + hv * v * D  # q,k,v,a,b,g,o
-        other = (2 * h * k + hv * v) * W + 2 * hv + v  # convs, A_log, dt_bias, o_norm
-        return {"matmul": matmul, "other": other}
-    if mixer == "kda":
-        h, k, v = config.kda_num_heads, config.kda_head_dim, config.kda_v_head_dim
-        matmul = (2 * D * h * k + D * h * v + D * k + k * h * k + D * h + D * v + v * h * v + h * v * D)
-        other = (2 * h * k + h * v) * W + h + h * k + v  # convs, A_log, dt_bias, o_norm
-        return {"matmul": matmul, "other": other}
-    raise PlacementError(f"unknown mixer {mixer!r}; choose from {', '.join(MIXERS)}")
+    """Parameter counts of one layer's mixer, split into matmul weights and the rest (the registry's)."""
+    try:
+        return spec(mixer).params(config)
+    except ValueError as exc:
+        raise PlacementError(str(exc)) from None
 
 
 def shared_params(config: Any) -> dict[str, int]:
     """Placement-independent parameters: per-layer MLP + norms, and the embeddings / lm_head."""
-    D, F, V = config.hidden_size, config.intermediate_size, config.vocab_size
-    mlp = 3 * D * F + (2 * F + D if getattr(config, "mlp_bias", False) else 0)
-    return {"layer_matmul": mlp, "layer_other": 2 * D, "lm_head": V * D, "final_norm": D}
-
-
-def mean_visible_keys(context: int, window: int | None) -> float:
-    """Average number of keys a causal query sees over a prompt of `context` tokens."""
-    n = context
-    if window is None or window >= n:
-        return (n + 1) / 2
-    w = window
-    return (w * (w + 1) / 2 + (n - w) * w) / n
-
-
-def _cache_bytes(config: Any, mixer: str, context: int, dtype_bytes: int, state_bytes: int) -> float:
-    """Bytes of one sequence's decode cache that a decode step reads (and, for state, writes)."""
-    if mixer in ("fa", "swa"):
-        tokens = context if mixer == "fa" else min(context, config.swa_window)
-        per_token = 2 * config.num_key_value_heads * config.head_dim * dtype_bytes
-        return tokens * per_token + per_token  # read the cache, append this token
-    W = config.linear_conv_size
-    if mixer == "gdn":
-        h, hv, k, v = config.gdn_num_heads, config.gdn_num_v_heads, config.gdn_head_dim, config.gdn_v_head_dim
-        state, conv = hv * k * v, (2 * h * k + hv * v) * (W - 1)
-    else:
-        h, k, v = config.kda_num_heads, config.kda_head_dim, config.kda_v_head_dim
-        state, conv = h * k * v, (2 * h * k + h * v) * (W - 1)
-    return 2 * (state * state_bytes + conv * dtype_bytes)  # read + write
-
-
-def _mixer_flops(config: Any, mixer: str, context: int) -> float:
-    """FLOPs per prompt token of one mixer (projections + token mixing), averaged over the prompt."""
-    proj = 2 * mixer_params(config, mixer)["matmul"]
-    if mixer in ("fa", "swa"):
-        keys = mean_visible_keys(context, None if mixer == "fa" else config.swa_window)
-        return proj + 4 * config.num_attention_heads * config.head_dim * keys  # QK^T and PV
-    W = config.linear_conv_size
-    if mixer == "gdn":
-        h, hv, k, v = config.gdn_num_heads, config.gdn_num_v_heads, config.gdn_head_dim, config.gdn_v_head_dim
-        heads, channels, extra = hv, 2 * h * k + hv * v, 0
-    else:
-        h, k, v = config.kda_num_heads, config.kda_head_dim, config.kda_v_head_dim
-        heads, channels, extra = h, 2 * h * k + h * v, CHUNK * k  # per-channel decay inside the chunk
-    c = min(CHUNK, context)
-    # chunked delta rule per head: state in/out (4KV) + intra-chunk scores and outputs (2C(K+V))
-    mixing = heads * (4 * k * v + 2 * c * (k + v) + extra)
-    return proj + mixing + 2 * W * channels
+    return shared_parameter_counts(config)
 
 
 def analytic_costs(config: Any, context_length: int, batch_size: int = 1, mode: str = "decode",
@@ -238,11 +182,11 @@ def analytic_costs(config: Any, context_length: int, batch_size: int = 1, mode: 
     per_layer: dict[str, np.ndarray] = {}
     for m in MIXERS:
         if mode == "decode":
-            p = mixer_params(config, m)
-            weights = (p["matmul"] + p["other"]) * dtype_bytes / B
-            value = weights + _cache_bytes(config, m, N, dtype_bytes, state_bytes)
+            mixer = spec(m)
+            weights = mixer.weight_bytes(config, dtype_bytes) / B
+            value = weights + mixer.decode_bytes(config, N, dtype_bytes, state_bytes)
         else:
-            value = _mixer_flops(config, m, N)
+            value = spec(m).prefill_flops(config, N)
         per_layer[m] = np.array([float(value)])
     if mode == "decode":
         weights = L * (shared["layer_matmul"] + shared["layer_other"]) + shared["final_norm"] + shared["lm_head"]
@@ -367,13 +311,33 @@ def measure_costs(model: Any, context_length: int, batch_size: int = 1, mode: st
     fixed = _measure_fixed(model, N if mode == "prefill" else 1, B, repeats, warmup, randn, device,
                            graphs and mode == "decode") / (N if mode == "prefill" else 1)
     unit = "ms/step" if mode == "decode" else "ms/token"
-    meta = {"mode": mode, "source": "measured", "num_layers": L, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+    meta = {"mode": mode, "source": "measured", "num_layers": L, "device": str(device),
+            "device_name": device_name(device), "dtype": str(dtype).replace("torch.", ""),
             "repeats": repeats, "layers_timed": len(layers), "cuda_graph": graphs and mode == "decode" and device.type == "cuda"}
     return CostTable({m: per_layer[m] for m in mixers}, float(fixed), unit, N, B, meta)
 
 
+def device_name(device: Any) -> str:
+    """'NVIDIA H200' or 'cpu (x86_64, AMD EPYC ..., 2 threads)': what a measured table was timed on."""
+    import platform
+
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu ({cpu}, {torch.get_num_threads()} threads)"
+
+
 def calibrate_in_stack(table: CostTable, model: Any, *, new_tokens: int = 32, rounds: int = 3, windows: int = 2,
-                       speeds: dict[str, dict] | None = None) -> CostTable:
+                       speeds: dict[str, dict] | None = None, clock: str = "wall") -> CostTable:
     """Scale each mixer's per-layer decode costs to what it costs inside the whole model.
 
     A mixer timed alone is not a mixer among 29 others: in the e2e run (H200, batch 64, 8k) the
@@ -396,7 +360,7 @@ def calibrate_in_stack(table: CostTable, model: Any, *, new_tokens: int = 32, ro
     if speeds is None:
         uniform = {m: Placement.uniform(m, L) for m in table.mixers}
         speeds = compare_decode(model, uniform, batch=table.batch_size, context=table.context_length,
-                                new_tokens=new_tokens, rounds=rounds, windows=windows)
+                                new_tokens=new_tokens, rounds=rounds, windows=windows, clock=clock)
     per_layer, factors, steps = {}, {}, {}
     for m in table.mixers:
         layers = table.matrix((m,), L)[:, 0]
@@ -411,7 +375,7 @@ def calibrate_in_stack(table: CostTable, model: Any, *, new_tokens: int = 32, ro
         "method": "in-stack: per-layer costs scaled so that fixed + L layers = the measured all-<mixer> step",
         "uniform_ms_per_step": steps, "factors": factors,
         "uniform_ms_range": {m: [speeds[m].get("ms_per_step_min"), speeds[m].get("ms_per_step_max")] for m in steps},
-        "new_tokens": new_tokens, "rounds": rounds, "windows": windows}}
+        "new_tokens": new_tokens, "rounds": rounds, "windows": windows, "clock": clock}}
     return CostTable(per_layer, table.fixed, table.unit, table.context_length, table.batch_size, meta)
 
 
@@ -455,3 +419,59 @@ def load_config(path: str | Path) -> Any:
         return SupernetConfig(**data)
     except (TypeError, ValueError) as exc:
         raise PlacementError(f"{cfg_file} is not a supernet config: {str(exc).splitlines()[0]}") from None
+
+
+# -- where costs came from -------------------------------------------------------------------------
+FAR_FACTOR = 4.0  # a batch or context this many times off the optimised one is "far" (speedups move a lot)
+
+
+def cost_source(table: CostTable) -> dict:
+    """The `cost_source` record of presets.json: measured on which device, or analytic with which
+    profile, at which batch, context and mode."""
+    m = table.meta
+    src = {"kind": m.get("source", "unknown"), "mode": m.get("mode", "decode"), "unit": table.unit,
+           "batch": table.batch_size, "context": table.context_length}
+    if src["kind"] == "measured":
+        src.update({"device": m.get("device"), "device_name": m.get("device_name"), "dtype": m.get("dtype"),
+                    "cuda_graph": m.get("cuda_graph"), "calibrated_in_stack": "calibration" in m})
+    else:
+        src["profile"] = m.get("profile")  # None: the bytes / FLOPs count alone
+        if m.get("profile"):
+            src["profile_device"] = m.get("profile_device")
+    return src
+
+
+def describe_cost_source(src: dict) -> str:
+    """One line for tables and warnings."""
+    setting = f"{src.get('mode', 'decode')}, batch {src.get('batch')}, context {src.get('context')}"
+    if src.get("kind") == "measured":
+        where = src.get("device_name") or src.get("device") or "an unrecorded device"
+        extra = ", calibrated in-stack" if src.get("calibrated_in_stack") else ""
+        return f"measured on {where} ({src.get('dtype', '?')}{extra}), {setting}"
+    if src.get("profile"):
+        return f"analytic with the {src['profile']} device profile, {setting}"
+    if src.get("kind") == "analytic":
+        return f"analytic ({src.get('unit', 'bytes')} counted, no device profile), {setting}"
+    return f"of unknown origin, {setting}"
+
+
+def setting_warning(src: dict | None, batch: int, context: int, device: str | None = None) -> str | None:
+    """A one-line warning when presets are used far from the setting they were optimised for."""
+    if not src:
+        return None
+    far = []
+    for name, used in (("batch", batch), ("context", context)):
+        made = src.get(name)
+        if made and used and max(made / used, used / made) >= FAR_FACTOR:
+            far.append(f"{name} {used} (optimised for {made})")
+    made_on = src.get("device") if src.get("kind") == "measured" else None
+    if device and made_on and str(made_on).split(":")[0] != str(device).split(":")[0]:
+        far.append(f"device {device} (measured on {made_on})")
+    made_for = src.get("profile_device") if src.get("kind") == "analytic" else None
+    if device and made_for and str(device).split(":")[0] != made_for:
+        far.append(f"device {device} (the {src['profile']} profile describes {made_for})")
+    if not far:
+        return None
+    return (f"warning: presets were optimised with costs {describe_cost_source(src)}; used here at "
+            f"{', '.join(far)}, their speedups can differ a lot (re-run `supernet costs` and `placement optimize` "
+            "for this setting)")

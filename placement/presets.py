@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from supernet.placement.cost import CostTable, load_costs
+from supernet.placement.cost import CostTable, cost_source, load_costs
 from supernet.placement.evaluations import Evaluations, read_evaluations
 from supernet.placement.optimize import OptimizeResult, Problem, Solution, optimize
 from supernet.placement.surrogate import ClusterExpansion, fit_surrogate
@@ -106,6 +106,7 @@ def write_presets(path: str | Path, run: PresetRun, include_frontier: bool = Tru
     data["surrogate"] = {"method": run.surrogate.method, "pairs": run.surrogate.pair_spec(),
                          **run.surrogate.diagnostics}
     data["costs"] = {k: v for k, v in run.costs.to_dict().items() if k not in ("per_layer", "mixers")}
+    data["cost_source"] = cost_source(run.costs)  # read by `serve` / `generate` to warn far from this setting
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from supernet.config import SupernetConfig
 from supernet.model import SupernetForCausalLM
 from supernet.layout import MIXERS
+from supernet.mixers.registry import spec
 
 @dataclass(frozen=True)
 class TeacherFamily:
@@ -214,7 +215,7 @@ def supernet_from_teacher(teacher: nn.Module, **overrides: Any) -> SupernetForCa
         qkvo = (weights["q_proj"], weights["k_proj"], weights["v_proj"], weights["o_proj"])
         for name in MIXERS:
             mixer = dst.mixers[name]
-            if name in ("fa", "swa"):
+            if spec(name).family == "attention":  # same projections as the teacher, biases included
                 mixer.init_from_attention(*qkvo, *shape, biases=biases, norms=norms)
             elif norms:
                 # GDN/KDA L2-normalise q and k per head, which removes the teacher's per-token RMS

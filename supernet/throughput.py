@@ -24,6 +24,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+CLOCKS = ("wall", "cpu")
+
+
+def device_of(model: SupernetForCausalLM) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _timer(clock: str, device: torch.device):
+    """Wall time, or this process's CPU time: on a shared CPU machine other processes steal time
+    slices, which wall time counts and CPU time does not (single-threaded runs measure best)."""
+    if clock not in CLOCKS:
+        raise ValueError(f"unknown clock {clock!r}; use wall or cpu")
+    if clock == "cpu" and device.type != "cpu":
+        raise ValueError("the cpu clock times CPU runs only (GPU kernels run asynchronously); use wall")
+    return time.perf_counter if clock == "wall" else time.process_time
+
+
 @torch.no_grad()
 def measure_decode(
     model: SupernetForCausalLM,
@@ -38,6 +55,7 @@ def measure_decode(
     cuda_graph: bool | None = None,
     input_ids: torch.Tensor | None = None,
     windows: int = 1,
+    clock: str = "wall",
 ) -> dict:
     """Tokens/s of greedy decoding after a `context`-token prefill, batch `batch`.
 
@@ -47,6 +65,7 @@ def measure_decode(
     `new_tokens` steps after the one prefill and reports their median, so one disturbed window does
     not decide the number (`ms_per_step_windows` keeps them all).
     """
+    timer = _timer(clock, device_of(model))
     if windows < 1 or new_tokens < 1:
         raise ValueError(f"measure_decode needs windows >= 1 and new_tokens >= 1, got {windows} and {new_tokens}")
     device = next(model.parameters()).device
@@ -83,11 +102,11 @@ def measure_decode(
     _sync(device)
     window_ms = []
     for _ in range(windows):
-        t0 = time.perf_counter()
+        t0 = timer()
         for _ in range(new_tokens):
             step()
         _sync(device)
-        window_ms.append(1e3 * (time.perf_counter() - t0) / new_tokens)
+        window_ms.append(1e3 * (timer() - t0) / new_tokens)
     ms = statistics.median(window_ms)
     return {
         "cuda_graph": cuda_graph,
@@ -111,6 +130,7 @@ def compare_decode(
     cuda_graph: bool | None = None,
     rounds: int = 1,
     windows: int = 1,
+    clock: str = "wall",
 ) -> dict[str, dict]:
     """Decode speed of several placements side by side: a warm-up pass over all, then timed passes.
 
@@ -128,7 +148,7 @@ def compare_decode(
         for name, placement in placements.items():
             row = measure_decode(model, placement, batch=batch, context=context,
                                  new_tokens=new_tokens if timed else 2, cuda_graph=cuda_graph,
-                                 windows=windows if timed else 1)
+                                 windows=windows if timed else 1, clock=clock)
             if timed:
                 runs[name].append(row)
             if device.type == "cuda":
