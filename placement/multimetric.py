@@ -211,11 +211,16 @@ def _lagrangian_problem(f: Problem, cons: Sequence[Constraint], lam: np.ndarray)
 def solve_constrained(mp: MultiProblem, weights: dict[str, float], requirements: Sequence[Requirement],
                       teacher: dict[str, float], speedup: float, solver: str = "auto",
                       resolution: int | None = None, milp_time_limit: float = 60.0,
-                      iterations: int = 40) -> ConstrainedSolution:
-    """Best placement for the weighted objective at `speedup`, meeting every requirement."""
+                      iterations: int = 16) -> ConstrainedSolution:
+    """Best placement for the weighted objective at `speedup`, meeting every requirement.
+
+    The multiplier search runs many DPs, each on a grid of `resolution` cells (default 2000: coarse,
+    so fast; the rounding only loosens the stated bound, which `auto` then closes with the MILP).
+    """
     if solver not in ("auto", "dp", "milp"):
         raise PlacementError(f"unknown solver {solver!r}; use auto, dp or milp")
     t0 = time.perf_counter()
+    resolution = resolution or 2000
     f = mp.combine(weights)
     budget = f.budget(speedup)
     cons = constraints_for(mp, requirements, teacher)
