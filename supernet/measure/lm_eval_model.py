@@ -69,6 +69,12 @@ class SupernetLM(TemplateLM):
                               use_cache=cache is not None).logits
         return self.model(input_ids=ids, use_cache=False).logits
 
+    def _hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        """Last hidden states: log-likelihoods need the vocabulary projection only at continuation tokens."""
+        if self.is_supernet:
+            return self.model.model(input_ids=ids, placement=self.placement, use_cache=False).last_hidden_state
+        return self.model.model(input_ids=ids, use_cache=False).last_hidden_state
+
     @torch.inference_mode()
     def _loglikelihood_tokens(self, requests: Sequence[tuple[Any, list[int], list[int]]],
                               disable_tqdm: bool = False, **_: Any) -> list[tuple[float, bool]]:
@@ -90,16 +96,17 @@ class SupernetLM(TemplateLM):
             batch = torch.full((len(chunk), longest), self.eot_token_id, dtype=torch.long)
             for row, (_, inp, _) in enumerate(chunk):
                 batch[row, :len(inp)] = torch.tensor(inp)
-            logits = self._logits(batch.to(self._device))
+            hidden = self._hidden(batch.to(self._device))
+            head = self.model.get_output_embeddings()
             for row, (k, inp, cont) in enumerate(chunk):
                 n = len(cont)
-                lp = F.log_softmax(logits[row, len(inp) - n:len(inp)].float(), dim=-1)
+                lp = F.log_softmax(head(hidden[row, len(inp) - n:len(inp)]).float(), dim=-1)
                 target = torch.tensor(cont, device=lp.device)
                 total = float(lp.gather(-1, target[:, None]).sum())
                 greedy = bool(torch.equal(lp.argmax(-1), target))
                 results[k] = (total, greedy)
                 self.cache_hook.add_partial("loglikelihood", requests[k][0], (total, greedy))
-            del logits
+            del hidden
             start += len(chunk)
             bar.update(len(chunk))
         bar.close()

@@ -169,8 +169,9 @@ def run_tasks(lm: Any, names: Sequence[str], limit: int | float | None = None, i
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     root, chance = prepare(names, getattr(lm, "tokenizer", None), corpus, log)
     manager = TaskManager(include_path=[str(root), *map(str, include_path)], include_defaults=False)
-    results = simple_evaluate(model=lm, tasks=list(names), limit=limit, task_manager=manager, log_samples=False,
-                              bootstrap_iters=0, **kwargs)
+    kwargs.setdefault("log_samples", False)
+    kwargs.setdefault("bootstrap_iters", 0)
+    results = simple_evaluate(model=lm, tasks=list(names), limit=limit, task_manager=manager, **kwargs)
     results["supernet_chance"] = chance
     return results
 
