@@ -188,3 +188,24 @@ def test_all_fa_supernet_scores_as_the_hf_teacher_through_lm_eval(smollm2_dir, t
         lb = [r[0][0] for s in b["samples"][n] for r in s["resps"]]
         assert len(la) == len(lb) > 0
         assert max(abs(x - y) for x, y in zip(la, lb)) <= 1e-3 * max(1.0, max(abs(y) for y in lb))
+
+
+def test_eval_placements_records_retrieval_and_dev_task_scores(tiny_ckpt, tmp_path):
+    from tests.conftest import DATA_DIR
+
+    out = tmp_path / "evaluations.jsonl"
+    args = ["eval-placements", str(tiny_ckpt), "--data", str(DATA_DIR / "pydocs-eval.jsonl"), "--out", str(out),
+            "--n", "3", "--seq-len", "16", "--sequences", "2", "--top-k", "8", "--active-fraction", "0",
+            "--retrieval", "ruler_niah_2k,ruler_vartrack_2k", "--dev-tasks", "bb_general_knowledge",
+            "--task-limit", "2"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 3
+    for r in rows:
+        assert 0.0 <= r["retrieval"] <= 1.0 and 0.0 <= r["dev_tasks"] <= 1.0
+        assert set(r["task_scores"]) == {"ruler_niah_2k", "ruler_vartrack_2k", "bb_general_knowledge"}
+        assert r["retrieval"] == pytest.approx((r["task_scores"]["ruler_niah_2k"]
+                                                + r["task_scores"]["ruler_vartrack_2k"]) / 2)
+    held = runner.invoke(app, [*args[:-6], "--dev-tasks", "heldout", "--n", "4"])
+    assert held.exit_code == 2 and "held-out tasks (only reported)" in held.stderr

@@ -82,8 +82,12 @@ def expand(names: str | Iterable[str], extra: Iterable[str] = ()) -> list[str]:
 
 
 def default_corpus() -> Path:
-    data = Path(os.environ.get("SUPERNET_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data"))
-    return data / "pydocs-eval.jsonl"
+    """The retrieval haystack: pydocs-eval.jsonl in $SUPERNET_DATA, ../shared/data or ./data (as the demo)."""
+    repo = Path(__file__).resolve().parents[2]
+    for base in (os.environ.get("SUPERNET_DATA"), repo.parent / "shared" / "data", Path.cwd() / "data"):
+        if base and (Path(base) / "pydocs-eval.jsonl").exists():
+            return Path(base) / "pydocs-eval.jsonl"
+    return Path(os.environ.get("SUPERNET_DATA") or repo.parent / "shared" / "data") / "pydocs-eval.jsonl"
 
 
 def _tokenizer_id(tokenizer) -> str:
