@@ -180,8 +180,8 @@ def test_all_fa_supernet_scores_as_the_hf_teacher_through_lm_eval(smollm2_dir, t
                       "all-fa", progress=False)
     hf = HFLM(pretrained=str(smollm2_dir), device="cpu", dtype="float32", batch_size=4)
     names = ["bb_general_knowledge", "ruler_niah_2k"]
-    a = run_tasks(ours, names, limit=3, log_samples=True)
-    b = run_tasks(hf, names, limit=3, log_samples=True)
+    a = run_tasks(ours, names, limit=2, log_samples=True)
+    b = run_tasks(hf, names, limit=2, log_samples=True)
     for n in names:
         assert a["results"][n]["acc,none"] == b["results"][n]["acc,none"], n
         la = [r[0][0] for s in a["samples"][n] for r in s["resps"]]
