@@ -23,8 +23,11 @@ from supernet.measure import bigbench, retrieval
 from supernet.teacher import cache_dir
 
 # BIG-bench tasks on which SmolLM2-135M-Instruct scores clearly above chance (measured: see README).
-DEV_TASKS = ("general_knowledge", "emoji_movie", "social_iqa", "physical_intuition")
-HELDOUT_TASKS = ("hindu_knowledge", "strategyqa", "misconceptions", "winowhy")
+# SmolLM2-135M-Instruct on all examples: general_knowledge 0.449 (chance 0.144, n 69), riddle_sense 0.327
+# (0.200, n 49), human_organs_senses 0.429 (0.250, n 42). Of 16 tasks tried at 40 examples, the others
+# were within noise of chance (README lists them).
+DEV_TASKS = ("general_knowledge", "riddle_sense")
+HELDOUT_TASKS = ("human_organs_senses",)
 RETRIEVAL_LENGTHS = {"2k": 2048, "4k": 4096, "8k": 8192}
 RETRIEVAL_DOCS = 10
 # The retrieval documents end this many tokens short of the length: room for the answer tokens.
