@@ -69,6 +69,24 @@ def _print_result(console: Console, run, speedups_given: bool) -> None:
         console.print(f"Pareto frontier: {len(speeds)} placements from {min(speeds):.3f}x to {max(speeds):.3f}x")
 
 
+def _print_multi(console: Console, run) -> None:
+    from supernet.placement.presets import preset_name
+
+    m = run.multi
+    for name, d in m["surrogates"].items():
+        console.print(f"  surrogate of {name}: CV Spearman {_fmt(d['cv_spearman'] or float('nan'))}, "
+                      f"R² {_fmt(d['cv_r2'] or float('nan'))}")
+    teacher = ", ".join(f"{k} {v:.4f} ({m['teacher_source'][k]})" for k, v in m["teacher"].items())
+    console.print(f"objective {m['objective']}; requirements {', '.join(m['requirements']) or 'none'}; "
+                  f"teacher: {teacher}")
+    table = Table("preset", "speedup", *[f"predicted {c}" for c in m["metrics"]], "method", "gap", "mixer counts")
+    for s in run.result.presets:
+        pred = s.notes.get("predicted", {})
+        table.add_row(preset_name(s.target_speedup), f"{s.speedup:.3f}x", *[f"{pred.get(c, float('nan')):.4f}"
+                      for c in m["metrics"]], s.method, f"{s.notes.get('gap', 0.0):.2g}", s.placement.summary())
+    console.print(table)
+
+
 def optimize(
     evaluations: Optional[Path] = typer.Option(None, "--evaluations", "-e", help="evaluations.jsonl (measured placements)."),
     costs: Path = typer.Option(..., "--costs", "-c", help="costs.json (per-layer mixer costs)."),
@@ -84,8 +102,13 @@ def optimize(
     save_surrogate: Optional[Path] = typer.Option(None, help="Write the fitted surrogate to this JSON."),
     allow_unmeasured: bool = typer.Option(False, help="Allow (layer, mixer) choices no evaluation contains."),
     seed: int = typer.Option(0, help="Seed of the cross-validation folds."),
+    objective: Optional[str] = typer.Option(None, "--objective", help="Metric to maximise, or a weighted sum: "
+                                            "quality, retrieval, dev_tasks, '0.5*quality+0.5*dev_tasks'."),
+    require: Optional[List[str]] = typer.Option(None, "--require", help="Requirement on a metric, repeatable: "
+                                                "'retrieval>=0.9*teacher', 'dev_tasks>=0.4'."),
 ) -> None:
-    """Fit the surrogate, then for each --speedup the placement with the best predicted quality."""
+    """Fit the surrogate, then for each --speedup the placement with the best predicted quality
+    (or the best --objective meeting every --require)."""
     with friendly_errors(ValueError):
         from supernet.placement.presets import measured_points, run_optimize, write_presets
 
@@ -94,9 +117,12 @@ def optimize(
         console = Console()
         run = run_optimize(evaluations, costs, speedup or [], pairs=pairs, frontier=frontier or plot is not None,
                            method=method, solver=solver, resolution=resolution, surrogate_path=surrogate,
-                           allow_unmeasured=allow_unmeasured, seed=seed)
+                           allow_unmeasured=allow_unmeasured, seed=seed, objective=objective,
+                           requires=require or [])
         _print_fit(console, run.surrogate, run.fit_seconds)
-        _print_result(console, run, bool(speedup))
+        _print_result(console, run, bool(speedup) and run.multi is None)
+        if run.multi is not None:
+            _print_multi(console, run)
         write_presets(out, run, include_frontier=frontier)
         if save_surrogate is not None:
             run.surrogate.save(save_surrogate)

@@ -46,6 +46,11 @@ def eval_placements(
     mixers: str = typer.Option("fa,swa,gdn,kda", help="Mixers to sample from."),
     seed: int = typer.Option(0, help="Seed of the sampling design."),
     device: Optional[str] = typer.Option(None, help="cuda / cpu (default: cuda when available)."),
+    retrieval: Optional[str] = typer.Option(None, "--retrieval", help="Also record a retrieval score: tasks or "
+                                            "groups of `supernet eval-tasks`, e.g. retrieval_2k."),
+    dev_tasks: Optional[str] = typer.Option(None, "--dev-tasks", help="Also record a development-task score, "
+                                            "e.g. dev (held-out tasks are refused)."),
+    task_limit: int = typer.Option(4, "--task-limit", help="Documents per task for --retrieval/--dev-tasks."),
 ) -> None:
     """Measure the quality of sampled placements against the teacher (resumable)."""
     with friendly_errors(ValueError, OSError):
@@ -57,11 +62,26 @@ def eval_placements(
             raise UserError("--n must be >= 1")
         config = load_config(ckpt)
         table = load_costs(costs) if costs is not None else analytic_costs(config, context, batch, "decode")
-        evaluator, _ = build_evaluator(ckpt, data, seq_len, sequences, top_k, batch_size, teacher, gguf_file, device)
+        evaluator, model = build_evaluator(ckpt, data, seq_len, sequences, top_k, batch_size, teacher, gguf_file,
+                                           device)
         console.print(f"evaluating on {evaluator.ids.numel()} tokens, metric {evaluator.metric}, "
                       f"reference {evaluator.reference}")
         probe = {"metric": evaluator.metric, "reference": evaluator.reference, "data_id": evaluator.data_id}
-        new = run_campaign(evaluator, out, n, config.num_hidden_layers, names, table, active_fraction, rounds,
+        evaluate = evaluator
+        if retrieval or dev_tasks:  # task metrics per placement (supernet/measure/placement_metrics.py)
+            from supernet.measure import tasks as T
+            from supernet.measure.placement_metrics import TaskMetrics, with_task_metrics
+
+            if task_limit < 1:
+                raise UserError("--task-limit must be >= 1")
+            from transformers import AutoTokenizer
+
+            metrics = TaskMetrics(model, AutoTokenizer.from_pretrained(str(ckpt)), T.expand(retrieval) if retrieval else [],
+                                  T.expand(dev_tasks) if dev_tasks else [], task_limit, log=console.print)
+            evaluate = with_task_metrics(evaluator, metrics)
+            probe["tasks_spec"] = metrics.spec
+            console.print(f"task metrics per placement: {metrics.spec}")
+        new = run_campaign(evaluate, out, n, config.num_hidden_layers, names, table, active_fraction, rounds,
                            pairs, seed, probe=probe, log=console.print)
         console.print(f"measured {new} placements; {out} is ready for `placement optimize`")
 

@@ -272,7 +272,7 @@ def build_evaluator(ckpt: str | Path, data: str | Path, seq_len: int = 256, sequ
 # -- the measuring campaign -----------------------------------------------------------------------
 def check_compatible(existing_rows: list[dict], row: dict, path: str | Path) -> None:
     """Refuse to append rows measured differently (metric, reference or tokens) to an existing file."""
-    for key in ("metric", "reference", "data_id"):
+    for key in ("metric", "reference", "data_id", "tasks_spec"):  # tasks_spec: eval-placements --retrieval/--dev-tasks
         old = {r.get(key) for r in existing_rows if key in r}
         if old and row.get(key) not in old:
             raise PlacementError(

@@ -402,19 +402,28 @@ class MilpResult:
     upper_bound: float = np.inf  # proven upper bound on the optimal predicted quality (dual bound)
 
 
-def solve_milp(problem: Problem, budget: float, time_limit: float = 60.0, mip_rel_gap: float = 1e-9) -> MilpResult:
+def solve_milp(problem: Problem, budget: float, time_limit: float = 60.0, mip_rel_gap: float = 1e-9,
+               requirements: Sequence[tuple[Problem, float]] = ()) -> MilpResult:
     """Exact optimum under any pair set (HiGHS via scipy.optimize.milp).
 
     Pair products are linearised with the local-marginal formulation: y[k,a,b] >= 0 with
     sum_b y[k,a,b] = x[i,a] and sum_a y[k,a,b] = x[j,b], which is tight for trees and keeps the LP
-    relaxation strong for general pair sets.
+    relaxation strong for general pair sets. For one-hot x the marginals force y[k,a,b] = x[i,a] x[j,b],
+    so `requirements` ((tables of another metric on the same pair list, minimum value)) are exact
+    linear constraints too.
     """
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import coo_matrix
 
     t0 = time.perf_counter()
     L, M = problem.L, problem.M
-    keep = np.flatnonzero(np.abs(problem.Jp).reshape(len(problem.pairs), -1).max(axis=1) > 0)
+    for req, _ in requirements:
+        if req.pairs.shape != problem.pairs.shape or np.any(req.pairs != problem.pairs):
+            raise PlacementError("a requirement's tables must use the objective's pair list")
+    used = np.abs(problem.Jp).reshape(len(problem.pairs), -1).max(axis=1) > 0
+    for req, _ in requirements:
+        used |= np.abs(req.Jp).reshape(len(req.pairs), -1).max(axis=1) > 0
+    keep = np.flatnonzero(used)
     pairs, Jp = problem.pairs[keep], problem.Jp[keep]
     P = len(pairs)
     nx, ny = L * M, P * M * M
@@ -450,6 +459,13 @@ def solve_milp(problem: Problem, budget: float, time_limit: float = 60.0, mip_re
     lo.append(-np.inf)
     hi.append(budget - problem.fixed)
     r += 1
+    for req, minimum in requirements:  # J0 + h.x + Jp.y >= minimum
+        rows += [r] * (nx + ny)
+        cols += list(range(nx + ny))
+        vals += list(req.h.ravel()) + list(req.Jp[keep].ravel())
+        lo.append(minimum - req.J0)
+        hi.append(np.inf)
+        r += 1
     A = coo_matrix((vals, (rows, cols)), shape=(r, nx + ny)).tocsr()
     c = -np.concatenate([problem.h.ravel(), Jp.ravel()])
     ub = np.concatenate([problem.allowed.ravel().astype(float), np.ones(ny)])
@@ -565,3 +581,27 @@ def brute_force(problem: Problem, budget: float) -> tuple[np.ndarray | None, flo
     q = problem.quality(grids)
     k = int(np.argmax(q))
     return grids[k], float(q[k])
+
+
+def best_under_budget(problem: Problem, budget: float, resolution: int | None = None) -> tuple[np.ndarray | None, float]:
+    """Best placement within `budget` the way `optimize` finds it, and an upper bound on the true optimum.
+
+    The bound is the chain DP's optimum at `budget + error_bound`: every placement that truly fits
+    the budget also fits that rounded budget, so nothing better can exist. It is a proven bound for
+    chain models (nearest-neighbour pairs) and +inf otherwise.
+    """
+    dp = chain_dp(problem, resolution)
+    chain = problem.is_chain()
+    row = dp.solve([budget])[0]
+    if row is None:
+        return None, -np.inf
+    if not chain or not dp.exact_grid:
+        dense = problem.dense_pairs()
+        row = local_search(problem, row, budget, dense=dense)
+        if not chain:
+            row = conditional_dp(problem, row, budget, dense=dense)
+    if not chain:
+        return row, np.inf
+    g = dp.budget_units(budget + dp.error_bound) if not dp.exact_grid else dp.budget_units(budget)
+    upper = float(np.max(dp.best[:g + 1])) if g >= 0 else -np.inf
+    return row, max(upper, float(problem.quality(row)[0]))
