@@ -521,7 +521,7 @@ def main() -> None:
 
     tmp = None
     if args.smoke:
-        from supernet.training.testing import write_synthetic_corpus
+        from supernet.training.tiny import write_synthetic_corpus
 
         tmp = tempfile.mkdtemp(prefix="bench-training-")
         tr, ev = write_synthetic_corpus(tmp, 60, 8)

@@ -11,7 +11,7 @@ Files: `plugin.py` (entry point `vllm.general_plugins`: registers the model, a c
 model-name -> preset mapping), `vllm_model.py` (the model, on vLLM layers), `linear_layers.py`
 (GDN/KDA as `MambaBase` layers), `plan.py` (which mixers a server instantiates), `routing.py`
 (per-request presets), `drafter.py` (vLLM proposer), `speculative.py` (reference engine, no vLLM),
-`server.py` (launch/stop a server), `testing.py` (tiny random checkpoints for tests/benchmarks).
+`server.py` (launch/stop a server). Tiny random checkpoints for the tests: tests/helpers/checkpoints.py.
 
 One preset per server. Only the mixers of that preset are built; vLLM sizes its cache from them:
 FA layers get paged KV for the whole context, SWA layers KV for their window (vLLM frees blocks

@@ -173,7 +173,7 @@ def test_append_repairs_a_missing_final_newline(tmp_path):
 
 # -- the real model -------------------------------------------------------------------------------
 def test_evaluator_on_a_tiny_supernet():
-    from tests.conftest import tiny_config
+    from tests.helpers.configs import tiny_config
 
     try:
         from supernet.model import SupernetForCausalLM

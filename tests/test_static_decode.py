@@ -7,7 +7,7 @@ import torch
 from supernet.cache import SupernetCache
 from supernet.model import SupernetForCausalLM
 from supernet.static_decode import GraphedStep, StaticDecoder
-from tests.conftest import tiny_config
+from tests.helpers.configs import tiny_config
 
 PLACEMENTS = ["all-fa", "all-swa", "all-gdn", "all-kda", "fa,swa,gdn,kda", "kda,swa,fa,gdn"]
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from supernet.training.testing import TinyWorld
+from tests.helpers.world import TinyWorld
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
