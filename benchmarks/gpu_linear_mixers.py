@@ -404,7 +404,7 @@ def check_fused_ops(spec: dict, config: SupernetConfig, device: str, dtype: torc
                 o_ref, s_ref = rule(q, k, v, g, torch.sigmoid(b.float()), **common)
                 emit(check_row(kind, f"in-kernel gates T={T} ({'chunk' if T > 64 else 'fused recurrent'})",
                                max(rel_err(o, o_ref), rel_err(s, s_ref)), OUTPUT_TOL,
-                               gates_in_kernel=delta_rule._gates_in_kernel(q, (q,))))
+                               gates_in_kernel=delta_rule.dispatch._gates_in_kernel(q, (q,))))
 
 
 def check_inference(kind: str, config: SupernetConfig, device: str, dtype: torch.dtype, seed: int,
