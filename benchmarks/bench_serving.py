@@ -205,7 +205,7 @@ def add_ratio_to_all_fa(rows: list[dict]) -> None:
 # -- reference engine -------------------------------------------------------------------------------
 def reference_decode_rate(model, prompts: torch.Tensor, placement, steps: int) -> float:
     """Greedy decode tokens/s after prefilling `prompts`; on CUDA the steps replay a CUDA graph."""
-    from supernet.throughput import measure_decode
+    from supernet.measure.throughput import measure_decode
 
     return measure_decode(model, placement, new_tokens=steps, input_ids=prompts)["tokens_per_s"]
 

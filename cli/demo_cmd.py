@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from supernet.cli.errors import UserError, friendly_errors
-from supernet.cli.pipeline import STEPS, PipelineSettings, console, run_pipeline
+from supernet.pipeline import STEPS, PipelineSettings, console, run_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 

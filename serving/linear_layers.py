@@ -4,7 +4,7 @@ Why our own layer and not vLLM's: vLLM's Qwen3-Next GDN layer runs on CPU only i
 float32 too, to match the reference model token for token) and its Kimi KDA layer is Triton-only.
 Both of ours use vLLM's GDN metadata (`MambaAttentionBackendEnum.GDN_ATTN`): vLLM allocates one
 state page per sequence (plus one per draft token when speculative decoding is on), sorts decodes
-before prefills, and tells us which page holds each sequence's state; the math is `delta_rule.py`.
+before prefills, and tells us which page holds each sequence's state; the math is `supernet/ops/delta_rule/`.
 
 State page of one sequence: the short-conv tail [C, W-1] (model dtype) and the recurrent matrix
 [H, K, V] (float32). With speculative decoding each of the k+1 pages holds a full (tail, matrix)

@@ -9,7 +9,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_pipeline_runs_every_step_and_resumes(tmp_path):
-    from supernet.cli.pipeline import PipelineSettings, run_pipeline
+    from supernet.pipeline import PipelineSettings, run_pipeline
     from tests.conftest import REPO
     from supernet.training.tiny import tiny_teacher_dir, write_synthetic_corpus
 

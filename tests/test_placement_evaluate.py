@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from supernet.placement.cost import analytic_costs
-from supernet.placement.evaluate import PlacementEvaluator, coarse_kl, full_kl, run_campaign
+from supernet.measure.quality import PlacementEvaluator, coarse_kl, full_kl
+from supernet.placement.evaluate import run_campaign
 from supernet.placement.evaluations import append_evaluation, read_evaluations
 from supernet.placement.sampling import initial_design, one_changed, propose_active, random_counts
 from supernet.placement.surrogate import fit_surrogate

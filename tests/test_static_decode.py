@@ -125,7 +125,7 @@ def test_static_greedy_generation_equals_hf_generate(placement):
 
 
 def test_measure_decode_takes_real_prompts_or_refuses_missing_shapes():
-    from supernet.throughput import measure_decode
+    from supernet.measure.throughput import measure_decode
 
     torch.manual_seed(0)
     model = SupernetForCausalLM(tiny_config()).eval()
@@ -138,7 +138,7 @@ def test_measure_decode_takes_real_prompts_or_refuses_missing_shapes():
 
 def test_compare_decode_takes_the_median_of_interleaved_rounds(monkeypatch):
     """Every placement is timed in each round, in turn; its figure is the median of all its windows."""
-    import supernet.throughput as throughput
+    import supernet.measure.throughput as throughput
 
     torch.manual_seed(0)
     model = SupernetForCausalLM(tiny_config()).eval()

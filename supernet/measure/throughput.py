@@ -9,19 +9,14 @@ overhead, and every placement would look equally fast.
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
 from supernet.cache import SupernetCache
 from supernet.model import SupernetForCausalLM
 from supernet.layout import PlacementLike
+from supernet.measure.timer import Stopwatch
 from supernet.static_decode import StaticDecoder
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
@@ -60,12 +55,11 @@ def measure_decode(
         g = torch.Generator(device="cpu").manual_seed(seed)
         ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=g).to(device)
     cache = SupernetCache(model.config.num_hidden_layers)
-    t0 = time.perf_counter()
-    for start in range(0, context, prefill_chunk):  # chunked prefill bounds activation memory
-        out = model(ids[:, start : start + prefill_chunk], past_key_values=cache, use_cache=True,
-                    placement=placement, logits_to_keep=1)
-    _sync(device)
-    prefill_s = time.perf_counter() - t0
+    with Stopwatch(device) as prefill:
+        for start in range(0, context, prefill_chunk):  # chunked prefill bounds activation memory
+            out = model(ids[:, start : start + prefill_chunk], past_key_values=cache, use_cache=True,
+                        placement=placement, logits_to_keep=1)
+    prefill_s = prefill.seconds
     token = out.logits[:, -1:].argmax(-1)
     if cuda_graph:
         decoder = StaticDecoder(model, placement, cache, max_new_tokens=warmup + 1 + windows * new_tokens,
@@ -80,14 +74,12 @@ def measure_decode(
             return token
     for _ in range(warmup):
         step()
-    _sync(device)
     window_ms = []
     for _ in range(windows):
-        t0 = time.perf_counter()
-        for _ in range(new_tokens):
-            step()
-        _sync(device)
-        window_ms.append(1e3 * (time.perf_counter() - t0) / new_tokens)
+        with Stopwatch(device) as window:
+            for _ in range(new_tokens):
+                step()
+        window_ms.append(window.ms / new_tokens)
     ms = statistics.median(window_ms)
     return {
         "cuda_graph": cuda_graph,
