@@ -211,6 +211,7 @@ def reference_decode_rate(model, prompts: torch.Tensor, placement, steps: int) -
 
 
 def run_reference(args, ckpt: Path, prompts: list[list[int]]) -> dict:
+    from supernet.measure.timer import Stopwatch
     from supernet.serving.speculative import greedy_generate, speculative_generate
     from supernet.model import SupernetForCausalLM
 
@@ -230,13 +231,13 @@ def run_reference(args, ckpt: Path, prompts: list[list[int]]) -> dict:
     if args.spec_draft:
         prompt = torch.tensor([prompts[args.batch]], device=device)
         greedy_generate(model, prompt[:, :64], args.spec_target, 4)  # warm-up
-        t0 = time.perf_counter()
-        plain = greedy_generate(model, prompt, args.spec_target, args.decode_tokens)
-        t_plain = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        tokens, stats = speculative_generate(model, prompt, args.spec_draft, args.spec_target, k=args.k,
-                                             max_new_tokens=args.decode_tokens)
-        t_spec = time.perf_counter() - t0
+        with Stopwatch(device) as watch:
+            plain = greedy_generate(model, prompt, args.spec_target, args.decode_tokens)
+        t_plain = watch.seconds
+        with Stopwatch(device) as watch:
+            tokens, stats = speculative_generate(model, prompt, args.spec_draft, args.spec_target, k=args.k,
+                                                 max_new_tokens=args.decode_tokens)
+        t_spec = watch.seconds
         spec = {"target": args.spec_target, "draft": args.spec_draft, "k": args.k, "batch": 1,
                 "identical_to_target": tokens == plain, "acceptance_rate": stats.acceptance_rate,
                 "tokens_per_round": stats.tokens_per_round, "target_alone_s": t_plain, "speculative_s": t_spec,

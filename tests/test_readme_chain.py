@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -35,12 +36,14 @@ def command(name: str) -> list[str]:
 
 
 def sh(*args, cwd: Path) -> str:
+    t0 = time.monotonic()
     proc = subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    print(f"{time.monotonic() - t0:6.1f}s  {' '.join(map(str, args[1:3]))}")  # shown when the test fails
     assert proc.returncode == 0, f"{' '.join(map(str, args[:3]))}: " + proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc.stdout + proc.stderr
 
 
-def test_convert_distill_evaluate_optimize_install_and_serve(tmp_path):
+def test_convert_distill_evaluate_optimize_install_and_serve(tmp_path, tmp_path_factory):
     teacher = tiny_teacher_dir(num_attention_heads=2, num_key_value_heads=1)  # hidden 64 -> head_dim 32
     train, evaluation = write_synthetic_corpus(tmp_path / "data", n_train=40, n_eval=12)
     supernet, placement = command("supernet"), command("placement")
@@ -73,7 +76,7 @@ def test_convert_distill_evaluate_optimize_install_and_serve(tmp_path):
     expected = greedy_generate(model, torch.tensor([prompt]), name, 8)
 
     port = free_port()
-    serve_dir = work / "serve"
+    serve_dir = tmp_path_factory.mktemp("vllm")  # short: vLLM's IPC socket paths live under TMPDIR
     env = {**cpu_env(serve_dir), "SUPERNET_SERVE_DIR": str(serve_dir)}
     cmd = [*supernet, "serve", str(ckpt), "--preset", name, "--port", str(port),
            "--max-model-len", "128", "--dtype", "float32", "--enforce-eager", "--max-num-seqs", "2"]

@@ -1,7 +1,6 @@
 """Where a layer's time goes: torch.profiler's kernels per call, grouped by origin."""
 from __future__ import annotations
 
-import time
 from typing import Any, Callable
 
 import torch
@@ -9,6 +8,7 @@ import torch
 from supernet.cache import SupernetCache
 from supernet.measure.linear_mixers import (Emit, TimingMixers, call_op, fla_ops, free_memory, op_inputs,
                                            synthetic_state)
+from supernet.measure.timer import Stopwatch, synchronize
 from supernet.ops.fla_backend import fused_kernels
 
 PROFILE_ITERS = 3  # calls per profiled case (the breakdown is per call)
@@ -34,16 +34,13 @@ def kernel_breakdown(fn: Callable[[], Any], device: str) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile
 
     fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
-        t0 = time.perf_counter()
-        for _ in range(PROFILE_ITERS):
-            fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        wall_ms = (time.perf_counter() - t0) / PROFILE_ITERS * 1e3
+        with Stopwatch(device) as watch:
+            for _ in range(PROFILE_ITERS):
+                fn()
+        wall_ms = watch.ms / PROFILE_ITERS
     totals: dict[str, list[float]] = {}  # name -> [microseconds, count]
     for evt in prof.events():
         if device == "cuda":
