@@ -25,6 +25,7 @@ from typing import Callable
 from rich.console import Console
 
 console = Console(stderr=True)
+REPO = Path(__file__).resolve().parents[1]
 STEPS = ("convert", "distill", "evaluate", "costs", "presets", "measure", "report")
 
 
@@ -75,6 +76,27 @@ class PipelineSettings:
     @property
     def final(self) -> Path:
         return self.workdir / "supernet-final"
+
+
+def find_corpus(name: str) -> str:
+    """A corpus file: under $SUPERNET_DATA, the shared data folder beside the repo, or ./data."""
+    for base in (os.environ.get("SUPERNET_DATA"), REPO.parent / "shared" / "data", Path.cwd() / "data"):
+        if base and (Path(base) / name).exists():
+            return str(Path(base) / name)
+    raise FileNotFoundError(f"corpus file {name} not found; set SUPERNET_DATA to a folder with "
+                            "pydocs-train/eval.jsonl (or pass --train-data/--eval-data)")
+
+
+def demo_settings(workdir: Path, train_data: str, eval_data: str) -> PipelineSettings:
+    """`supernet demo`'s sizes: the pipeline in minutes on 2 CPU cores (see the README)."""
+    return PipelineSettings(
+        workdir=workdir, teacher="smollm2", train_data=train_data, eval_data=eval_data, swa_window=64,
+        distill_config=str(REPO / "training" / "configs" / "demo_cpu.yaml"), distill_steps=8,
+        eval_n=36, eval_seq_len=128, eval_sequences=4, eval_batch=4,
+        cost_context=8192, cost_batch=64, measure_costs=False, speedups=[1.5, 2.0, 3.0],
+        quality_seq_len=128, quality_sequences=8, throughput_batch=1, throughput_context=256,
+        throughput_tokens=16, needle_contexts=[256, 512], spec_k=4, spec_tokens=24, spec_prompts=1, device="cpu",
+    )
 
 
 def _run(cmd: list[str], log: Path) -> None:
