@@ -34,3 +34,18 @@ def test_no_test_imports_a_benchmark_script():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             offenders += [f"{path.relative_to(REPO)}:{node.lineno} {n}" for n in names if n.split(".")[0] == "benchmarks"]
     assert not offenders, offenders
+
+
+def test_every_package_folder_is_listed_for_installation():
+    """A non-editable install ships only the packages pyproject.toml lists: a new subpackage left out
+    of the list works in a checkout and fails after `pip install .`."""
+    import tomllib
+
+    setup = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(setup["packages"])
+    found = set()
+    for package, folder in setup["package-dir"].items():
+        for init in (REPO / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(REPO / folder)
+            found.add(".".join([package, *rel.parts]))
+    assert found - listed == set(), f"add to [tool.setuptools] packages: {sorted(found - listed)}"
