@@ -110,6 +110,7 @@ def decode_rate(base_url: str, prompts: list[list[int]], max_tokens: int, models
     import concurrent.futures as cf
 
     models = models or ["supernet"] * len(prompts)
+    submitted = time.perf_counter()
     with cf.ThreadPoolExecutor(len(prompts)) as pool:
         streams = list(pool.map(lambda pm: _stream(base_url, pm[0], max_tokens, pm[1]), zip(prompts, models)))
     start = max(s[0] for s in streams)
@@ -118,7 +119,8 @@ def decode_rate(base_url: str, prompts: list[list[int]], max_tokens: int, models
     if end <= start or tokens == 0:
         raise RuntimeError("no window where all streams decode; raise --decode-tokens")
     return {"decode_tokens_per_s": tokens / (end - start), "window_s": end - start, "tokens_in_window": tokens,
-            "first_token_s": start - min(s[0] for s in streams)}
+            "first_token_s": start - min(s[0] for s in streams),
+            "prefill_s": start - submitted}  # all prompts submitted at once until every one has its first token
 
 
 def _concurrency(log: str) -> dict:
@@ -139,7 +141,7 @@ def run_vllm(args, ckpt: Path, prompts: list[list[int]]) -> dict:
 
     work = Path(args.work_dir)
     extra = ["--max-model-len", str(args.context + args.decode_tokens + 16), "--dtype", args.dtype,
-             "--enforce-eager", "--max-num-seqs", str(max(args.batch, 4))]
+             "--max-num-seqs", str(max(args.batch, args.switch_batch, 4))] + ([] if args.compiled else ["--enforce-eager"])
     if args.max_num_batched_tokens:
         # SWA's KV reservation is window + this (vLLM keeps in-flight chunks), so it sets SWA's capacity
         extra += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
@@ -182,17 +184,43 @@ def run_vllm(args, ckpt: Path, prompts: list[list[int]]) -> dict:
                 "speedup": rate["decode_tokens_per_s"] / target if target else None}
     switch = {}
     if args.switchable:
-        mixed = [p for p in ("all-fa", "fa+gdn", "fa+kda", "mixed") if p in args.presets][: args.batch]
-        print(f"[vllm] switchable server: batches of one preset vs {mixed}", flush=True)
+        print(f"[vllm] switchable server: batches of one preset vs batches mixing {args.mixed}", flush=True)
         with serve(switchable=True) as server:
             _stream(server.url, prompts[0][:64], 4)
-            switch = _concurrency(server.log_path.read_text(errors="replace"))
-            n = len(mixed)
-            same = decode_rate(server.url, prompts[:n], args.decode_tokens, ["supernet:all-fa"] * n)
-            mix = decode_rate(server.url, prompts[:n], args.decode_tokens, [f"supernet:{p}" for p in mixed])
-            switch.update({"batch": n, "all_fa_batch_tokens_per_s": same["decode_tokens_per_s"],
-                           "mixed_batch": mixed, "mixed_batch_tokens_per_s": mix["decode_tokens_per_s"]})
+            switch = {"mixed_presets": args.mixed, **switchable_costs(server.url, prompts, args)}
+            switch.update(_concurrency(server.log_path.read_text(errors="replace")))
     return {"presets": rows, "speculative": spec, "switchable": switch}
+
+
+def switchable_costs(url: str, prompts: list[list[int]], args) -> dict:
+    """Mixed steps against single-preset steps of the same batch, on one switchable server.
+
+    A batch of `batch` sequences, all of preset p, gives p's step time t_p = batch / (decode
+    tokens/s). The mixed batch gives each preset of `args.mixed` an equal share of its rows
+    (round robin); its step time against the token-weighted sum of the t_p is the overhead of
+    mixing (goal: <= 1.15 where per-token work dominates the weights)."""
+    n = args.switch_batch
+    single = {}
+    for p in args.mixed:
+        rate = decode_rate(url, prompts[:n], args.decode_tokens, [f"supernet:{p}"] * n)
+        single[p] = {"decode_tokens_per_s": rate["decode_tokens_per_s"], "step_s": n / rate["decode_tokens_per_s"],
+                     "prefill_s": rate["prefill_s"]}
+        print(f"[vllm] switchable, batch of {p}: {rate['decode_tokens_per_s']:.2f} tok/s", flush=True)
+    models = [f"supernet:{args.mixed[i % len(args.mixed)]}" for i in range(n)]
+    mix = decode_rate(url, prompts[:n], args.decode_tokens, models)
+    shares = {p: sum(m == f"supernet:{p}" for m in models) / n for p in args.mixed}
+    weighted = sum(shares[p] * single[p]["step_s"] for p in args.mixed)
+    mixed_step = n / mix["decode_tokens_per_s"]
+    weighted_prefill = sum(shares[p] * single[p]["prefill_s"] for p in args.mixed)
+    print(f"[vllm] switchable, mixed batch: {mix['decode_tokens_per_s']:.2f} tok/s; "
+          f"step {mixed_step:.3f}s vs token-weighted {weighted:.3f}s = {mixed_step / weighted:.3f}x", flush=True)
+    return {"batch": n, "single_preset_batches": single, "mixed_batch_tokens_per_s": mix["decode_tokens_per_s"],
+            "mixed_step_s": mixed_step, "token_weighted_single_step_s": weighted,
+            "mixed_over_weighted": mixed_step / weighted, "shares": shares,
+            # prefill of the whole batch (chunked: steps hold several prompts): per-token work dominates there
+            "mixed_prefill_s": mix["prefill_s"], "token_weighted_single_prefill_s": weighted_prefill,
+            "prefill_mixed_over_weighted": mix["prefill_s"] / weighted_prefill}
+
 
 
 def add_ratio_to_all_fa(rows: list[dict]) -> None:
@@ -262,15 +290,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--skip-presets", action="store_true", help="vllm engine: only the switchable / speculative parts")
     p.add_argument("--no-switchable", dest="switchable", action="store_false",
                    help="skip the switchable-server measurement (vllm engine)")
+    p.add_argument("--mixed", nargs="+", default=["all-fa", "fa+gdn", "fa+kda", "mixed"],
+                   help="presets a mixed batch of the switchable server holds")
+    p.add_argument("--switch-batch", type=int, default=None, help="switchable batch size (default: --batch)")
+    p.add_argument("--compiled", action="store_true", help="vllm engine: no --enforce-eager (torch.compile)")
     p.add_argument("--threads", type=int, default=None, help="reference engine on CPU: torch threads")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="vLLM chunked-prefill budget")
     p.add_argument("--kv-space-gb", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE (GiB)")
     p.add_argument("--work-dir", default="/tmp/supernet-bench-serving")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    args.switch_batch = args.switch_batch or args.batch
     ckpt = bench_checkpoint(args.checkpoint, args.swa_window)
     args.presets = args.presets or list(preset_table(json.loads((ckpt / "config.json").read_text())["num_hidden_layers"]))
-    prompts = corpus_prompts(ckpt, args.batch + 1, args.context)
+    prompts = corpus_prompts(ckpt, max(args.batch, args.switch_batch) + 1, args.context)
     t0 = time.time()
     result = (run_vllm if args.engine == "vllm" else run_reference)(args, ckpt, prompts)
     cols = ["preset", "decode_tokens_per_s", "vs_all_fa"] + (["max_concurrency", "kv_cache_tokens"] if args.engine == "vllm" else [])
@@ -281,9 +314,18 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\nspeculative ({args.engine}): target {s['target']}, draft {s['draft']}, k={s['k']}: "
               f"acceptance {s['acceptance_rate']}, speedup {s['speedup']}")
     if result.get("switchable"):
-        print(f"\nswitchable server: {result['switchable']}")
+        sw = result["switchable"]
+        rows = [{"batch": f"all {p}", "decode_tokens_per_s": v["decode_tokens_per_s"], "step_s": v["step_s"],
+                 "prefill_s": v["prefill_s"]} for p, v in sw["single_preset_batches"].items()]
+        rows.append({"batch": "mixed", "decode_tokens_per_s": sw["mixed_batch_tokens_per_s"], "step_s": sw["mixed_step_s"],
+                     "prefill_s": sw["mixed_prefill_s"]})
+        print_table(rows, ["batch", "decode_tokens_per_s", "step_s", "prefill_s"],
+                    f"switchable server, batch {sw['batch']}: mixed / token-weighted single-preset = "
+                    f"{sw['mixed_over_weighted']:.3f} (decode step), {sw['prefill_mixed_over_weighted']:.3f} (prefill); "
+                    f"max concurrency {sw.get('max_concurrency')}")
     name = f"serving_{args.engine}_{'cuda' if args.device.startswith('cuda') else 'cpu'}"
     write_results(name, {"engine": args.engine, "context": args.context, "batch": args.batch, "dtype": args.dtype,
+                         "compiled": bool(getattr(args, "compiled", False)),
                          "max_num_batched_tokens": args.max_num_batched_tokens,
                          "decode_tokens": args.decode_tokens, "swa_window": args.swa_window,
                          "model": "SmolLM2-135M converted to a supernet (linear mixers untrained)",

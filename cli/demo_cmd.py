@@ -35,9 +35,9 @@ def demo(
 
 
 def _generate_with_two_presets(s: PipelineSettings) -> None:
-    import torch
     from transformers import AutoTokenizer
 
+    from supernet.generation import greedy_generate
     from supernet.model import SupernetForCausalLM
 
     model = SupernetForCausalLM.from_pretrained(s.final).eval()
@@ -46,8 +46,6 @@ def _generate_with_two_presets(s: PipelineSettings) -> None:
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     names = ["all-fa"] + [n for n in model.presets if n != "all-fa"][-1:]
     for name in names:
-        with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=20, do_sample=False, placement=model.config.resolve(name),
-                                 pad_token_id=tokenizer.eos_token_id)
-        text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        new = greedy_generate(model, ids, name, 20, tokenizer.eos_token_id)[0]
+        text = tokenizer.decode(new, skip_special_tokens=True)
         console.print(f"[bold]{name}[/] ({model.presets[name].summary()}): {prompt}[italic]{text}[/]")

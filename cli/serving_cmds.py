@@ -16,7 +16,8 @@ One preset per server (--preset; only its mixers are instantiated, so KV-cache m
 attention layers), or every preset in one server (--switchable; a request picks its preset with
 model "NAME:PRESET" or extra_body={"vllm_xargs": {"preset": ...}}). --draft-preset adds
 self-speculative decoding (the draft preset proposes, the served preset verifies; greedy output is
-unchanged). Options this command does not know are passed to vLLM, e.g.
+unchanged). One-preset servers are compiled by vLLM (CUDA graphs on GPUs; add --enforce-eager to
+skip); switchable servers run eagerly. Options this command does not know are passed to vLLM, e.g.
 `supernet serve ckpt --preset fast --max-model-len 4096 --dtype bfloat16`."""
 
 
@@ -69,6 +70,9 @@ def _prepare(checkpoint, preset, switchable, draft_preset, num_draft_tokens, nam
         raise UserError(f"{checkpoint} holds a {config.model_type!r} model, not a supernet")
     config.preset, config.switchable, config.draft_preset = preset, switchable, draft_preset
     serving_plan(config)  # unknown preset / bad draft -> PlacementError, one line
+    if switchable and "--enforce-eager" not in extra:
+        # per-mixer gathers have data-dependent sizes: no compiled graph / CUDA graph to capture
+        extra = [*extra, "--enforce-eager"]
     cmd = vllm_command(checkpoint, host=host, port=port, name=name, preset=preset, switchable=switchable,
                        draft_preset=draft_preset, num_draft_tokens=num_draft_tokens, extra=extra)
     env = dict(os.environ)

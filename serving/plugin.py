@@ -10,7 +10,9 @@ reads the model config. We:
    line on a bad preset, tells vLLM which layers are linear (`layer_types`, so a preset without
    GDN/KDA is an ordinary attention model), turns prefix caching off where cached KV would depend
    on the preset or recurrent states could not be restored, and installs the request router;
-3. in the API server, map a request's model name `NAME:PRESET` to `extra_args["preset"]`.
+3. in the API server, map a request's model name `NAME:PRESET` to `extra_args["preset"]`;
+4. declare the GDN/KDA core op (`vllm::supernet_linear_core`) a splitting op, as vLLM's own GDN
+   ops are: piecewise CUDA graphs run it eagerly between pieces, full decode graphs capture it.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import os
 
 ARCHITECTURE = "SupernetForCausalLM"
 MODEL_PATH = "supernet.serving.vllm_model:SupernetForCausalLM"
+CORE_OP = "vllm::supernet_linear_core"  # registered by supernet.serving.linear_layers
 _registered = False
 
 
@@ -33,7 +36,16 @@ def register() -> None:
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, MODEL_PATH)
     MODELS_CONFIG_MAP[ARCHITECTURE] = _config_hook()
+    _declare_splitting_op()
     _patch_request_model_names()
+
+
+def _declare_splitting_op() -> None:
+    """vLLM's default `splitting_ops` are its attention ops (`CompilationConfig._attention_ops`)."""
+    from vllm.config import CompilationConfig
+
+    if CORE_OP not in CompilationConfig._attention_ops:
+        CompilationConfig._attention_ops.append(CORE_OP)
 
 
 def _config_hook():
@@ -72,6 +84,9 @@ def _config_hook():
             if (has_linear or plan.switchable) and vllm_config.cache_config.enable_prefix_caching:
                 # cached KV of a preset is wrong for another; recurrent states are not paged
                 vllm_config.cache_config.enable_prefix_caching = False
+            splitting = vllm_config.compilation_config.splitting_ops
+            if splitting and CORE_OP not in splitting:  # a user-given list: our op still splits
+                splitting.append(CORE_OP)
             if spec is None:
                 procs = list(model_config.logits_processors or [])
                 if routing.ROUTER_FQCN not in procs and routing.PresetRouter not in procs:

@@ -101,71 +101,95 @@ def active_router() -> PresetRouter | None:
     return _ACTIVE_ROUTER
 
 
-@dataclass
-class BatchRoute:
-    """Which mixer each token of this forward pass uses, layer by layer."""
+@dataclass(frozen=True)
+class Selection:
+    """The part of a step one mixer runs over: flat token indices and a row mask (CPU, over the
+    rows of `query_start_loc`) for the state-page layers."""
 
-    token_preset: torch.Tensor | None  # [num_tokens] index into names; None = profile run
-    names: list[str]
-    plan: ServingPlan
-    batch_presets: list[str]
-    num_tokens: int
-
-    def layer_masks(self, layer_idx: int):
-        """(mixer, token mask) for every mixer some request of the batch uses at this layer."""
-        if self.token_preset is None:  # profile / warm-up run: exercise every mixer, keep the first
-            none = torch.zeros(self.num_tokens, dtype=torch.bool)
-            return [(m, none) for m in self.plan.layer_mixers[layer_idx]]
-        needed: dict[str, None] = {}
-        for name in self.batch_presets:
-            needed.setdefault(self.plan.placements[name][layer_idx], None)
-        out = []
-        for mixer in needed:
-            ids = [i for i, n in enumerate(self.names) if self.plan.placements[n][layer_idx] == mixer]
-            mask = torch.isin(self.token_preset, torch.tensor(ids, device=self.token_preset.device))
-            out.append((mixer, mask))
-        return out
+    tokens: torch.Tensor
+    rows: torch.Tensor
 
 
-def _query_start_loc(attn_metadata) -> list[int] | None:
-    """Row boundaries of the flattened batch, from any layer's metadata."""
+class StepRoute:
+    """Which tokens run which mixer, for one forward pass; computed once per step.
+
+    Each layer asks `layer_plan(i)`: a mixer every request of the step uses runs over all tokens
+    (`None`, no gather); a mixer only some use runs over theirs (`Selection`). Selections are
+    cached per set of presets, so layers with the same pattern share one index tensor."""
+
+    def __init__(self, router: "Router", row_presets: torch.Tensor, row_lens: torch.Tensor, num_tokens: int,
+                 device: torch.device) -> None:
+        self.router = router
+        self.row_presets = row_presets  # [R] CPU long, index into router.names
+        # host data (the router's rows and the CPU copy of the row layout): no device read
+        self.present = frozenset(row_presets[row_lens > 0].tolist()) or frozenset([router.index[router.plan.default_name]])
+        token_preset = torch.repeat_interleave(row_presets, row_lens)
+        pad = num_tokens - token_preset.shape[0]  # tokens vLLM padded: default preset, never read
+        self.token_preset = torch.cat([token_preset, token_preset.new_zeros(max(pad, 0))])[:num_tokens]
+        self.device = device
+        self._selections: dict[frozenset[int], Selection] = {}
+
+    def _select(self, presets: frozenset[int]) -> Selection:
+        sel = self._selections.get(presets)
+        if sel is None:
+            ids = torch.tensor(sorted(presets), dtype=torch.long)
+            tokens = torch.nonzero(torch.isin(self.token_preset, ids)).flatten()
+            sel = Selection(tokens.to(self.device), torch.isin(self.row_presets, ids))
+            self._selections[presets] = sel
+        return sel
+
+    def layer_plan(self, layer_idx: int) -> list[tuple[str, Selection | None]]:
+        plan = []
+        for mixer, users in self.router.users[layer_idx].items():
+            active = users & self.present
+            if active:
+                plan.append((mixer, None if active == self.present else self._select(active)))
+        return plan
+
+
+def _row_layout(attn_metadata) -> torch.Tensor | None:
+    """Row boundaries of the flattened batch (query_start_loc) from any layer's metadata, on the
+    CPU (vLLM's CPU attention keeps it there; elsewhere this copy is the switchable path's one
+    host synchronisation per step)."""
     if not isinstance(attn_metadata, dict):
         return None
     fallback = None
     for meta in attn_metadata.values():
         qsl = getattr(meta, "query_start_loc", None)
         if qsl is not None:
-            return qsl.tolist()
+            return qsl.cpu()
         if fallback is None and getattr(meta, "spec_sequence_masks", 1) is None:
             fallback = meta.non_spec_query_start_loc
-    return fallback.tolist() if fallback is not None else None
+    return fallback.cpu() if fallback is not None else None
 
 
 class Router:
-    """Model-side half: per-token presets for one forward pass."""
+    """Model-side half: the route of one forward pass."""
 
     def __init__(self, plan: ServingPlan) -> None:
         self.plan = plan
         self.names = list(plan.placements)
+        self.index = {n: i for i, n in enumerate(self.names)}
+        # users[layer][mixer]: the presets (indices into names) that run `mixer` at `layer`
+        self.users = [
+            {m: frozenset(i for i, n in enumerate(self.names) if plan.placements[n][layer] == m)
+             for m in plan.layer_mixers[layer]}
+            for layer in range(plan.num_layers)
+        ]
 
-    def route(self, forward_context, num_tokens: int, device: torch.device) -> BatchRoute:
-        qsl = _query_start_loc(forward_context.attn_metadata)
+    def route(self, forward_context, num_tokens: int, device: torch.device) -> StepRoute | None:
+        """None for a profile / warm-up run (no metadata): every layer then runs all its mixers."""
+        qsl = _row_layout(forward_context.attn_metadata)
         if qsl is None:
-            return BatchRoute(None, self.names, self.plan, self.names, num_tokens)
+            return None
         router = active_router()
         if router is None:
             raise RuntimeError(
                 f"switchable serving needs the request router: start vLLM with "
                 f"--logits-processors {ROUTER_FQCN} (supernet serve --switchable does)"
             )
-        default = self.plan.default_name
-        index = {n: i for i, n in enumerate(self.names)}
-        token_preset = torch.full((num_tokens,), index[default], dtype=torch.long)
-        batch = []
-        for row in range(len(qsl) - 1):
-            if qsl[row + 1] <= qsl[row]:
-                continue
-            name = router.row_presets.get(row, default)
-            batch.append(name)
-            token_preset[qsl[row] : qsl[row + 1]] = index[name]
-        return BatchRoute(token_preset.to(device), self.names, self.plan, sorted(set(batch)) or [default], num_tokens)
+        qsl = qsl.long()
+        rows = qsl.shape[0] - 1
+        get = router.row_presets.get
+        row_presets = torch.tensor([self.index[get(r, self.plan.default_name)] for r in range(rows)], dtype=torch.long)
+        return StepRoute(self, row_presets, qsl[1:] - qsl[:-1], num_tokens, device)

@@ -7,10 +7,12 @@ pages). Checkpoints load as saved by `supernet` (names in the spec); q/k/v and g
 on load.
 
 Only the mixers of the served placement(s) exist (`serving.plan`): a server for one preset
-allocates KV cache for its attention layers only. In switchable mode a layer holds every mixer
-that some served preset uses there; each mixer runs once over the whole batch when at least one
-request in the batch needs it, and every token keeps the output of its own preset's mixer (the
-caches of mixers a request does not use receive writes that nobody reads).
+allocates KV cache for its attention layers only, and the model carries `@support_torch_compile`
+(vLLM compiles it and captures CUDA graphs; the GDN/KDA core is a custom op, see
+`linear_layers`). In switchable mode a layer holds every mixer that some served preset uses
+there; the route of every token is computed once per step (`routing.StepRoute`) and each mixer
+runs only over the tokens whose preset uses it (gather, run, scatter back). Switchable mode runs
+eagerly: its gathers have data-dependent sizes.
 """
 from __future__ import annotations
 
@@ -18,10 +20,11 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.forward_context import get_forward_context
-from vllm.model_executor.layers.activation import SiluAndMul
+from vllm.model_executor.layers.activation import GeluAndMul, SiluAndMul
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import (
@@ -43,10 +46,12 @@ from supernet.serving.plan import LINEAR_MIXERS, serving_plan
 from supernet.mixers import mixer_class
 
 
-def rope_parameters(config) -> dict:
-    """vLLM's `rope_parameters` for our config (default or llama3 scaling, as the reference)."""
-    params = {"rope_type": "default", "rope_theta": config.rope_theta}
-    scaling = dict(config.rope_scaling or {})
+def rope_parameters(config, sliding: bool = False) -> dict:
+    """vLLM's `rope_parameters` for our config (default, linear or llama3 scaling, as the reference);
+    `sliding`: the RoPE of the teacher's sliding layers (Gemma 3's local base)."""
+    theta = config.sliding_rope_theta if sliding else config.rope_theta
+    params = {"rope_type": "default", "rope_theta": theta}
+    scaling = dict((config.sliding_rope_scaling if sliding else config.rope_scaling) or {})
     kind = scaling.pop("rope_type", scaling.pop("type", "default"))
     if kind not in (None, "default"):
         params.update(scaling)
@@ -55,11 +60,19 @@ def rope_parameters(config) -> dict:
 
 
 class SupernetAttention(nn.Module):
-    """FA (`window=None`) or SWA: the teacher's attention on vLLM's paged KV cache."""
+    """FA (`window=None`) or SWA: the teacher's attention on vLLM's paged KV cache.
 
-    def __init__(self, config, window: int | None, vllm_config: VllmConfig, prefix: str) -> None:
+    As the reference mixer (supernet/mixers/attention.py): q/k RMSNorm before RoPE per head or over
+    the whole projection (`config.qk_norm`), score scale from `query_pre_attn_scalar` when set, and
+    the RoPE of the layer's kind (`config.uses_sliding_rope`).
+    """
+
+    def __init__(self, config, window: int | None, vllm_config: VllmConfig, prefix: str, layer_idx: int = 0) -> None:
         super().__init__()
         tp = get_tensor_model_parallel_world_size()
+        self.qk_norm = getattr(config, "qk_norm", "none")
+        if self.qk_norm == "whole" and tp > 1:
+            raise ValueError("q/k norms over the whole projection (OLMo 2) are not supported with tensor parallelism")
         self.head_dim = config.head_dim
         self.num_heads = config.num_attention_heads // tp
         self.num_kv_heads = max(1, config.num_key_value_heads // tp)
@@ -75,19 +88,45 @@ class SupernetAttention(nn.Module):
         )
         self.rotary_emb = get_rope(
             self.head_dim, max_position=config.max_position_embeddings, is_neox_style=True,
-            rope_parameters=rope_parameters(config),
+            rope_parameters=rope_parameters(config, sliding=config.uses_sliding_rope(layer_idx)),
         )
+        if self.qk_norm != "none":
+            whole = self.qk_norm == "whole"
+            self.q_norm = RMSNorm(self.q_size if whole else self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.kv_size if whole else self.head_dim, eps=config.rms_norm_eps)
+        scale = (getattr(config, "query_pre_attn_scalar", None) or self.head_dim) ** -0.5
         self.attn = Attention(
-            self.num_heads, self.head_dim, self.head_dim**-0.5, num_kv_heads=self.num_kv_heads,
+            self.num_heads, self.head_dim, scale, num_kv_heads=self.num_kv_heads,
             cache_config=vllm_config.cache_config, quant_config=vllm_config.quant_config,
             per_layer_sliding_window=window, prefix=f"{prefix}.attn",
         )
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+    def _qkv(self, positions: torch.Tensor, hidden_states: torch.Tensor):
+        """Projections, the family's q/k norms and RoPE: q, k, v for these tokens."""
         qkv, _ = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.qk_norm == "whole":
+            q, k = self.q_norm(q.contiguous()), self.k_norm(k.contiguous())
+        elif self.qk_norm == "per_head":
+            q = self.q_norm(q.reshape(-1, self.num_heads, self.head_dim)).reshape(q.shape)
+            k = self.k_norm(k.reshape(-1, self.num_kv_heads, self.head_dim)).reshape(k.shape)
         q, k = self.rotary_emb(positions, q, k)
-        out, _ = self.o_proj(self.attn(q, k, v))
+        return q, k, v
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        out, _ = self.o_proj(self.attn(*self._qkv(positions, hidden_states)))
+        return out
+
+    def forward_rows(self, positions: torch.Tensor, hidden_states: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Switchable mode: projections for `tokens` only ([M] flat indices; returns [M, D]).
+
+        The attention kernel itself still runs over the step's whole layout: its metadata (and
+        vLLM's CPU scheduler plan) covers every request of the step, so the other rows get zero
+        queries/keys/values (their writes land in KV pages nobody reads)."""
+        n = hidden_states.shape[0]
+        q, k, v = self._qkv(positions.index_select(0, tokens), hidden_states.index_select(0, tokens))
+        full = [t.new_zeros(n, t.shape[1]).index_copy_(0, tokens, t) for t in (q, k, v)]
+        out, _ = self.o_proj(self.attn(*full).index_select(0, tokens))
         return out
 
 
@@ -102,7 +141,8 @@ class SupernetMLP(nn.Module):
             config.intermediate_size, config.hidden_size, bias=config.mlp_bias,
             quant_config=vllm_config.quant_config, prefix=f"{prefix}.down_proj",
         )
-        self.act_fn = SiluAndMul()
+        gelu = config.hidden_act in ("gelu_pytorch_tanh", "gelu_tanh")
+        self.act_fn = GeluAndMul(approximate="tanh") if gelu else SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, _ = self.gate_up_proj(x)
@@ -110,46 +150,93 @@ class SupernetMLP(nn.Module):
         return x
 
 
-def build_mixer(config, name: str, vllm_config: VllmConfig, prefix: str) -> nn.Module:
+def build_mixer(config, name: str, vllm_config: VllmConfig, prefix: str, layer_idx: int = 0) -> nn.Module:
     if name == "fa":
-        return SupernetAttention(config, None, vllm_config, prefix)
+        return SupernetAttention(config, None, vllm_config, prefix, layer_idx)
     if name == "swa":
-        return SupernetAttention(config, config.swa_window, vllm_config, prefix)
+        return SupernetAttention(config, config.swa_window, vllm_config, prefix, layer_idx)
     return SupernetLinearAttention(config, name, prefix)
 
 
 class SupernetDecoderLayer(nn.Module):
-    """Shared norms and MLP; `mixers` holds the mixers this server needs at this layer."""
+    """Shared norms and MLP; `mixers` holds the mixers this server needs at this layer.
+
+    Norm layouts as the reference layer (supernet/layer.py): "pre" (Llama), "sandwich" (Gemma 3:
+    also a norm on the mixer's and the MLP's output) and "post" (OLMo 2: only those two). The layer
+    returns (branch output, residual stream); the next layer (or the final norm) adds them.
+    """
 
     def __init__(self, config, layer_idx: int, mixers: tuple[str, ...], vllm_config: VllmConfig, prefix: str) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm_layout = getattr(config, "norm_layout", "pre")
+        d, eps = config.hidden_size, config.rms_norm_eps
+        if self.norm_layout != "post":
+            self.input_layernorm = RMSNorm(d, eps=eps)
+        self.post_attention_layernorm = RMSNorm(d, eps=eps)
+        if self.norm_layout == "sandwich":
+            self.pre_feedforward_layernorm = RMSNorm(d, eps=eps)
+        if self.norm_layout in ("sandwich", "post"):
+            self.post_feedforward_layernorm = RMSNorm(d, eps=eps)
         self.mlp = SupernetMLP(config, vllm_config, f"{prefix}.mlp")
-        self.mixers = nn.ModuleDict({m: build_mixer(config, m, vllm_config, f"{prefix}.mixers.{m}") for m in mixers})
+        self.mixers = nn.ModuleDict(
+            {m: build_mixer(config, m, vllm_config, f"{prefix}.mixers.{m}", layer_idx) for m in mixers}
+        )
 
     def run_mixer(self, name: str, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         mixer = self.mixers[name]
         return mixer(positions, x) if isinstance(mixer, SupernetAttention) else mixer(x)
 
-    def forward(self, positions, hidden_states, residual, route: "routing.BatchRoute | None"):
-        if residual is None:
+    def run_mixer_rows(self, name: str, positions: torch.Tensor, x: torch.Tensor, sel: "routing.Selection") -> torch.Tensor:
+        mixer = self.mixers[name]
+        if isinstance(mixer, SupernetAttention):
+            return mixer.forward_rows(positions, x, sel.tokens)
+        return mixer.forward_rows(x, sel.tokens, sel.rows)
+
+    def mix(self, positions, x, route: "routing.StepRoute | None") -> torch.Tensor:
+        if len(self.mixers) == 1:
+            return self.run_mixer(next(iter(self.mixers)), positions, x)
+        if route is None:  # profile / warm-up run: exercise every mixer, keep the first
+            outs = [self.run_mixer(name, positions, x) for name in self.mixers]
+            return outs[0]
+        out = None
+        for name, sel in route.layer_plan(self.layer_idx):
+            if sel is None:  # every request of the step uses this mixer here
+                return self.run_mixer(name, positions, x)
+            if out is None:
+                out = torch.zeros_like(x)
+            out.index_copy_(0, sel.tokens, self.run_mixer_rows(name, positions, x, sel))
+        return out
+
+    def forward(self, positions, hidden_states, residual, route: "routing.StepRoute | None"):
+        if self.norm_layout == "post":
+            residual = hidden_states if residual is None else hidden_states + residual
+            x = residual
+        elif residual is None:
             residual = hidden_states
             x = self.input_layernorm(hidden_states)
         else:
             x, residual = self.input_layernorm(hidden_states, residual)
-        if route is None or len(self.mixers) == 1:
-            out = self.run_mixer(next(iter(self.mixers)), positions, x)
-        else:
-            out = None
-            for name, mask in route.layer_masks(self.layer_idx):
-                part = self.run_mixer(name, positions, x)
-                out = part if out is None else torch.where(mask[:, None], part, out)
+        out = self.mix(positions, x, route)
+        if self.norm_layout == "post":
+            residual = residual + self.post_attention_layernorm(out)
+            return self.post_feedforward_layernorm(self.mlp(residual)), residual
+        if self.norm_layout == "sandwich":
+            x, residual = self.pre_feedforward_layernorm(self.post_attention_layernorm(out), residual)
+            return self.post_feedforward_layernorm(self.mlp(x)), residual
         x, residual = self.post_attention_layernorm(out, residual)
         return self.mlp(x), residual
 
 
+def _compiled(vllm_config: VllmConfig) -> bool:
+    """Compile (and graph) single-preset servers; switchable ones gather data-dependent subsets."""
+    return not serving_plan(vllm_config.model_config.hf_config).switchable
+
+
+@support_torch_compile(
+    dynamic_arg_dims={"input_ids": 0, "positions": 0, "intermediate_tensors": 0, "inputs_embeds": 0},
+    enable_if=_compiled,
+)
 class SupernetModel(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
@@ -169,9 +256,15 @@ class SupernetModel(nn.Module):
         self.router = routing.Router(self.plan) if self.plan.switchable else None
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(input_ids)
+        hidden = self.embed_tokens(input_ids)
+        scale = getattr(self.config, "embed_scale", None)
+        if scale is not None:  # Gemma 3: sqrt(hidden), rounded to float32 then to the weights' dtype
+            hidden = hidden * torch.tensor(scale, dtype=torch.float32).to(hidden.dtype)
+        return hidden
 
-    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                intermediate_tensors: IntermediateTensors | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         hidden = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
         route = self.router.route(get_forward_context(), hidden.shape[0], hidden.device) if self.router else None
         residual = None
@@ -194,7 +287,8 @@ class SupernetForCausalLM(nn.Module, IsHybrid):
             self.lm_head = self.model.embed_tokens
         else:
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, prefix="lm_head")
-        self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.logits_processor = LogitsProcessor(
+            config.vocab_size, soft_cap=getattr(config, "final_logit_softcapping", None))
 
     @property
     def plan(self):

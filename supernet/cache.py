@@ -21,6 +21,10 @@ class SupernetCache:
         # Set by static decoding (supernet/static_decode.py): the [1] long device tensor holding the
         # position of the token being decoded; attention mixers then write and mask by tensor index.
         self.static_position: torch.Tensor | None = None
+        # Set by speculative decoding (supernet/speculative.py): a [1] long device tensor, the history
+        # slot of this step's first token. Recurrent mixers then keep their state after every token
+        # there, so rejected tokens are taken back by `rollback` instead of being recomputed.
+        self.history_slot: torch.Tensor | None = None
         # Tensors that every layer of one forward would otherwise rebuild (RoPE's sign flip, the
         # static decode mask); cleared when a forward or a static step begins (`shared`).
         self.forward_memo: dict[Any, tuple[torch.Tensor | None, torch.Tensor]] = {}

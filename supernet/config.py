@@ -1,4 +1,24 @@
-"""`SupernetConfig`: the teacher's dimensions plus per-mixer settings, the default placement and presets."""
+"""`SupernetConfig`: the teacher's dimensions plus per-mixer settings, the default placement and presets.
+
+Teacher families differ from Llama in a few places, each recorded in one field whose default is
+Llama's behaviour (see supernet/convert.py for which family sets what):
+
+- `norm_layout`: where the residual branches are normalised. "pre" (Llama): norm before the mixer
+  and before the MLP. "sandwich" (Gemma 3): norm before and after each of them. "post" (OLMo 2):
+  norm after each of them only.
+- `qk_norm`: RMSNorm of queries and keys before RoPE. "none"; "per_head" (Qwen3, Gemma 3: over
+  each head's head_dim); "whole" (OLMo 2: over the whole q / k projection, all heads at once).
+- `embed_scale`: token embeddings are multiplied by it (Gemma 3: sqrt(hidden_size)).
+- `query_pre_attn_scalar`: attention scores are scaled by its -1/2 power instead of head_dim's.
+- `final_logit_softcapping`: logits -> c * tanh(logits / c).
+- `hidden_act`: the gated MLP's activation (silu, or Gemma's gelu_pytorch_tanh).
+- `teacher_layer_types`: the teacher's attention kind per layer ("full_attention" / "sliding_attention");
+  it decides which RoPE a layer's attention mixers use and the `teacher` preset. The SWA mixers'
+  window is `swa_window`, set to the teacher's sliding window when it has one.
+- `sliding_rope_theta` / `sliding_rope_scaling`: RoPE of the teacher's sliding layers when it
+  differs from the global one (Gemma 3's local base 10k vs global 1M with linear scaling).
+- `teacher_family`: the teacher's HF model_type, for `supernet info`.
+"""
 from __future__ import annotations
 
 from typing import Any
@@ -6,6 +26,17 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from supernet.layout import MIXERS, Placement, PlacementError
+
+
+NORM_LAYOUTS = ("pre", "sandwich", "post")
+QK_NORMS = ("none", "per_head", "whole")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def _choice(field: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{field} {value!r} is not supported; supported: {', '.join(allowed)}")
+    return value
 
 
 class SupernetConfig(PretrainedConfig):
@@ -38,6 +69,16 @@ class SupernetConfig(PretrainedConfig):
         tie_word_embeddings: bool = True,
         initializer_range: float = 0.02,
         use_cache: bool = True,
+        # what a teacher family does differently from Llama (see the module docstring)
+        teacher_family: str = "llama",
+        norm_layout: str = "pre",
+        qk_norm: str = "none",
+        embed_scale: float | None = None,
+        query_pre_attn_scalar: float | None = None,
+        final_logit_softcapping: float | None = None,
+        teacher_layer_types: list[str] | None = None,
+        sliding_rope_theta: float | None = None,
+        sliding_rope_scaling: dict | None = None,
         # sliding-window attention
         swa_window: int = 4096,
         # Gated DeltaNet
@@ -77,6 +118,21 @@ class SupernetConfig(PretrainedConfig):
         self.mlp_bias = mlp_bias
         self.initializer_range = initializer_range
         self.use_cache = use_cache
+        self.teacher_family = teacher_family
+        self.norm_layout = _choice("norm_layout", norm_layout, NORM_LAYOUTS)
+        self.qk_norm = _choice("qk_norm", qk_norm, QK_NORMS)
+        self.embed_scale = embed_scale
+        self.query_pre_attn_scalar = query_pre_attn_scalar
+        self.final_logit_softcapping = final_logit_softcapping
+        self.teacher_layer_types = (
+            list(teacher_layer_types) if teacher_layer_types is not None else ["full_attention"] * num_hidden_layers
+        )
+        if len(self.teacher_layer_types) != num_hidden_layers:
+            raise ValueError(f"teacher_layer_types has {len(self.teacher_layer_types)} entries for {num_hidden_layers} layers")
+        for kind in self.teacher_layer_types:
+            _choice("teacher_layer_types entry", kind, LAYER_TYPES)
+        self.sliding_rope_theta = sliding_rope_theta
+        self.sliding_rope_scaling = sliding_rope_scaling
         self.swa_window = swa_window
         self.gdn_num_heads = gdn_num_heads or num_attention_heads
         self.gdn_num_v_heads = gdn_num_v_heads or self.gdn_num_heads
@@ -130,6 +186,14 @@ class SupernetConfig(PretrainedConfig):
             raise PlacementError(f"unknown preset {value!r}; this checkpoint has: {known} "
                                  "(or give a placement such as 'fa,swa,...')")
         return Placement.parse(value, self.num_hidden_layers)
+
+    def uses_sliding_rope(self, layer_idx: int) -> bool:
+        """Whether layer `layer_idx`'s attention mixers take the sliding layers' RoPE (Gemma 3 local)."""
+        return self.sliding_rope_theta is not None and self.teacher_layer_types[layer_idx] == "sliding_attention"
+
+    def teacher_placement(self) -> list[str]:
+        """The placement that computes the teacher's function: swa where the teacher's layer slides."""
+        return ["swa" if kind == "sliding_attention" else "fa" for kind in self.teacher_layer_types]
 
     @property
     def mixer_names(self) -> tuple[str, ...]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from supernet.cache import SupernetCache
@@ -10,6 +11,14 @@ from supernet.mixers import build_mixers
 from supernet.ops.activations import silu_mul
 from supernet.ops.norm import RMSNorm
 from supernet.layout import MIXERS
+
+
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+
+
+def _gelu_tanh_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Gemma's gelu_pytorch_tanh(gate) * up (PyTorch's tanh approximation of GELU)."""
+    return F.gelu(gate, approximate="tanh") * up
 
 
 class MLP(nn.Module):
@@ -21,19 +30,40 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(d, f, bias=bias)
         self.up_proj = nn.Linear(d, f, bias=bias)
         self.down_proj = nn.Linear(f, d, bias=bias)
-        if config.hidden_act not in ("silu", "swish"):
-            raise ValueError(f"unsupported hidden_act {config.hidden_act!r}; supported: silu")
+        if config.hidden_act in ("silu", "swish"):
+            self.act_mul = silu_mul
+        elif config.hidden_act in ("gelu_pytorch_tanh", "gelu_tanh"):
+            self.act_mul = _gelu_tanh_mul
+        else:
+            raise ValueError(f"unsupported hidden_act {config.hidden_act!r}; supported: {', '.join(ACTIVATIONS)}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(self.act_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class SupernetDecoderLayer(nn.Module):
+    """Residual mixer branch, then residual MLP branch, normalised as `config.norm_layout` says.
+
+    The norms keep the teacher's names. "pre": `input_layernorm` before the mixer,
+    `post_attention_layernorm` before the MLP (Llama's naming). "sandwich" (Gemma 3): also
+    `post_attention_layernorm` on the mixer's output, `pre_feedforward_layernorm` before the MLP and
+    `post_feedforward_layernorm` on its output. "post" (OLMo 2): `post_attention_layernorm` on the
+    mixer's output and `post_feedforward_layernorm` on the MLP's; the mixer reads the raw residual
+    stream, so `input_layernorm` is an identity there (callers can still run
+    `finish(h, mixer(input_layernorm(h)))` for any layout).
+    """
+
     def __init__(self, config: SupernetConfig, layer_idx: int, mixers: tuple[str, ...] = MIXERS) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm_layout = config.norm_layout
+        d, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = nn.Identity() if self.norm_layout == "post" else RMSNorm(d, eps)
+        self.post_attention_layernorm = RMSNorm(d, eps)
+        if self.norm_layout == "sandwich":
+            self.pre_feedforward_layernorm = RMSNorm(d, eps)
+        if self.norm_layout in ("sandwich", "post"):
+            self.post_feedforward_layernorm = RMSNorm(d, eps)
         self.mlp = MLP(config)
         self.mixers = build_mixers(config, layer_idx, mixers)
 
@@ -53,5 +83,11 @@ class SupernetDecoderLayer(nn.Module):
 
     def finish(self, hidden_states: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
         """The shared part after the mixer: residual add + norm (one fused kernel on CUDA), MLP, residual add."""
-        normed, h = self.post_attention_layernorm.add_and_norm(mixed, hidden_states)
-        return h + self.mlp(normed)
+        if self.norm_layout == "pre":
+            normed, h = self.post_attention_layernorm.add_and_norm(mixed, hidden_states)
+            return h + self.mlp(normed)
+        if self.norm_layout == "sandwich":
+            normed, h = self.pre_feedforward_layernorm.add_and_norm(self.post_attention_layernorm(mixed), hidden_states)
+            return h + self.post_feedforward_layernorm(self.mlp(normed))
+        h = hidden_states + self.post_attention_layernorm(mixed)
+        return h + self.post_feedforward_layernorm(self.mlp(h))

@@ -56,12 +56,23 @@ class SupernetModel(SupernetPreTrainedModel):
         self.layers = nn.ModuleList(SupernetDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
+        # Gemma 3: the teacher's sliding layers use their own RoPE base (None: one RoPE for all layers)
+        self.rotary_emb_sliding = RotaryEmbedding(config, sliding=True) if config.sliding_rope_theta is not None else None
         self.gradient_checkpointing = False
         self.placement: Placement = config.active_placement()
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings, times `config.embed_scale` when the teacher scales them (Gemma 3: the
+        scale rounded to the weights' dtype, as the teacher does it)."""
+        hidden = self.embed_tokens(input_ids)
+        if self.config.embed_scale is not None:
+            scale = torch.tensor(self.config.embed_scale, dtype=torch.float32, device=hidden.device)
+            hidden = hidden * scale.to(hidden.dtype)
+        return hidden
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
@@ -79,7 +90,7 @@ class SupernetModel(SupernetPreTrainedModel):
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
-        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        hidden = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         b, t = hidden.shape[:2]
         active = self.placement if placement is None else self.config.resolve(placement)
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -93,17 +104,19 @@ class SupernetModel(SupernetPreTrainedModel):
         if position_ids is None:
             position_ids = torch.arange(past, past + t, device=hidden.device).unsqueeze(0).expand(b, -1)
         position_embeddings = self.rotary_emb(hidden, position_ids)
+        sliding_embeddings = (
+            self.rotary_emb_sliding(hidden, position_ids) if self.rotary_emb_sliding is not None else None
+        )
 
         all_hidden: list[torch.Tensor] | None = [] if output_hidden_states else None
-        for layer, mixer in zip(self.layers, active):
+        for i, (layer, mixer) in enumerate(zip(self.layers, active)):
+            rope = sliding_embeddings if self.config.uses_sliding_rope(i) else position_embeddings
             if all_hidden is not None:
                 all_hidden.append(hidden)
             if self.gradient_checkpointing and self.training:
-                hidden = self._gradient_checkpointing_func(
-                    layer.__call__, hidden, mixer, position_embeddings, past_key_values
-                )
+                hidden = self._gradient_checkpointing_func(layer.__call__, hidden, mixer, rope, past_key_values)
             else:
-                hidden = layer(hidden, mixer, position_embeddings, past_key_values)
+                hidden = layer(hidden, mixer, rope, past_key_values)
         hidden = self.norm(hidden)
         if all_hidden is not None:
             all_hidden.append(hidden)
@@ -183,6 +196,9 @@ class SupernetForCausalLM(SupernetPreTrainedModel, GenerationMixin):
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
         loss = None
         if labels is not None:
             loss = nn.functional.cross_entropy(

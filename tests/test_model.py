@@ -9,6 +9,7 @@ import torch
 from supernet.cache import SupernetCache
 from supernet.model import SupernetForCausalLM
 from supernet.layout import Placement, PlacementError
+from tests.float_bounds import assert_greedy_agrees
 from tests.helpers.configs import tiny_config
 
 MIXED = ["fa,swa,gdn,kda", "kda,gdn,swa,fa", "gdn,gdn,fa,kda", "swa,kda,kda,swa"]
@@ -55,6 +56,8 @@ def test_swa_with_window_covering_sequence_equals_fa():
     ids = torch.randint(0, 97, (2, 40))
     fa = model(ids, placement="all-fa").logits
     swa = model(ids, placement="all-swa").logits
+    # exact: causal_attention drops a window that covers the keys, so both run the same kernels on
+    # the same inputs in one process
     assert torch.equal(fa, swa)
 
 
@@ -144,11 +147,15 @@ def test_generate_matches_manual_greedy(tiny_model):
     for placement in ("all-fa", "fa,swa,gdn,kda"):
         tiny_model.set_placement(placement)
         out = tiny_model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
-        manual = ids
+        manual, logits = ids, []
         for _ in range(12):
-            nxt = tiny_model(manual, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-            manual = torch.cat([manual, nxt], dim=1)
-        assert torch.equal(out, manual), placement
+            logits.append(tiny_model(manual, use_cache=False).logits[:, -1])
+            manual = torch.cat([manual, logits[-1].argmax(-1, keepdim=True)], dim=1)
+        # generate decodes with the cache, the loop recomputes: logits within 2e-5 + 1e-4 |logit|
+        # (test_cached_decoding_equals_full_forward), so argmax may part only at a near-tie
+        logits = torch.stack(logits, 1)
+        tol = 2 * (2e-5 + 1e-4 * float(logits.abs().max()))
+        assert_greedy_agrees(out[:, 7:], manual[:, 7:], logits, tol)
 
 
 def test_save_and_load_roundtrip_through_auto_classes(tmp_path, tiny_model):

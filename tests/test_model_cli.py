@@ -65,3 +65,26 @@ def test_generate_refuses_bad_placements_with_one_line(ckpt, args, message):
 def test_missing_checkpoint_is_a_one_line_error(tmp_path):
     result = runner.invoke(app, ["info", str(tmp_path / "nowhere")])
     assert result.exit_code == 2 and "not a supernet checkpoint" in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--draft-preset", "nope"], "unknown preset 'nope'"),
+    (["--draft-preset", "all-swa", "--draft-k", "0"], "--draft-k must be >= 1"),
+    (["--draft-preset", "all-fa"], "the draft placement equals the target"),
+    (["--draft-k", "3"], "--draft-k needs --draft-preset"),
+])
+def test_generate_refuses_bad_draft_settings_with_one_line(ckpt, args, message):
+    result = runner.invoke(app, ["generate", str(ckpt), "hello world", "--preset", "all-fa", *args])
+    assert result.exit_code == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [lines[-1]] and lines[-1].startswith("error:") and message in lines[-1]
+
+
+def test_generate_auto_draft_is_lossless(ckpt):
+    """`--draft-preset auto` asks the cost model; whatever it picks, the text is the target's own."""
+    args = ["generate", str(ckpt), "hello world, again", "--placement", "all-swa", "--max-new-tokens", "6"]
+    auto = runner.invoke(app, [*args, "--draft-preset", "auto", "--for-batch", "64", "--for-context", "8192"])
+    assert auto.exit_code == 0, auto.output
+    assert "auto draft:" in auto.stderr
+    plain = runner.invoke(app, args)
+    assert auto.stdout.splitlines()[0] == plain.stdout.splitlines()[0]

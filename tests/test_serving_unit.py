@@ -73,7 +73,7 @@ def test_plan_draft_only_mixers():
 
 
 @pytest.mark.parametrize("target,draft,k", [
-    ("balanced", "linear", 2), ("all-fa", "fast", 4), ("linear", "linear", 5),
+    ("balanced", "linear", 2), ("all-fa", "fast", 4), ("linear", "fast", 5),
 ])
 def test_speculative_equals_target_greedy(model, target, draft, k):
     prompt = torch.tensor([[0] + list(b"The supernet drafts with a fast preset")])
@@ -81,8 +81,6 @@ def test_speculative_equals_target_greedy(model, target, draft, k):
     tokens, stats = speculative_generate(model, prompt, draft, target, k=k, max_new_tokens=24)
     assert tokens == expected
     assert stats.drafted >= stats.accepted >= 0 and stats.rounds > 0
-    if draft == target:
-        assert stats.acceptance_rate == 1.0
 
 
 def test_speculative_exercises_partial_acceptance(model):
@@ -130,6 +128,7 @@ def test_cli_serve_checks_before_starting_vllm(ckpt, tmp_path):
         _prepare(ckpt, None, True, "fast", 4, "supernet", "127.0.0.1", 8000, [])
     cmd, _env = _prepare(ckpt, None, True, None, 4, "m", "127.0.0.1", 8000, [])
     names = cmd[cmd.index("--served-model-name") + 1 : cmd.index("--hf-overrides")]
+    assert "--enforce-eager" in cmd  # switchable: eager; one preset: compiled (below)
     assert names[:2] == ["m", "m:default"]
     assert sorted(names[2:]) == ["m:all-fa", "m:balanced", "m:fast", "m:linear", "m:near"]
     bad = _supernet("serve", str(ckpt), "--preset", "nope")
@@ -141,4 +140,32 @@ def test_cli_serve_checks_before_starting_vllm(ckpt, tmp_path):
     line = dry.stderr.strip().splitlines()[-1]
     assert "vllm.entrypoints.openai.api_server" in line and "--max-model-len 512" in line
     assert '"preset": "fast"' in line and '"draft_preset": "linear"' in line and "supernet.serving.drafter.SupernetDrafter" in line
-    assert "supernet:fast" in line
+    assert "supernet:fast" in line and "--enforce-eager" not in line
+
+
+def test_step_route_gathers_each_mixers_tokens_once_per_step(monkeypatch):
+    """Switchable routing: rows -> presets from the logits-processor side, tokens from
+    query_start_loc; a mixer every request uses runs over all tokens (None), others over theirs."""
+    from types import SimpleNamespace
+
+    from supernet.serving import routing
+
+    plan = serving_plan(_config(switchable=True))
+    router = routing.Router(plan)
+    # rows: 0 all-fa (1 token), 1 linear (3 tokens), 2 all-fa (2 tokens), 3 empty (padding)
+    monkeypatch.setattr(routing, "_ACTIVE_ROUTER", SimpleNamespace(row_presets={0: "all-fa", 1: "linear", 2: "all-fa"}))
+    meta = SimpleNamespace(query_start_loc=torch.tensor([0, 1, 4, 6, 6], dtype=torch.int32))
+    route = router.route(SimpleNamespace(attn_metadata={"layer": meta}), num_tokens=8, device=torch.device("cpu"))
+    # linear = gdn, kda, gdn, kda; all-fa = fa everywhere: every layer splits the step in two
+    for layer in range(4):
+        plan_ = dict(route.layer_plan(layer))
+        assert set(plan_) == {"fa", "gdn" if layer % 2 == 0 else "kda"}
+        assert plan_["fa"].tokens.tolist() == [0, 4, 5]  # padding tokens (6, 7) run nothing: vLLM drops them
+        assert plan_["fa"].rows.tolist() == [True, False, True, False]
+        linear = plan_["gdn" if layer % 2 == 0 else "kda"]
+        assert linear.tokens.tolist() == [1, 2, 3] and linear.rows.tolist() == [False, True, False, False]
+    assert route.layer_plan(0)[0][1] is route.layer_plan(3)[0][1]  # one gather per pattern, not per layer
+    # a step of one preset: no gathers at all
+    monkeypatch.setattr(routing, "_ACTIVE_ROUTER", SimpleNamespace(row_presets={0: "linear", 1: "linear", 2: "linear"}))
+    route = router.route(SimpleNamespace(attn_metadata={"layer": meta}), num_tokens=6, device=torch.device("cpu"))
+    assert all(route.layer_plan(i) == [("gdn" if i % 2 == 0 else "kda", None)] for i in range(4))

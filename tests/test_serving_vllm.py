@@ -8,7 +8,11 @@ choose), one serving `balanced` with self-speculative decoding drafted by `near`
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
+import random
 import re
+import threading
+import urllib.error
 import urllib.request
 
 import pytest
@@ -28,7 +32,8 @@ PROMPTS = [
     [0] + list(b"def main():\n    return 42"),
     [0] + list(b"Sliding windows"),
 ]
-VLLM_ARGS = ["--max-model-len", "256", "--dtype", "float32", "--enforce-eager", "--max-num-seqs", "16"]
+VLLM_ARGS = ["--max-model-len", "256", "--dtype", "float32", "--max-num-seqs", "16"]
+EAGER = ["--enforce-eager"]
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +57,36 @@ def expected(ckpt):
     return out
 
 
-def _server(ckpt, tmp_path_factory, **kw) -> VllmServer:
+@pytest.fixture(scope="module")
+def reference(ckpt):
+    """Greedy continuation of any prompt under any preset, from the reference model (cached)."""
+    from supernet.model import SupernetForCausalLM
+
+    model = SupernetForCausalLM.from_pretrained(str(ckpt)).eval()
+    cache: dict = {}
+    lock = threading.Lock()
+
+    def generate(preset: str, prompt: list[int]) -> list[int]:
+        key = (preset, tuple(prompt))
+        with lock:
+            if key not in cache:
+                threads = torch.get_num_threads()
+                torch.set_num_threads(1)
+                placement = model.config.placement if preset == "default" else preset
+                cache[key] = greedy_generate(model, torch.tensor([prompt]), placement, MAX_TOKENS)
+                torch.set_num_threads(threads)
+            return cache[key]
+
+    return generate
+
+
+def _server(ckpt, tmp_path_factory, extra=(), **kw) -> VllmServer:
     port = free_port()
-    cmd = vllm_command(ckpt, port=port, extra=VLLM_ARGS, **kw)
+    cmd = vllm_command(ckpt, port=port, extra=VLLM_ARGS + list(extra), **kw)
     work = tmp_path_factory.mktemp("vllm")
-    return VllmServer(cmd, cpu_env(work), work / "server.log", "127.0.0.1", port).start(timeout=420)
+    server = VllmServer(cmd, cpu_env(work), work / "server.log", "127.0.0.1", port).start(timeout=600)
+    server.work_dir = work
+    return server
 
 
 def _complete(client, model, prompt, **extra):
@@ -73,7 +103,7 @@ def _metric(url: str, name: str) -> float:
 
 @pytest.fixture(scope="class")
 def switch_server(ckpt, tmp_path_factory):
-    server = _server(ckpt, tmp_path_factory, switchable=True)
+    server = _server(ckpt, tmp_path_factory, EAGER, switchable=True)
     yield server
     server.stop()
 
@@ -87,6 +117,7 @@ def client(switch_server):
 
 @pytest.fixture(scope="class")
 def spec_server(ckpt, tmp_path_factory):
+    # compiled (no --enforce-eager): vLLM traces the model with torch.compile, GDN/KDA as our op
     server = _server(ckpt, tmp_path_factory, preset="balanced", draft_preset="near", num_draft_tokens=3)
     yield server
     server.stop()
@@ -117,6 +148,9 @@ class TestSwitchableServer:
         for (preset, i), tokens in zip(jobs, results):
             assert tokens == expected[preset][i], (preset, i)
 
+    def test_soak_mixed_presets_and_malformed_requests(self, switch_server, client, reference, ckpt):
+        _soak(switch_server, client, reference, ckpt)
+
     def test_bad_requests_are_4xx_and_server_keeps_serving(self, client, expected):
         import openai
 
@@ -129,8 +163,125 @@ class TestSwitchableServer:
         assert _complete(client, "supernet:fast", PROMPTS[1]) == expected["fast"][1]
 
 
+CHATS = [
+    [{"role": "user", "content": "Name a sliding window."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def f(x): return"}],
+]
+BAD_KINDS = ["unknown preset", "unknown model", "over-long prompt", "bad JSON", "negative max_tokens"]
+
+
+def _http(url: str, body: bytes) -> tuple[int, str]:
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=300) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def _sse(url: str, body: dict) -> list[dict]:
+    """The JSON chunks of a streamed response (raw HTTP, server-sent events)."""
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    chunks = []
+    with urllib.request.urlopen(req, timeout=300) as resp:
+        for raw in resp:
+            line = raw.decode().strip()
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunks.append(json.loads(line[6:]))
+    return chunks
+
+
+def _good_request(client, url: str, kind: str, preset: str, i: int) -> tuple[list[int], list[int]]:
+    """One well-formed request; returns (prompt token ids, generated token ids)."""
+    model = f"supernet:{preset}"
+    extra = {"return_token_ids": True, "ignore_eos": True}
+    if kind.startswith("completion"):
+        prompt = PROMPTS[i % len(PROMPTS)]
+        if kind == "completion":
+            r = client.completions.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, extra_body=extra)
+            return prompt, list(r.choices[0].token_ids)
+        stream = client.completions.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+                                           extra_body=extra, stream=True)
+        return prompt, [t for chunk in stream for c in chunk.choices for t in (getattr(c, "token_ids", None) or [])]
+    messages = CHATS[i % len(CHATS)]
+    if kind == "chat":
+        r = client.chat.completions.create(model=model, messages=messages, max_tokens=MAX_TOKENS, temperature=0,
+                                           extra_body=extra)
+        return list(r.prompt_token_ids), list(r.choices[0].token_ids)
+    chunks = _sse(url + "/v1/chat/completions", {"model": model, "messages": messages, "max_tokens": MAX_TOKENS,
+                                                 "temperature": 0, "stream": True, **extra})
+    prompt = next(c["prompt_token_ids"] for c in chunks if c.get("prompt_token_ids"))
+    return prompt, [t for c in chunks for ch in c["choices"] for t in (ch.get("token_ids") or [])]
+
+
+def _bad_request(url: str, kind: str) -> tuple[int, str]:
+    body = {"model": "supernet:fast", "prompt": PROMPTS[0], "max_tokens": 4}
+    if kind == "unknown preset":
+        body = {**body, "model": "supernet", "vllm_xargs": {"preset": "nope"}}
+    elif kind == "unknown model":
+        body = {**body, "model": "supernet:nope"}
+    elif kind == "over-long prompt":
+        body = {**body, "prompt": [0] + [65] * 300}
+    elif kind == "negative max_tokens":
+        body = {**body, "max_tokens": -3}
+    raw = b'{"model": "supernet", "prompt": [0, 65' if kind == "bad JSON" else json.dumps(body).encode()
+    return _http(url + "/v1/completions", raw)
+
+
+BAD_MESSAGE = {  # what each malformed request's error must say
+    "unknown preset": "unknown preset 'nope'; this server serves: default",
+    "unknown model": "supernet:nope",
+    "over-long prompt": "maximum context length is 256",
+    "bad JSON": "JSON",
+    "negative max_tokens": "max_tokens",
+}
+
+
+def _soak(switch_server, client, reference, ckpt) -> None:
+    """A bounded soak against the switchable server: 64 good requests over 5 presets (completions
+    and chat, streamed and not) shuffled among 100 malformed ones, 16 at a time."""
+    from transformers import AutoTokenizer
+
+    rng = random.Random(0)
+    kinds = ["completion", "completion-stream", "chat", "chat-stream"]
+    good = [("good", kinds[i % 4], PRESETS[i % len(PRESETS)], i) for i in range(64)]
+    bad = [("bad", BAD_KINDS[i % len(BAD_KINDS)], None, i) for i in range(100)]
+    jobs = good + bad
+    rng.shuffle(jobs)
+
+    def run(job):
+        what, kind, preset, i = job
+        if what == "good":
+            return _good_request(client, switch_server.url, kind, preset, i)
+        return _bad_request(switch_server.url, kind)
+
+    with cf.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(run, jobs))
+    tok = AutoTokenizer.from_pretrained(str(ckpt))
+    for (what, kind, preset, i), result in zip(jobs, results):
+        if what == "good":
+            prompt, tokens = result
+            if kind.startswith("chat"):  # the server rendered the checkpoint's template
+                assert prompt == tok.apply_chat_template(CHATS[i % len(CHATS)], add_generation_prompt=True,
+                                                         tokenize=True, return_dict=False), (kind, i)
+            assert tokens == reference(preset, prompt), (kind, preset, i)
+        else:
+            status, text = result
+            assert 400 <= status < 500, (kind, status, text)
+            assert BAD_MESSAGE[kind] in text, (kind, text)
+    # still up and still right
+    assert urllib.request.urlopen(switch_server.url + "/health", timeout=10).status == 200
+    assert _good_request(client, switch_server.url, "completion", "linear", 1)[1] == reference("linear", PROMPTS[1])
+
 class TestSpeculativeServer:
-    """One target preset (`balanced`), drafts from `near` through `supernet.serving.drafter.SupernetDrafter`."""
+    """One target preset (`balanced`), drafts from `near` through `supernet.serving.drafter.SupernetDrafter`;
+    this server runs compiled (vLLM's torch.compile; GDN/KDA through the custom op)."""
+
+    def test_server_is_compiled(self, spec_server):
+        log = spec_server.log_path.read_text(errors="replace")
+        assert "enforce_eager=False" in log
+        compiled = list((spec_server.work_dir / "vllm-cache").rglob("torch_compile_cache/**/*.so"))
+        assert compiled, "vLLM compiled no graph for the model"
 
     def test_speculative_decoding_is_lossless(self, spec_server, expected):
         server = spec_server

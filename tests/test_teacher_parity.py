@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from tests.conftest import eval_texts
+from tests.float_bounds import assert_greedy_agrees
 
 pytestmark = pytest.mark.teacher
 
@@ -38,10 +39,15 @@ def test_all_fa_greedy_generation_identical_for_32_tokens(teacher_and_supernet):
     prompt = eval_texts(1)[0][:400]
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
-        ref = teacher.generate(ids, max_new_tokens=32, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        gen = teacher.generate(ids, max_new_tokens=32, do_sample=False, pad_token_id=tokenizer.eos_token_id,
+                               output_scores=True, return_dict_in_generate=True)
         ours = supernet.generate(ids, max_new_tokens=32, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    ref = gen.sequences
     assert ref.shape[1] == ids.shape[1] + 32
-    assert torch.equal(ref, ours), (tokenizer.decode(ref[0, ids.shape[1]:]), tokenizer.decode(ours[0, ids.shape[1]:]))
+    # HF's Llama and our all-fa run different kernels: logits within 1e-4 (the test above), so the
+    # tokens may part only where the teacher's top-2 margin is below 2e-4 (a tie under rounding)
+    n = ids.shape[1]
+    assert_greedy_agrees(ours[:, n:], ref[:, n:], torch.stack(gen.scores, 1), 2e-4)
 
 
 def test_checkpoint_has_documented_layout(teacher_and_supernet):
@@ -51,7 +57,9 @@ def test_checkpoint_has_documented_layout(teacher_and_supernet):
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "supernet"
     assert config["architectures"] == ["SupernetForCausalLM"]
-    assert config["placement"] == ["fa"] * 30 and config["presets"] == {"all-fa": ["fa"] * 30}
+    assert config["placement"] == ["fa"] * 30
+    assert config["presets"] == {"teacher": ["fa"] * 30, "all-fa": ["fa"] * 30}
+    assert config["teacher_family"] == "llama" and config["norm_layout"] == "pre"
     assert (out / "tokenizer.json").exists() or (out / "tokenizer_config.json").exists()
 
 

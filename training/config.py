@@ -115,6 +115,9 @@ class CheckpointConfig:
     every: int = 500  # 0 = only at the end
     keep_last: int = 3
     resume: str = "auto"  # auto (latest in out_dir) | none | path to a checkpoint folder
+    # resume even where a key that changes the computation (model, data, loss, sampling, batch)
+    # differs from the checkpoint's run config (`--resume-force`); see RESUME_KEYS
+    resume_force: bool = False
     save_final: bool = True  # write <out_dir>/final as a supernet HF folder
 
 
@@ -200,8 +203,13 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
         return int(value)
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string; users write rates so
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+            raise ConfigError(f"config key '{key}' must be a number (e.g. 3e-4 or 0.0003), got {value!r}")
         return float(value)
     if hint is str:
         if isinstance(value, bool):  # YAML turns `true` into a bool; our string enums say "true"
@@ -343,3 +351,100 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("train.gc_every must be >= 0 (0: Python's automatic garbage collection; N: every N steps)")
     if cfg.distributed.layers_per_unit < 0:
         raise ConfigError("distributed.layers_per_unit must be >= 0 (0: one FSDP2 unit per mixer; K: K layers per unit)")
+    _validate_sampling(cfg.sampling)
+    _validate_optimizer(cfg.train)
+    if cfg.loss.hidden_layers is not None and any(i < 0 for i in cfg.loss.hidden_layers):
+        raise ConfigError(f"loss.hidden_layers {cfg.loss.hidden_layers} has a negative index; "
+                          "list decoder layers from 0, or null for all")
+    if cfg.train.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device is cuda but this host has no CUDA device (or this torch build has no "
+                              "CUDA); set train.device: cpu or auto")
+    if cfg.log.tensorboard:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("log.tensorboard is true but tensorboard is not installed; "
+                              "pip install 'supernet[tensorboard]' or set log.tensorboard: false")
+
+
+def _validate_sampling(s: SamplingConfig) -> None:
+    if s.strategy == "weighted":
+        weights = {m: s.weights.get(m, 0.0) for m in s.mixers}
+        if any(w < 0 for w in s.weights.values()) or sum(weights.values()) <= 0:
+            raise ConfigError("sampling.strategy weighted needs sampling.weights, non-negative with a positive sum "
+                              f"over sampling.mixers ({', '.join(s.mixers)}), e.g. --set 'sampling.weights="
+                              "{gdn: 2, kda: 1}'; or use strategy uniform")
+    elif s.weights:
+        raise ConfigError("sampling.weights is set but sampling.strategy is uniform; set strategy: weighted "
+                          "or remove the weights")
+
+
+def _validate_optimizer(t: TrainConfig) -> None:
+    import math
+
+    if t.trainable == "mixers" and not t.train_mixers:
+        raise ConfigError("train.train_mixers is empty, so nothing would train; list at least one mixer "
+                          "(e.g. [gdn, kda]) or set train.trainable: all")
+    if not (math.isfinite(t.lr) and t.lr > 0):
+        raise ConfigError(f"train.lr must be a positive number, got {t.lr}; e.g. train.lr=3e-4")
+    for name, scale in t.mixer_lr_scale.items():
+        if not (math.isfinite(scale) and scale >= 0):
+            raise ConfigError(f"train.mixer_lr_scale.{name} must be >= 0, got {scale}")
+    if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
+        raise ConfigError(f"train.betas must be two numbers in [0, 1), got {t.betas}; e.g. train.betas=[0.9,0.95]")
+    if not 0.0 <= t.min_lr_ratio <= 1.0:
+        raise ConfigError(f"train.min_lr_ratio must lie in [0, 1], got {t.min_lr_ratio}")
+    if t.weight_decay < 0 or t.grad_clip < 0:
+        raise ConfigError("train.weight_decay and train.grad_clip must be >= 0 (grad_clip 0: no clipping)")
+    if t.warmup_steps < 0 or t.max_steps < 0 or (t.max_tokens is not None and t.max_tokens < 1):
+        raise ConfigError("train.warmup_steps and train.max_steps must be >= 0 and train.max_tokens >= 1 (or null)")
+
+
+def check_models(cfg: RunConfig, student_config: Any, teacher_config: Any | None) -> None:
+    """Checks that need the models' configs (layer count, vocabulary); run once both are known."""
+    n = student_config.num_hidden_layers
+    bad = [i for i in cfg.loss.hidden_layers or [] if not 0 <= i < n]
+    if bad:
+        raise ConfigError(f"loss.hidden_layers lists layer {bad[0]}, but the student has {n} layers "
+                          f"(0..{n - 1}); fix the list or set it to null for all layers")
+    if teacher_config is not None and teacher_config.vocab_size != student_config.vocab_size:
+        raise ConfigError(f"the teacher's vocabulary ({teacher_config.vocab_size} tokens, teacher.path "
+                          f"{cfg.teacher.path}) differs from the student's ({student_config.vocab_size}); "
+                          "distil from the teacher the student was converted from")
+
+
+# Keys whose change alters what a resumed run computes (model, data order, loss, sampling, batch).
+# Schedule and bookkeeping keys (max_steps, lr, eval, checkpoint, log, distributed) may change on resume.
+RESUME_KEYS = ("stage", "seed", "student", "teacher.source", "teacher.path", "teacher.gguf_file",
+               "teacher.cache_dir", "data.train", "data.format", "data.seq_len", "data.separator",
+               "data.shuffle", "data.max_documents", "loss.kind", "loss.temperature", "loss.kl_weight",
+               "loss.ce_weight", "loss.hidden_weight", "loss.hidden_layers", "sampling", "train.trainable",
+               "train.train_mixers", "train.micro_batch_size", "train.grad_accum")
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict) and d:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def resume_differences(saved: dict[str, Any], current: RunConfig) -> list[str]:
+    """`key: saved -> now` for every RESUME_KEYS entry that differs (nested keys compared leaf by leaf)."""
+    try:
+        old = _flatten(_build(RunConfig, saved).to_dict())  # no validate(): another host's checks
+    except ConfigError as exc:
+        return [f"the saved run config does not load ({exc})"]
+    new = _flatten(current.to_dict())
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        if not any(key == k or key.startswith(k + ".") for k in RESUME_KEYS):
+            continue
+        if old.get(key) != new.get(key):
+            diffs.append(f"{key} was {old.get(key)!r}, now {new.get(key)!r}")
+    return diffs

@@ -6,8 +6,9 @@ fused lm_head loss needs those weights as plain tensors, so it runs inside this 
 
 Teacher modes:
 * online: `teacher` is a separate frozen model; it runs under no_grad on the same micro-batch.
-* self-fa: no separate teacher; the student itself under the all-fa placement, no grad. A converted
-  supernet's all-fa placement computes exactly the teacher's function, so while the shared weights
+* self-fa: no separate teacher; the student itself under its teacher placement (all-fa, or swa on a
+  sliding teacher's sliding layers), no grad. A converted supernet's teacher placement computes
+  exactly the teacher's function, so while the shared weights
   and the fa mixers stay frozen this *is* the teacher, at no extra memory. It is refused when they
   train (the config check says so).
 * offline: the teacher's top-K log-probabilities come with the batch (no teacher forward).
@@ -37,7 +38,17 @@ class DistillPair(nn.Module):
         self.hidden_layers = list(range(n)) if hidden_layers is None else list(hidden_layers)
         if any(not 0 <= i < n for i in self.hidden_layers):
             raise ValueError(f"loss.hidden_layers must lie in 0..{n - 1}")
-        self.all_fa = Placement.uniform("fa", n)
+        # the placement that computes the teacher's function (all-fa, or swa on a sliding teacher's
+        # sliding layers, e.g. Gemma 3); checkpoints from before the `teacher` preset get all-fa
+        self.all_fa = Placement.parse(student.config.teacher_placement(), n)
+        if mode == "self-fa":
+            for i, m in enumerate(self.all_fa):
+                if any(p.requires_grad for p in student.model.layers[i].mixers[m].parameters()):
+                    raise ValueError(f"teacher.source self-fa needs the teacher placement's mixers frozen, but layer "
+                                     f"{i}'s {m!r} trains; leave {m!r} out of train.train_mixers or use an online teacher")
+        if student.config.final_logit_softcapping is not None:
+            raise ValueError("distilling a model with final_logit_softcapping is not supported: "
+                             "the fused lm_head loss computes uncapped logits")
         self.compute_dtype = compute_dtype
 
     def _teacher_hidden(self, input_ids: Tensor, want_layers: bool) -> tuple[Tensor, tuple[Tensor, ...] | None, Tensor]:

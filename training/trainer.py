@@ -9,11 +9,14 @@ One optimizer step:
   3. all-reduce the loss, clip gradients, stop on a non-finite loss or gradient norm *before* the
      optimizer step (weights and the last checkpoint stay good), step AdamW and the LR schedule.
 Evaluation (KL to the teacher on held-out windows for fixed placements), JSONL metrics, checkpoints.
+A stop signal (training/preemption.py) is voted on in step 3's all-reduce, so every rank leaves
+after the same step, with a checkpoint.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +28,7 @@ import yaml
 from supernet.layout import Placement
 from supernet.training import checkpoint as ckpt
 from supernet.training.compile import compile_stats, eager_region
-from supernet.training.config import RunConfig
+from supernet.training.config import ConfigError, RunConfig, check_models, resume_differences
 from supernet.training.data import GlobalOrder, PackedDataset, build_token_stream, eval_indices
 from supernet.training.distributed import (DistEnv, apply_ddp, apply_fsdp, fsdp_layout, gradient_sync, init_distributed,
                                   resolve_strategy, unwrap)
@@ -34,6 +37,7 @@ from supernet.training.losses import LossSpec, TopKTargets
 from supernet.training.gc_control import ScheduledGC
 from supernet.training.models import (cast_params, load_student, load_teacher_model, load_tokenizer, prepare_student,
                              set_trainable)
+from supernet.training.preemption import StopRequest
 from supernet.training.sampling import build_sampler, resolve_placements
 from supernet.training.sharded_step import clip_local_grads_, fused_adamw_local_step, local_grad_square_sum, shards_are_disjoint
 
@@ -63,14 +67,19 @@ class TrainResult:
     tokens_per_s: float = 0.0
     final_dir: Path | None = None
     eval_metric: str = "KL"  # what `evals` holds: KL to the teacher, or CE without a teacher
+    stopped_by: str | None = None  # the signal that stopped the run early (SIGTERM, SIGINT, SIGUSR1)
+    checkpoint: Path | None = None  # the checkpoint written when the run stopped or finished
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, config_text: str | None = None, env: DistEnv | None = None) -> None:
+    def __init__(self, cfg: RunConfig, env: DistEnv | None = None) -> None:
         self.cfg = cfg
-        self.config_text = config_text or yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+        # the resolved config (file + overrides): a resume compares against it (RESUME_KEYS)
+        self.config_text = "# resolved run config\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False)
         self.env = env or init_distributed(cfg.train.device, cfg.distributed.backend)
         self.out = Path(cfg.out_dir)
+        self.stop = StopRequest()  # active during train(): signals finish the step, checkpoint, stop
+        self.stop_agreed = False  # some rank got a stop signal (known to all after the step's all-reduce)
         self._setup()
 
     # ------------------------------------------------------------------------------------------
@@ -110,9 +119,8 @@ class Trainer:
             tokenizer = load_tokenizer(str(student_dir))
         self.tokenizer = tokenizer
         self.trainable_names = set_trainable(student, cfg.train.trainable, cfg.train.train_mixers)
+        check_models(cfg, student.config, teacher.config if teacher is not None else None)
         if teacher is not None:
-            if teacher.config.vocab_size != student.config.vocab_size:
-                raise ValueError(f"teacher vocab {teacher.config.vocab_size} != student vocab {student.config.vocab_size}")
             frozen_bf16 = cfg.train.frozen_bf16 == "true" or (cfg.train.frozen_bf16 == "auto" and self.bf16)
             cast_params(teacher, torch.bfloat16 if frozen_bf16 else torch.float32).to(dev)
         student.to(dev)
@@ -200,15 +208,16 @@ class Trainer:
             {k: Placement.parse(v, self.num_layers) for k, v in student.config.presets.items()})
         self.step = 0
         self.tokens_seen = 0
+        if env.is_main:
+            for note in ckpt.clean_stale(self.out):
+                print(note)
+        env.barrier()
         self._resume()
         self._tb = None
-        if cfg.log.tensorboard and env.is_main:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        if cfg.log.tensorboard and env.is_main:  # the config check made sure tensorboard is installed
+            from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(self.out / "tensorboard"))
-            except Exception:
-                print("warning: tensorboard is not installed; metrics go to metrics.jsonl only")
+            self._tb = SummaryWriter(str(self.out / "tensorboard"))
 
     def _param_groups(self, student: torch.nn.Module) -> list[dict[str, Any]]:
         """AdamW groups: per mixer (its LR scale) x decay (matrices) / no decay (norms, gates, biases)."""
@@ -277,13 +286,23 @@ class Trainer:
         path = ckpt.find_latest(self.out) if mode == "auto" else Path(mode)
         if path is None:
             return
+        saved = ckpt.read_run_config(path)
+        diffs = resume_differences(saved, self.cfg) if saved is not None else []
+        if diffs and not self.cfg.checkpoint.resume_force:
+            more = f" (and {len(diffs) - 1} more: {', '.join(d.split(' ')[0] for d in diffs[1:])})" if len(diffs) > 1 else ""
+            raise ConfigError(f"resume refused: {diffs[0]}{more} since the checkpoint {path}; put it back, "
+                              "use a new out_dir (or --resume none), or pass --resume-force to resume anyway")
+        if diffs and self.env.is_main:
+            print(f"warning: resuming with a changed run config (--resume-force): {'; '.join(diffs)}")
         state = ckpt.load_checkpoint(path, self.student, self.optimizer, self.env.rank)
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         if self.env.is_main:
-            print(f"resumed from {path} at step {self.step}")
+            dropped = truncate_metrics(self.out / "metrics.jsonl", self.step)
+            print(f"resumed from {path} at step {self.step}"
+                  + (f"; dropped {dropped} metrics.jsonl records after it" if dropped else ""))
 
     # ------------------------------------------------------------------------------------------
     # one step
@@ -361,7 +380,7 @@ class Trainer:
         count = self.train_ds.target_counts(self.order.step_indices(self.step))
         if count == 0:
             raise ValueError(f"step {self.step}: the global batch has no target tokens (check the data masks)")
-        sums = torch.zeros(4, device=env.device)  # loss, kl, ce, hidden
+        sums = torch.zeros(5, device=env.device)  # loss, kl, ce, hidden, stop requests (summed over ranks)
         for m in range(cfg.train.grad_accum):
             batch = self.train_ds.get(self.order.micro_indices(self.step, m))
             inputs = self._micro_inputs(batch, float(count))
@@ -370,8 +389,10 @@ class Trainer:
             # token weights already normalise by the global batch, so rank gradients must be
             # summed; FSDP2 and DDP average them, hence the factor (a power of two is exact)
             (loss * self.grad_scale if self.grad_scale != 1 else loss).backward()
-            sums += torch.stack([loss.detach().float(), stats["kl"].float(), stats["ce"].float(),
-                                 stats["hidden"].float()])
+            sums[:4] += torch.stack([loss.detach().float(), stats["kl"].float(), stats["ce"].float(),
+                                     stats["hidden"].float()])
+        if self.stop.requested:  # a signal arrived: every rank learns it in this step's all-reduce
+            sums[4] += 1.0
         for layer, mixer, p in self.mixer_params:
             if placement[layer] != mixer:
                 p.grad = None
@@ -379,9 +400,9 @@ class Trainer:
         if self.local_shard_step:  # FSDP2: one all-reduce, then plain tensors (training/sharded_step.py)
             stats = torch.cat([sums, local_grad_square_sum(self.params).reshape(1).to(sums.device)])
             env.all_reduce_sum(stats)
-            gnorm = stats[4].sqrt()
+            gnorm = stats[5].sqrt()
             clip_local_grads_(self.params, gnorm, clip)
-            stats = torch.cat([stats[:4], gnorm.reshape(1)])
+            stats = torch.cat([stats[:4], gnorm.reshape(1), stats[4:5]])
             fused_adamw_local_step(self.optimizer, (~torch.isfinite(stats).all()).float())
             stepped = True
         else:
@@ -389,10 +410,11 @@ class Trainer:
             gnorm = torch.nn.utils.clip_grad_norm_(self.params, clip)
             if hasattr(gnorm, "full_tensor"):
                 gnorm = gnorm.full_tensor()
-            stats = torch.cat([sums, gnorm.reshape(1).float().to(sums.device)])
+            stats = torch.cat([sums[:4], gnorm.reshape(1).float().to(sums.device), sums[4:5]])
             stepped = self.skip_on_device and self._step_unless_nonfinite(stats)
         values = stats.tolist()  # the host waits for the GPU here
-        loss_v, kl_v, ce_v, hid_v, gn_v = values
+        loss_v, kl_v, ce_v, hid_v, gn_v, stop_votes = values
+        self.stop_agreed = stop_votes > 0
         if not (math.isfinite(loss_v) and math.isfinite(gn_v)):
             self.optimizer.zero_grad(set_to_none=True)
             latest = ckpt.find_latest(self.out)
@@ -514,7 +536,18 @@ class Trainer:
         return "eval_kl" if self.has_teacher else "eval_ce"
 
     def train(self, stop_at_step: int | None = None) -> TrainResult:
-        """Run to max_steps (or stop after `stop_at_step` completed steps, as a crash would)."""
+        """Run to max_steps (or stop after `stop_at_step` completed steps, as a crash would).
+
+        SIGTERM / SIGINT / SIGUSR1 end the run after the current step with a checkpoint;
+        `result.stopped_by` names the signal."""
+        with self.stop:
+            try:
+                return self._train(stop_at_step)
+            finally:
+                if self._tb is not None:  # the writer flushes only every few minutes by itself
+                    self._tb.flush()
+
+    def _train(self, stop_at_step: int | None) -> TrainResult:
         cfg, env = self.cfg, self.env
         result = TrainResult(steps=self.step, eval_metric="KL" if self.has_teacher else "CE")
         from tqdm.auto import tqdm
@@ -563,8 +596,16 @@ class Trainer:
                     ev = self.evaluate()
                     result.evals[self.step] = ev
                     self._log({"step": self.step, self.eval_key: ev})
+                saved = None
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < self.max_steps:
-                    self.save()
+                    saved = self.save()
+                if self.stop_agreed and self.step < self.max_steps:
+                    bar.close()
+                    result.checkpoint = saved or self.save()
+                    result.stopped_by = self.stop.signal_name or "a signal on another rank"
+                    result.steps = self.step
+                    result.tokens_per_s = timed_tokens / timed_s if timed_s else 0.0
+                    return result
                 if stop_at_step is not None and self.step >= stop_at_step:
                     bar.close()
                     result.steps = self.step
@@ -579,7 +620,7 @@ class Trainer:
             ev = self.evaluate()
             result.evals[self.step] = ev
             self._log({"step": self.step, self.eval_key: ev})
-        self.save()
+        result.checkpoint = self.save()
         if cfg.checkpoint.save_final:
             result.final_dir = self.save_final()
         result.steps = self.step
@@ -587,11 +628,34 @@ class Trainer:
         return result
 
 
-def run(cfg: RunConfig, config_text: str | None = None) -> TrainResult:
+def truncate_metrics(path: Path, step: int) -> int:
+    """Drop the records after `step` (written after the checkpoint a run resumes from), atomically;
+    returns how many were dropped. A torn last line (a crash mid-write) is dropped too."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(record, dict) and record.get("step", 0) > step:
+            dropped += 1
+        else:
+            kept.append(line)
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+    return dropped
+
+
+def run(cfg: RunConfig) -> TrainResult:
     """Build a trainer, train, shut the process group down."""
     from supernet.training.distributed import shutdown
 
-    trainer = Trainer(cfg, config_text)
+    trainer = Trainer(cfg)
     try:
         return trainer.train()
     finally:

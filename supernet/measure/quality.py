@@ -218,9 +218,10 @@ def build_evaluator(ckpt: str | Path, data: str | Path, seq_len: int = 256, sequ
         return model(input_ids=batch, placement=placement, use_cache=False).logits
 
     if teacher_path is None:
-        all_fa = Placement.uniform("fa", model.config.num_hidden_layers)
-        teacher = lambda batch: student(batch, all_fa)  # noqa: E731
-        reference = "all-fa (checkpoint)"
+        # the checkpoint's own copy of the teacher: all-fa, or swa on a sliding teacher's sliding layers
+        own = Placement.parse(model.config.teacher_placement(), model.config.num_hidden_layers)
+        teacher = lambda batch: student(batch, own)  # noqa: E731
+        reference = "all-fa (checkpoint)" if set(own) == {"fa"} else "teacher placement (checkpoint)"
     else:
         from supernet.teacher import load_teacher
 

@@ -7,6 +7,14 @@ Static decoding (`cache.static_position` set, see supernet/static_decode.py): a 
 its key/value at a slot given by a device tensor and attends over the whole fixed-size buffer with a
 validity mask, so no Python int decides a shape or an index and the step can be replayed as a CUDA
 graph.
+
+Speculative decoding (supernet/speculative.py) uses the general form of the same static step: `t`
+tokens per row and one position per row (`cache.static_position` of shape [B]), so rows may sit at
+different lengths after ragged acceptance. FA's buffer is indexed by position, so taking back
+rejected tokens is just moving the position back (slots after it are masked and later overwritten).
+SWA keeps a ring of `window + lookahead` slots with the absolute position held in every slot
+(`slot_pos`): writing `t <= lookahead + 1` tokens never overwrites a key some query of the step still
+needs, and stale keys of rejected tokens are masked by their position until overwritten.
 """
 from __future__ import annotations
 
@@ -17,6 +25,7 @@ from supernet.cache import SupernetCache
 from supernet.config import SupernetConfig
 from supernet.mixers.rotary import apply_rotary, signed_sin
 from supernet.ops.attention import causal_attention, decode_mask_bias, masked_decode_attention
+from supernet.ops.norm import RMSNorm
 
 
 class _GrowingKV:
@@ -118,6 +127,23 @@ class _SlidingKV:
         return state["k"], state["v"]
 
     @staticmethod
+    def to_position_ring(state: dict, window: int, lookahead: int) -> None:
+        """Lay the kept keys out in a ring of `window + lookahead` slots (position p in slot p % size)
+        and record each slot's absolute position in `slot_pos` [B, size] (-1: empty)."""
+        seen = state["len"]
+        k, v = _SlidingKV.ordered(state, window)
+        kept = k.shape[2]
+        size = window + lookahead
+        b, h, _, d = k.shape
+        positions = torch.arange(seen - kept, seen, device=k.device)
+        slots = positions % size
+        ring_k, ring_v = k.new_zeros(b, h, size, d), v.new_zeros(b, h, size, d)
+        ring_k[:, :, slots], ring_v[:, :, slots] = k, v
+        slot_pos = torch.full((b, size), -1, dtype=torch.long, device=k.device)
+        slot_pos[:, slots] = positions
+        state["k"], state["v"], state["slot_pos"] = ring_k, ring_v, slot_pos
+
+    @staticmethod
     def ordered(state: dict, window: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The kept keys/values in position order."""
         seen, k, v = state["len"], state["k"], state["v"]
@@ -128,7 +154,12 @@ class _SlidingKV:
 
 
 class AttentionMixer(nn.Module):
-    """Causal GQA attention with RoPE; `window=None` is FA, an integer window is SWA."""
+    """Causal GQA attention with RoPE; `window=None` is FA, an integer window is SWA.
+
+    Follows the teacher's family: optional q/k RMSNorm before RoPE (`config.qk_norm`: per head, or
+    over the whole projection as in OLMo 2), the score scale `query_pre_attn_scalar ** -0.5` when
+    set (Gemma 3) else `head_dim ** -0.5`, and the RoPE of its layer's kind (given by the model).
+    """
 
     name = "fa"
 
@@ -139,12 +170,30 @@ class AttentionMixer(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.scale = self.head_dim**-0.5
+        self.scale = (config.query_pre_attn_scalar or self.head_dim) ** -0.5
+        # layers of the teacher's two kinds (Gemma 3) get different (cos, sin): memo them apart
+        self.rope_key = ("rope_signed_sin", config.uses_sliding_rope(layer_idx))
         d, bias = config.hidden_size, config.attention_bias
         self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=bias)
+        self.qk_norm = config.qk_norm
+        if self.qk_norm != "none":
+            whole = self.qk_norm == "whole"
+            self.q_norm = RMSNorm(self.num_heads * self.head_dim if whole else self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.num_kv_heads * self.head_dim if whole else self.head_dim, config.rms_norm_eps)
+
+    def _project(self, x: torch.Tensor, proj: nn.Linear, norm_name: str, heads: int) -> torch.Tensor:
+        """proj(x) as [B, H, T, Dh], q/k-normalised as the teacher does (before RoPE)."""
+        b, t, _ = x.shape
+        y = proj(x)
+        if self.qk_norm == "whole":
+            y = getattr(self, norm_name)(y)
+        y = y.view(b, t, heads, self.head_dim)
+        if self.qk_norm == "per_head":
+            y = getattr(self, norm_name)(y)
+        return y.transpose(1, 2)
 
     def forward(
         self,
@@ -153,17 +202,18 @@ class AttentionMixer(nn.Module):
         cache: SupernetCache | None = None,
     ) -> torch.Tensor:
         b, t, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = self._project(hidden_states, self.q_proj, "q_norm", self.num_heads)
+        k = self._project(hidden_states, self.k_proj, "k_norm", self.num_kv_heads)
         v = self.v_proj(hidden_states).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if position_embeddings is None:
             raise ValueError("attention mixers need rotary position embeddings (cos, sin)")
         cos, sin = position_embeddings
-        signed = cache.shared("rope_signed_sin", lambda: signed_sin(sin), source=sin) if cache is not None else None
+        signed = cache.shared(self.rope_key, lambda: signed_sin(sin), source=sin) if cache is not None else None
         q, k = apply_rotary(q, k, cos, sin, signed)
         if cache is not None and cache.static_position is not None:
-            if t != 1:
-                raise ValueError(f"static decoding takes one token per step, got {t}")
+            state = cache.mixer_state(self.layer_idx, self.name)
+            if t != 1 or cache.static_position.numel() != 1 or "slot_pos" in state:
+                return self._static_rows(q, k, v, state, cache)
             state = cache.mixer_state(self.layer_idx, self.name)
             position = cache.static_position
             if self.window is None:
@@ -182,25 +232,70 @@ class AttentionMixer(nn.Module):
         out = causal_attention(q, k, v, scale=self.scale, window=self.window)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
+    def _static_rows(self, q, k, v, state: dict, cache: SupernetCache) -> torch.Tensor:
+        """Static step of `t` tokens per row, row b starting at position `cache.static_position[b]`."""
+        b, _, t, d = q.shape
+        positions = (cache.static_position.view(-1, 1) + torch.arange(t, device=q.device)).expand(b, t)
+        size = state["k"].shape[2]
+        slots = positions if self.window is None else torch.remainder(positions, size)
+        index = slots[:, None, :, None].expand(b, k.shape[1], t, d)
+        state["k"].scatter_(2, index, k)
+        state["v"].scatter_(2, index, v)
+        if self.window is None:
+            key_pos = torch.arange(size, device=q.device).expand(b, size)
+        else:
+            if t > size - self.window + 1:
+                raise ValueError(f"a static SWA step of {t} tokens needs a ring of {self.window + t - 1} slots, "
+                                 f"this one has {size}; prepare with a larger lookahead")
+            state["slot_pos"].scatter_(1, slots, positions)
+            key_pos = state["slot_pos"]
+
+        def bias() -> torch.Tensor:
+            kp, qp = key_pos[:, None, :], positions[:, :, None]  # [B, 1, S], [B, t, 1]
+            live = (kp <= qp) & (kp >= 0)
+            if self.window is not None:
+                live &= kp > qp - self.window
+            return torch.zeros(live.shape, dtype=q.dtype, device=q.device).masked_fill_(~live, float("-inf"))[:, None]
+
+        # every layer of a kind writes the same positions, so one mask serves them all
+        mask = cache.shared(("rows_bias", self.window, size, t, q.dtype), bias, source=cache.static_position)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, state["k"], state["v"], attn_mask=mask, scale=self.scale, enable_gqa=q.shape[1] != k.shape[1])
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
     def _update_cache(self, state: dict, k: torch.Tensor, v: torch.Tensor, t: int):
         if self.window is None:
             return _GrowingKV.append(state, k, v)
         return _SlidingKV.append(state, k, v, self.window)
 
-    def prepare_static(self, state: dict, capacity: int) -> None:
-        """Make this mixer's cache fixed-size for static decoding up to `capacity` total tokens."""
+    def prepare_static(self, state: dict, capacity: int, lookahead: int = 0) -> None:
+        """Make this mixer's cache fixed-size for static decoding up to `capacity` total tokens.
+
+        `lookahead` > 0 (speculative steps of up to lookahead + 1 tokens): SWA moves to the
+        position ring (`_SlidingKV.to_position_ring`); FA needs nothing more than the capacity.
+        """
         if self.window is None:
             _GrowingKV.reserve(state, capacity)
+        elif lookahead > 0:
+            _SlidingKV.to_position_ring(state, self.window, lookahead)
         else:
             _SlidingKV.reserve(state, self.window)
+
+    def prepare_history(self, state: dict, slots: int) -> None:
+        """Attention needs no per-token history: rolling back is moving the position back."""
+
+    def rollback(self, state: dict, index: torch.Tensor) -> None:
+        """Nothing to undo in place (see `prepare_history`)."""
 
     @torch.no_grad()
     def init_from_attention(
         self, q_w: torch.Tensor, k_w: torch.Tensor, v_w: torch.Tensor, o_w: torch.Tensor,
         num_heads: int, num_kv_heads: int, head_dim: int,
         biases: dict[str, torch.Tensor] | None = None,
+        norms: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """Copy the teacher's attention projections (same shapes by construction)."""
+        """Copy the teacher's attention projections (same shapes by construction); `biases` and
+        `norms` ("q_norm"/"k_norm" weights) by module name, when the teacher has them."""
         if (num_heads, num_kv_heads, head_dim) != (self.num_heads, self.num_kv_heads, self.head_dim):
             raise ValueError(
                 f"teacher attention has {num_heads}/{num_kv_heads} heads of {head_dim}, "
@@ -210,6 +305,10 @@ class AttentionMixer(nn.Module):
             proj.weight.copy_(w)
         for name, b in (biases or {}).items():
             getattr(self, name).bias.copy_(b)
+        if bool(norms) != (self.qk_norm != "none"):
+            raise ValueError(f"teacher q/k norms {sorted(norms or {})} do not match qk_norm={self.qk_norm!r}")
+        for name, w in (norms or {}).items():
+            getattr(self, name).weight.copy_(w)
 
 
 class SlidingWindowAttentionMixer(AttentionMixer):

@@ -13,9 +13,9 @@ from torch import nn
 
 from supernet.cache import SupernetCache
 from supernet.config import SupernetConfig
-from supernet.ops.delta_rule import gated_delta_rule
+from supernet.ops.delta_rule import delta_rule_per_token_states, gated_delta_rule
 from supernet.ops.gated_norm import GatedRMSNorm
-from supernet.ops.short_conv import causal_conv1d_silu
+from supernet.ops.short_conv import causal_conv1d_silu, tails_after_each_token
 
 # Conversion from attention: the short conv starts as "pass the current token through", with a
 # small tap so that SiLU(tap * x) ~ tap * x / 2 stays nearly linear (a tap of 1 would let SiLU
@@ -115,16 +115,55 @@ class LinearMixerBase(nn.Module):
         self.k_conv1d = nn.Conv1d(key_dim, key_dim, W, groups=key_dim, bias=False)
         self.v_conv1d = nn.Conv1d(value_dim, value_dim, W, groups=value_dim, bias=False)
 
-    def prepare_static(self, state: dict, capacity: int) -> None:
+    def prepare_static(self, state: dict, capacity: int, lookahead: int = 0) -> None:
         """Conv tails and the recurrent matrix already have fixed sizes: nothing to do."""
 
-    def _delta_rule(self, rule, q, k, v, gate, beta_logits, state: dict | None) -> torch.Tensor:
+    # -- speculative decoding: per-token history, rollback without recomputation ------------------
+    # A recurrent state cannot be cut back like a KV cache. While `cache.history_slot` is set, every
+    # fed token's state (recurrent matrix and conv tails after that token) is kept in `hist_<name>`
+    # [B, slots, ...] at slot `history_slot + i`; slot 0 holds the state before the round. Taking
+    # back rejected tokens is then one gather per row (`rollback`), no token is run twice.
+    HISTORY = ("recurrent", "conv_q", "conv_k", "conv_v")
+
+    def prepare_history(self, state: dict, slots: int) -> None:
+        """Allocate `slots` history entries per row; slot 0 is the current state."""
+        for name in self.HISTORY:
+            live = state[name]
+            hist = live.new_zeros(live.shape[0], slots, *live.shape[1:])
+            hist[:, 0] = live
+            state[f"hist_{name}"] = hist
+
+    def rollback(self, state: dict, index: torch.Tensor) -> None:
+        """Row b goes back to its history slot `index[b]` ([B] long), which also becomes slot 0.
+
+        The live tensors are overwritten in place, so a captured CUDA graph keeps reading them."""
+        rows = torch.arange(index.shape[0], device=index.device)
+        for name in self.HISTORY:
+            hist = state[f"hist_{name}"]
+            hist[:, 0] = hist[rows, index]
+            state[name].copy_(hist[:, 0])
+
+    def _record(self, state: dict, name: str, per_token: torch.Tensor, slot: torch.Tensor) -> None:
+        """Store per-token states [B, T, ...] at history slots slot .. slot + T - 1."""
+        t = per_token.shape[1]
+        state[f"hist_{name}"].index_copy_(1, slot + torch.arange(t, device=slot.device), per_token)
+
+    def _delta_rule(self, rule, q, k, v, gate, beta_logits, state: dict | None,
+                    history: torch.Tensor | None = None) -> torch.Tensor:
         """Run `rule` (gated_delta_rule / kda_rule) from the cached recurrent state, storing the new one.
 
         `gate` and `beta_logits` are the raw projections: the decay -exp(A_log) * softplus(gate +
         dt_bias) and sigmoid(beta_logits) are computed by the op (inside fla's kernel for CUDA
         inference, in torch otherwise).
         """
+        if history is not None:
+            o, states = delta_rule_per_token_states(
+                q, k, v, gate, beta_logits, scale=self.scale, initial_state=state["recurrent"],
+                use_qk_l2norm=True, A_log=self.A_log, dt_bias=self.dt_bias, beta_logits=True,
+            )
+            self._record(state, "recurrent", states, history)
+            state["recurrent"] = states[:, -1]
+            return o
         o, recurrent = rule(
             q, k, v, gate, beta_logits, scale=self.scale,
             initial_state=state.get("recurrent") if state is not None else None,
@@ -139,7 +178,12 @@ class LinearMixerBase(nn.Module):
     def _state(self, cache: SupernetCache | None) -> dict | None:
         return None if cache is None else cache.mixer_state(self.layer_idx, self.cache_name)
 
-    def _qkv(self, x: torch.Tensor, state: dict | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    @staticmethod
+    def _history(cache: SupernetCache | None) -> torch.Tensor | None:
+        return None if cache is None else cache.history_slot
+
+    def _qkv(self, x: torch.Tensor, state: dict | None,
+             history: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Projections -> causal conv -> SiLU, continuing from (and updating) the cached conv tails."""
         keep = state is not None
         out = []
@@ -148,7 +192,10 @@ class LinearMixerBase(nn.Module):
             ("conv_k", self.k_proj, self.k_conv1d),
             ("conv_v", self.v_proj, self.v_conv1d),
         ):
-            y, tail = causal_conv1d_silu(proj(x), conv.weight, state.get(name) if keep else None, return_tail=keep)
+            inputs = proj(x)
+            if history is not None:
+                self._record(state, name, tails_after_each_token(state[name], inputs), history)
+            y, tail = causal_conv1d_silu(inputs, conv.weight, state.get(name) if keep else None, return_tail=keep)
             if keep:
                 state[name] = tail
             out.append(y)
@@ -225,11 +272,11 @@ class GatedDeltaNetMixer(LinearMixerBase):
         B, T, _ = hidden_states.shape
         H, HV, K, V = self.num_heads, self.num_v_heads, self.head_dim, self.v_head_dim
         x = hidden_states
-        state = self._state(cache)
-        q, k, v = self._qkv(x, state)
+        state, history = self._state(cache), self._history(cache)
+        q, k, v = self._qkv(x, state, history)
         o = self._delta_rule(
             gated_delta_rule, q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, HV, V),
-            self.a_proj(x), self.b_proj(x), state,
+            self.a_proj(x), self.b_proj(x), state, history,
         )
         o = self.o_norm(o, self.g_proj(x).view(B, T, HV, V))
         return self.o_proj(o.reshape(B, T, HV * V).to(x.dtype))

@@ -77,11 +77,11 @@ class KimiDeltaAttentionMixer(LinearMixerBase):
         B, T, _ = hidden_states.shape
         H, K, V = self.num_heads, self.head_dim, self.v_head_dim
         x = hidden_states
-        state = self._state(cache)
-        q, k, v = self._qkv(x, state)
+        state, history = self._state(cache), self._history(cache)
+        q, k, v = self._qkv(x, state, history)
         o = self._delta_rule(
             kda_rule, q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, V),
-            self.f_b_proj(self.f_a_proj(x)).view(B, T, H, K), self.b_proj(x), state,
+            self.f_b_proj(self.f_a_proj(x)).view(B, T, H, K), self.b_proj(x), state, history,
         )
         o = self.o_norm(o, self.g_b_proj(self.g_a_proj(x)).view(B, T, H, V))
         return self.o_proj(o.reshape(B, T, H * V).to(x.dtype))

@@ -9,13 +9,21 @@ from torch import nn
 from supernet.config import SupernetConfig
 
 
-def _inverse_frequencies(config: SupernetConfig) -> torch.Tensor:
-    dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    scaling = config.rope_scaling or {}
+def _inverse_frequencies(config: SupernetConfig, sliding: bool = False) -> torch.Tensor:
+    """RoPE frequencies of the global layers, or (`sliding`) of the teacher's sliding layers."""
+    theta = config.sliding_rope_theta if sliding else config.rope_theta
+    scaling = (config.sliding_rope_scaling if sliding else config.rope_scaling) or {}
+    return rope_inverse_frequencies(config.head_dim, theta, scaling)
+
+
+def rope_inverse_frequencies(dim: int, theta: float, scaling: dict) -> torch.Tensor:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type in (None, "default"):
         return inv_freq
+    if rope_type == "linear":
+        # positions divided by `factor` (Gemma 3's global layers): the same as frequencies divided
+        return inv_freq / scaling["factor"]
     if rope_type == "llama3":
         # Llama 3.x long-context scaling: stretch low frequencies, keep high ones, blend between.
         factor = scaling["factor"]
@@ -27,17 +35,23 @@ def _inverse_frequencies(config: SupernetConfig) -> torch.Tensor:
         blended = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= original / high) & (wavelen <= original / low)
         return torch.where(medium, blended, scaled)
-    raise ValueError(f"unsupported rope_scaling type {rope_type!r}; supported: default, llama3")
+    raise ValueError(f"unsupported rope_scaling type {rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
+
+
+ROPE_TYPES = ("default", "linear", "llama3")
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, config: SupernetConfig) -> None:
+    """cos/sin tables of one RoPE; `sliding=True` builds the teacher's sliding layers' one (Gemma 3)."""
+
+    def __init__(self, config: SupernetConfig, sliding: bool = False) -> None:
         super().__init__()
         self.config = config
-        self.register_buffer("inv_freq", _inverse_frequencies(config), persistent=False)
+        self.sliding = sliding
+        self.register_buffer("inv_freq", _inverse_frequencies(config, sliding), persistent=False)
 
     def compute_inv_freq(self) -> torch.Tensor:
-        return _inverse_frequencies(self.config).to(self.inv_freq.device)
+        return _inverse_frequencies(self.config, self.sliding).to(self.inv_freq.device)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -47,6 +47,16 @@ def torch_causal_conv1d_silu(
     return y, new_tail
 
 
+def tails_after_each_token(tail: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The tail after each of the T inputs x [B, T, C], continuing `tail` [B, C, W-1]: [B, T, C, W-1].
+
+    Speculative decoding keeps these so that any prefix of a step's tokens can be committed exactly.
+    """
+    width_1 = tail.shape[-1]
+    full = torch.cat([tail.to(x.dtype), x.transpose(1, 2)], dim=-1)  # [B, C, W-1+T]
+    return full.unfold(-1, width_1, 1)[:, :, 1:].permute(0, 2, 1, 3)
+
+
 # --------------------------------------------------------------------------------------------
 # fla's Triton kernels
 

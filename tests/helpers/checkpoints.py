@@ -15,6 +15,11 @@ from supernet.config import SupernetConfig
 from tests.helpers.configs import vllm_config
 
 SPECIAL = ["<s>", "</s>", "<pad>"]
+# a plain chat template, so that the servers of the tests answer /v1/chat/completions too
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
 
 
 def save_byte_tokenizer(out_dir: str | Path) -> int:
@@ -30,6 +35,7 @@ def save_byte_tokenizer(out_dir: str | Path) -> int:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(out_dir))
     return len(vocab)
 

@@ -10,4 +10,6 @@ NGPUS=${NGPUS:-$(nvidia-smi -L 2>/dev/null | wc -l)}
 if [ "${NGPUS}" -lt 1 ]; then echo "error: no GPU visible; set NGPUS or use single_gpu.sh" >&2; exit 2; fi
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+# SIGTERM / SIGINT / SIGUSR1 to torchrun reach every rank, which checkpoints and exits 75
+export TORCHELASTIC_SIGNALS_TO_HANDLE=${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
 exec "${TORCHRUN:-torchrun}" --standalone --nproc_per_node "$NGPUS" -m supernet.cli.main "$STAGE" "$CONFIG" "$@"

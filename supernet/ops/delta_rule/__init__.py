@@ -32,9 +32,9 @@ from __future__ import annotations
 
 from supernet.ops.delta_rule.chunk import chunk_delta_rule
 from supernet.ops.delta_rule.common import gate_decay, l2_normalize
-from supernet.ops.delta_rule.dispatch import (FLA_RECURRENT_MAX_T, TORCH_RECURRENT_MAX_T, fla_available,
-                                              gated_delta_rule, kda_rule, torch_delta_rule)
+from supernet.ops.delta_rule.dispatch import (FLA_RECURRENT_MAX_T, TORCH_RECURRENT_MAX_T, delta_rule_per_token_states,
+                                              fla_available, gated_delta_rule, kda_rule, torch_delta_rule)
 from supernet.ops.delta_rule.recurrent import recurrent_delta_rule
 
-__all__ = ["FLA_RECURRENT_MAX_T", "TORCH_RECURRENT_MAX_T", "chunk_delta_rule", "fla_available", "gate_decay",
-           "gated_delta_rule", "kda_rule", "l2_normalize", "recurrent_delta_rule", "torch_delta_rule"]
+__all__ = ["FLA_RECURRENT_MAX_T", "TORCH_RECURRENT_MAX_T", "chunk_delta_rule", "delta_rule_per_token_states",
+           "fla_available", "gate_decay", "gated_delta_rule", "kda_rule", "l2_normalize", "recurrent_delta_rule", "torch_delta_rule"]

@@ -198,3 +198,33 @@ def kda_rule(
     g, beta, A_log, dt_bias, beta_logits = _prepare_gates(q, k, v, g, beta, A_log, dt_bias, beta_logits)
     return _dispatch("kda", q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
                      A_log, dt_bias, beta_logits)
+
+
+def delta_rule_per_token_states(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    use_qk_l2norm: bool = False,
+    A_log: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    beta_logits: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GDN (g [B, T, HV]) or KDA (g [B, T, HV, K]) keeping the state after every token.
+
+    For speculative decoding's few tokens per step (a draft token, or the k + 1 tokens of a
+    verification): the token loop computes each intermediate state anyway, so keeping them costs
+    T state writes and no extra arithmetic, and any prefix can be committed exactly afterwards.
+    Torch path on every device (fla's fused kernels return the final state only).
+    Returns (o [B, T, HV, V], states [B, T, HV, K, V] fp32).
+    """
+    _check_gate(g, A_log, dt_bias)
+    _check_shapes(q, k, v, g, beta)
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        g, beta = _torch_gates(g, beta, A_log, dt_bias, beta_logits)
+        if use_qk_l2norm:
+            q, k = l2_normalize(q), l2_normalize(k)
+        return recurrent_delta_rule(q, k, v, g, beta, scale, initial_state, output_all_states=True)

@@ -1,0 +1,210 @@
+"""Self-speculative decoding in our own engine: acceptance, measured speedup and the cost model's prediction.
+
+For every (batch, context, draft, k): held-out prompts (pydocs-eval) of `context` tokens, the target
+alone (static decoding) against batched draft-and-verify (supernet/speculative.py), decode phase
+only (prefills excluded, both sides), greedy; the output must be the target's own (`lossless`).
+
+Predictions (placement/speculative_cost.py), beside the measurement:
+- `predicted`: the formula with this device's costs: a CostTable measured here
+  (placement.cost.measure_costs: per-layer mixer step costs plus the shared part) for C_t and C_d,
+  the token cost from timing the target's (k+1)-token step against its 1-token step, and the
+  per-token acceptance alpha measured in the run.
+- `analytic`: the same alpha with the analytic memory-bound (GPU) bytes table at this batch and
+  context, and `analytic_b64_8k` at batch 64, context 8192 (the issue's GPU goal), projections
+  only: this script runs on the CPU.
+
+Checkpoint: `--ckpt` (a trained supernet gives meaningful acceptances); otherwise SmolLM2-135M
+converted to a supernet and not trained: FA and SWA are the teacher's attention, GDN starts
+silent (a GDN layer skips attention), so the drafts here are SWA (a short window) and
+layer-skipping drafts; the JSON says which checkpoint was used.
+
+    python benchmarks/bench_speculative.py                       # CPU, a few minutes
+    python benchmarks/bench_speculative.py --batches 1,8 --contexts 256 --ks 2,4 --new-tokens 24
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import device_name, print_table, write_results  # noqa: E402
+
+DATA = Path(os.environ.get("SUPERNET_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "pydocs-eval.jsonl"
+CONVERTED = Path.home() / ".cache" / "supernet" / "bench-speculative-smollm2"
+
+
+def draft_table(num_layers: int) -> dict[str, list[str]]:
+    """Drafts that approximate all-fa in a converted (untrained) supernet."""
+    every = lambda n, m: [m if i % n == n - 1 else "fa" for i in range(num_layers)]  # noqa: E731
+    return {
+        "all-fa": ["fa"] * num_layers,
+        "all-swa": ["swa"] * num_layers,  # every layer sees only the last swa_window tokens
+        "swa-half": every(2, "swa"),
+        "skip-1/5": every(5, "gdn"),  # untrained GDN is silent: these layers skip attention
+    }
+
+
+def checkpoint(args) -> tuple[Path, str]:
+    if args.ckpt:
+        return Path(args.ckpt), f"given: {args.ckpt}"
+    demo = Path("/work/main/runs/demo/final")
+    if (demo / "config.json").exists():
+        return demo, f"the demo's trained checkpoint {demo}"
+    if not (CONVERTED / "config.json").exists():
+        from supernet.convert import convert_teacher
+        from supernet.teacher import smollm2_hf_dir
+
+        print(f"converting SmolLM2-135M into {CONVERTED} ...", flush=True)
+        convert_teacher(smollm2_hf_dir(), CONVERTED)
+    config = json.loads((CONVERTED / "config.json").read_text())
+    config["presets"] = draft_table(config["num_hidden_layers"])
+    config["swa_window"] = args.swa_window
+    (CONVERTED / "config.json").write_text(json.dumps(config, indent=2))
+    return CONVERTED, ("SmolLM2-135M converted to a supernet, untrained (FA/SWA = the teacher's attention, "
+                       f"GDN silent = attention skipped), swa_window {args.swa_window}")
+
+
+def corpus_prompts(tokenizer, batch: int, length: int) -> torch.Tensor:
+    ids: list[int] = []
+    rows = []
+    for line in DATA.open():
+        ids += tokenizer(json.loads(line)["text"])["input_ids"]
+        while len(ids) >= length and len(rows) < batch:
+            rows.append(ids[:length])
+            ids = ids[length:]
+        if len(rows) == batch:
+            return torch.tensor(rows)
+    raise SystemExit(f"corpus {DATA} has fewer than {batch} x {length} tokens")
+
+
+@torch.no_grad()
+def target_alone(model, prompts, target, new_tokens: int, ks) -> tuple[list[list[int]], float, dict[int, float]]:
+    """(tokens, seconds of the decode phase, {k: token_fraction}) of the target alone."""
+    from supernet.cache import SupernetCache
+    from supernet.speculative import _StaticRows
+    from supernet.static_decode import StaticDecoder
+
+    cache = SupernetCache(model.config.num_hidden_layers)
+    first = model(prompts, past_key_values=cache, use_cache=True, placement=target, logits_to_keep=1).logits[:, -1:].argmax(-1)
+    decoder = StaticDecoder(model, target, cache, max_new_tokens=new_tokens, cuda_graph=False)
+    decoder.start(first)
+    decoder.step()  # warm-up step, not timed
+    t0 = time.perf_counter()
+    tokens = [first, decoder.token.clone()]
+    for _ in range(new_tokens - 2):
+        tokens.append(decoder.step().clone())
+    seconds = time.perf_counter() - t0
+    # the token cost: a (k+1)-token step of the target against its 1-token step, same cache
+    decoder.finish()
+    rows = _StaticRows(model, model.config.resolve(target), cache, capacity=cache.seen_tokens + 4 * max(ks) + 8,
+                       lookahead=max(ks) + 1, history_slots=max(ks) + 2, step_tokens=tuple(sorted({1, *[k + 1 for k in ks]})),
+                       cuda_graph=False)
+    position = torch.full((prompts.shape[0],), cache.seen_tokens)
+
+    def step_time(t: int) -> float:
+        times = []
+        for _ in range(4):
+            t1 = time.perf_counter()
+            rows.run(torch.zeros(prompts.shape[0], t, dtype=torch.long), position, slot=1)
+            times.append(time.perf_counter() - t1)
+        return sorted(times)[1]
+
+    one = step_time(1)
+    fractions = {k: max(0.0, (step_time(k + 1) - one) / (k * one)) for k in ks}
+    return torch.cat(tokens, 1).tolist(), seconds / (new_tokens - 1), fractions
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ckpt", help="supernet checkpoint (default: the demo's, else converted SmolLM2-135M)")
+    ap.add_argument("--target", default="all-fa")
+    ap.add_argument("--drafts", default="all-swa,swa-half,skip-1/5")
+    ap.add_argument("--batches", default="1,4")
+    ap.add_argument("--contexts", default="128,512")
+    ap.add_argument("--ks", default="2,4")
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--swa-window", type=int, default=64, help="converted checkpoint only")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--record", help="write the measured acceptances into this presets.json")
+    ap.add_argument("--out", help="JSON path (default benchmarks/results/speculative_<device>.json)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers import AutoTokenizer
+
+    from supernet.cli.model_cmds import load_checkpoint
+    from supernet.placement.cost import analytic_costs, measure_costs
+    from supernet.placement.speculative_cost import predict, predict_from_costs
+    from supernet.speculative import speculative_generate
+
+    path, source = checkpoint(args)
+    model, _ = load_checkpoint(str(path))
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    target = model.config.resolve(args.target)
+    drafts = {name: model.config.resolve(name) for name in args.drafts.split(",")}
+    ks = [int(k) for k in args.ks.split(",")]
+    rows, t_start = [], time.time()
+    for batch in [int(b) for b in args.batches.split(",")]:
+        for context in [int(c) for c in args.contexts.split(",")]:
+            prompts = corpus_prompts(tokenizer, batch, context)
+            table = measure_costs(model, context, batch, layers=[0, model.config.num_hidden_layers // 2],
+                                  mixers=sorted({m for p in [target, *drafts.values()] for m in p}),
+                                  repeats=5, warmup=1, progress=False)
+            want, t_step, fractions = target_alone(model, prompts, target, args.new_tokens, ks)
+            print(f"[{time.time() - t_start:.0f}s] batch {batch}, context {context}: target {t_step * 1e3:.1f} ms/step "
+                  f"(cost table {table.cost(target):.1f}), token fraction {fractions}", flush=True)
+            for name, draft in drafts.items():
+                for k in ks:
+                    got, stats = speculative_generate(model, prompts, draft, target, k=k, max_new_tokens=args.new_tokens)
+                    tokens = sum(len(r) - 1 for r in got)  # the first token comes from the prefill
+                    measured = t_step / (stats.decode_seconds / (tokens / batch))  # per token of a row
+                    alpha = stats.per_token_acceptance
+                    fr = fractions[k]
+                    mine = predict_from_costs(table.cost(target), table.cost(draft), fr * table.cost(target),
+                                              fr * table.cost(draft), alpha, k, name=name)
+                    analytic = predict(analytic_costs(model.config, context, batch), target, draft, alpha, k,
+                                       name=name, config=model.config)
+                    gpu_goal = predict(analytic_costs(model.config, 8192, 64), target, draft, alpha, k,
+                                       name=name, config=model.config)
+                    row = {"batch": batch, "context": context, "draft": name, "k": k,
+                           "acceptance": stats.acceptance_rate, "alpha": alpha,
+                           "tokens_per_round": stats.tokens_per_round, "measured_speedup": measured,
+                           "predicted": mine.speedup, "analytic": analytic.speedup, "analytic_b64_8k": gpu_goal.speedup,
+                           "lossless": got == want, "target_ms_per_step": t_step * 1e3,
+                           "spec_ms_per_token": stats.decode_seconds / (tokens / batch) * 1e3,
+                           "token_fraction": fr, "cost_target": table.cost(target), "cost_draft": table.cost(draft),
+                           "stats": stats.as_dict()}
+                    rows.append(row)
+                    print(f"  {name} k={k}: acceptance {stats.acceptance_rate:.2f}, x{measured:.2f} measured, "
+                          f"x{mine.speedup:.2f} predicted, lossless {row['lossless']}", flush=True)
+    columns = ["batch", "context", "draft", "k", "acceptance", "alpha", "tokens_per_round", "measured_speedup",
+               "predicted", "analytic", "analytic_b64_8k", "lossless"]
+    print_table(rows, columns, f"self-speculative decoding, target {args.target}, {device_name()}")
+    acceptance = {}
+    for name in drafts:
+        mine = [r for r in rows if r["draft"] == name]
+        accepted = sum(r["stats"]["accepted"] for r in mine)
+        acceptance[name] = {"alpha": accepted / max(1, accepted + sum(r["stats"]["rejections"] for r in mine)),
+                            "drafted": sum(r["stats"]["drafted"] for r in mine)}
+    if args.record:
+        from supernet.draft_choice import record_acceptance
+
+        record_acceptance(args.record, args.target, acceptance, f"pydocs-eval, {args.new_tokens} tokens x {args.batches} rows")
+    out = args.out or Path(__file__).resolve().parent / "results" / f"speculative_{'cuda' if torch.cuda.is_available() else 'cpu'}.json"
+    write_results("speculative", {
+        "checkpoint": source, "target": args.target, "drafts": {n: p.to_list() for n, p in drafts.items()},
+        "new_tokens": args.new_tokens, "threads": torch.get_num_threads(), "seconds": time.time() - t_start,
+        "notes": ("decode phase only, greedy; measured_speedup = target ms/step over speculative ms per generated "
+                  "token per row; predicted = placement/speculative_cost.py with costs measured here and the run's "
+                  "alpha; analytic* = the memory-bound bytes model (GPU), projections only"),
+        "acceptance": acceptance, "rows": rows}, out)
+
+
+if __name__ == "__main__":
+    main()

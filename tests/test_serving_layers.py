@@ -1,0 +1,174 @@
+"""The served GDN/KDA layers (vLLM state pages, one custom op per layer) against the reference
+mixers (`supernet.mixers.gdn` / `kda`), without a vLLM server.
+
+The served layer gets the reference mixer's weights and vLLM-shaped metadata for steps that mix
+plain decodes, continuing and fresh prefills (pages full of NaN garbage where a sequence starts
+fresh) and draft verification with accepted-token counts; every output token must equal the
+reference mixer run over the whole sequence. Tolerances: float32 throughout, the served path sums
+the short convolution and the chunked recurrence in a different order (windows gathered per token,
+sequences padded to the longest), so results agree to float32 rounding of O(1) values, ~1e-6.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tests.helpers.checkpoints import random_state_dict
+from tests.helpers.configs import vllm_config
+
+KINDS = ["gdn", "kda"]
+ATOL, RTOL = 2e-5, 1e-4
+
+
+@pytest.fixture(scope="module")
+def vllm_env():
+    """A one-process tensor-parallel group: what vLLM's linear layers need to exist."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.distributed import destroy_distributed_environment, destroy_model_parallel
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+
+    from supernet.serving.server import free_port
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cfg = VllmConfig()
+    cfg.model_config = SimpleNamespace(dtype=torch.float32, is_moe=False)
+    with set_current_vllm_config(cfg):
+        init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
+                                     distributed_init_method=f"tcp://127.0.0.1:{free_port()}")
+        initialize_model_parallel(1)
+        yield cfg
+        destroy_model_parallel()
+        destroy_distributed_environment()
+    torch.set_num_threads(threads)
+
+
+def _layers(kind: str, cfg):
+    """(served layer with pages, reference mixer) holding the same random weights."""
+    from supernet.mixers import mixer_class
+    from supernet.serving.linear_layers import SupernetLinearAttention
+
+    config = vllm_config()
+    prefix = f"model.layers.0.mixers.{kind}"
+    served = SupernetLinearAttention(config, kind, f"{prefix}.{len(cfg.compilation_config.static_forward_context)}")
+    reference = mixer_class(kind)(config, 0).eval()
+    weights = {k[len(prefix) + 1 :]: v for k, v in random_state_dict(config, seed=7).items() if k.startswith(prefix + ".")}
+    reference.load_state_dict(weights)
+    for name, tensor in weights.items():
+        assert served.load_checkpoint_tensor(name, tensor) is not None, name
+    for m in served.modules():
+        if hasattr(m, "quant_method"):
+            m.quant_method.process_weights_after_loading(m)
+    (conv_shape, ssm_shape), pages = served.get_state_shape(), 40
+    served.kv_cache = (torch.full((pages, *conv_shape), float("nan")), torch.full((pages, *ssm_shape), float("nan")))
+    return served, reference
+
+
+def _step(served, meta, hidden: torch.Tensor, monkeypatch) -> torch.Tensor:
+    from supernet.serving import linear_layers
+
+    context = SimpleNamespace(attn_metadata={served.prefix: meta}, no_compile_layers={served.prefix: served})
+    monkeypatch.setattr(linear_layers, "get_forward_context", lambda: context)
+    with torch.no_grad():
+        return served(hidden)
+
+
+def _plain_meta(rows: list[tuple[int, int, bool]], num_decodes: int):
+    """rows: (tokens, page, has previous state) in vLLM's order, decodes first."""
+    lens = torch.tensor([r[0] for r in rows])
+    qsl = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)]).int()
+    return SimpleNamespace(
+        spec_sequence_masks=None, non_spec_query_start_loc=qsl,
+        non_spec_state_indices_tensor=torch.tensor([r[1] for r in rows], dtype=torch.int32),
+        has_initial_state=torch.tensor([r[2] for r in rows]), num_decodes=num_decodes,
+        num_prefills=len(rows) - num_decodes, num_prefill_tokens=int(lens[num_decodes:].sum()),
+        num_actual_tokens=int(lens.sum()))
+
+
+def _reference(reference, seq: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return reference(seq[None])[0]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_batched_decode_and_varlen_prefill_match_reference(kind, vllm_env, monkeypatch):
+    served, reference = _layers(kind, vllm_env)
+    gen = torch.Generator().manual_seed(0)
+    d = vllm_config().hidden_size
+    history = {name: torch.randn(n, d, generator=gen) for name, n in [("a", 5), ("b", 9), ("c", 3), ("d", 6)]}
+    page = {"a": 3, "b": 5, "c": 7, "d": 9, "e": 11, "f": 12}
+    # step 1: four fresh prefills in one call
+    order = ["a", "b", "c", "d"]
+    out = _step(served, _plain_meta([(len(history[s]), page[s], False) for s in order], 0),
+                torch.cat([history[s] for s in order]), monkeypatch)
+    torch.testing.assert_close(out, torch.cat([_reference(reference, history[s]) for s in order]), atol=ATOL, rtol=RTOL)
+    # step 2: three decodes, a continuing prefill (chunked prompt), a fresh prefill, a one-token prompt
+    new = {"a": 1, "b": 1, "c": 1, "d": 7, "e": 11, "f": 1}
+    tokens = {s: torch.randn(n, d, generator=gen) for s, n in new.items()}
+    order = ["a", "b", "c", "d", "e", "f"]
+    meta = _plain_meta([(new[s], page[s], s in history) for s in order], 3)
+    out = _step(served, meta, torch.cat([tokens[s] for s in order]), monkeypatch)
+    seqs = {s: torch.cat([history[s], tokens[s]]) if s in history else tokens[s] for s in order}
+    expect = torch.cat([_reference(reference, seqs[s])[-new[s]:] for s in order])
+    torch.testing.assert_close(out, expect, atol=ATOL, rtol=RTOL)
+    # step 3: every sequence decodes one token from the pages step 2 wrote
+    step3 = {s: torch.randn(1, d, generator=gen) for s in order}
+    out = _step(served, _plain_meta([(1, page[s], True) for s in order], 6), torch.cat([step3[s] for s in order]), monkeypatch)
+    expect = torch.cat([_reference(reference, torch.cat([seqs[s], step3[s]]))[-1:] for s in order])
+    torch.testing.assert_close(out, expect, atol=ATOL, rtol=RTOL)
+
+
+def _spec_meta(spec_rows, accepted, prefill_rows, num_spec: int):
+    """spec_rows: (tokens, pages[num_spec+1]); prefill_rows: (tokens, page, has state). Spec rows
+    first in the flat layout, then the prefills (vLLM gives the index lists either way)."""
+    spec_lens = torch.tensor([r[0] for r in spec_rows])
+    pre_lens = torch.tensor([r[0] for r in prefill_rows], dtype=torch.long)
+    n_spec = int(spec_lens.sum())
+    n_pre = int(pre_lens.sum()) if prefill_rows else 0
+    return SimpleNamespace(
+        spec_sequence_masks=torch.ones(len(spec_rows), dtype=torch.bool),
+        spec_state_indices_tensor=torch.tensor([r[1] for r in spec_rows], dtype=torch.int32),
+        spec_query_start_loc=torch.cat([torch.zeros(1, dtype=torch.long), spec_lens.cumsum(0)]).int(),
+        spec_token_indx=torch.arange(n_spec, dtype=torch.int32),
+        non_spec_token_indx=torch.arange(n_spec, n_spec + n_pre, dtype=torch.int32),
+        num_accepted_tokens=torch.tensor(accepted, dtype=torch.int32),
+        num_spec_decode_tokens=n_spec, num_spec_decodes=len(spec_rows), num_prefills=len(prefill_rows),
+        num_prefill_tokens=n_pre,
+        non_spec_query_start_loc=torch.cat([torch.zeros(1, dtype=torch.long), pre_lens.cumsum(0)]).int(),
+        non_spec_state_indices_tensor=torch.tensor([r[1] for r in prefill_rows], dtype=torch.int32),
+        has_initial_state=torch.tensor([r[2] for r in prefill_rows], dtype=torch.bool),
+        num_actual_tokens=n_spec + n_pre, num_decodes=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_draft_verification_keeps_one_page_per_token(kind, vllm_env, monkeypatch):
+    served, reference = _layers(kind, vllm_env)
+    gen = torch.Generator().manual_seed(1)
+    d = vllm_config().hidden_size
+    pages = {"p": [20, 21, 22, 23], "q": [30, 31, 32, 33]}
+    history = {"p": torch.randn(6, d, generator=gen), "q": torch.randn(4, d, generator=gen)}
+    _step(served, _plain_meta([(6, 20, False), (4, 30, False)], 0), torch.cat([history["p"], history["q"]]), monkeypatch)
+    # step 2: both rows verify 3 drafts (4 tokens) from page 0
+    drafts = {s: torch.randn(4, d, generator=gen) for s in "pq"}
+    out = _step(served, _spec_meta([(4, pages["p"]), (4, pages["q"])], [1, 1], [], 3),
+                torch.cat([drafts["p"], drafts["q"]]), monkeypatch)
+    expect = torch.cat([_reference(reference, torch.cat([history[s], drafts[s]]))[-4:] for s in "pq"])
+    torch.testing.assert_close(out, expect, atol=ATOL, rtol=RTOL)
+    # step 3: p accepted 2 drafts (continues from page 2), q none (page 0); q's row is ragged (2
+    # tokens); a fresh prefill shares the step
+    kept = {"p": 3, "q": 1}
+    step3 = {"p": torch.randn(4, d, generator=gen), "q": torch.randn(2, d, generator=gen)}
+    fresh = torch.randn(5, d, generator=gen)
+    out = _step(served, _spec_meta([(4, pages["p"]), (2, pages["q"])], [3, 1], [(5, 15, False)], 3),
+                torch.cat([step3["p"], step3["q"], fresh]), monkeypatch)
+    seqs = {s: torch.cat([history[s], drafts[s][: kept[s]], step3[s]]) for s in "pq"}
+    expect = torch.cat([_reference(reference, seqs["p"])[-4:], _reference(reference, seqs["q"])[-2:],
+                        _reference(reference, fresh)])
+    torch.testing.assert_close(out, expect, atol=ATOL, rtol=RTOL)
+    # page t of q holds the state after its token t of step 3: decode from page 1
+    nxt = torch.randn(1, d, generator=gen)
+    out = _step(served, _plain_meta([(1, pages["q"][1], True)], 1), nxt, monkeypatch)
+    expect = _reference(reference, torch.cat([seqs["q"], nxt]))[-1:]
+    torch.testing.assert_close(out, expect, atol=ATOL, rtol=RTOL)
