@@ -233,12 +233,13 @@ def add_ratio_to_all_fa(rows: list[dict]) -> None:
 # -- reference engine -------------------------------------------------------------------------------
 def reference_decode_rate(model, prompts: torch.Tensor, placement, steps: int) -> float:
     """Greedy decode tokens/s after prefilling `prompts`; on CUDA the steps replay a CUDA graph."""
-    from supernet.throughput import measure_decode
+    from supernet.measure.throughput import measure_decode
 
     return measure_decode(model, placement, new_tokens=steps, input_ids=prompts)["tokens_per_s"]
 
 
 def run_reference(args, ckpt: Path, prompts: list[list[int]]) -> dict:
+    from supernet.measure.timer import Stopwatch
     from supernet.serving.speculative import greedy_generate, speculative_generate
     from supernet.model import SupernetForCausalLM
 
@@ -258,13 +259,13 @@ def run_reference(args, ckpt: Path, prompts: list[list[int]]) -> dict:
     if args.spec_draft:
         prompt = torch.tensor([prompts[args.batch]], device=device)
         greedy_generate(model, prompt[:, :64], args.spec_target, 4)  # warm-up
-        t0 = time.perf_counter()
-        plain = greedy_generate(model, prompt, args.spec_target, args.decode_tokens)
-        t_plain = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        tokens, stats = speculative_generate(model, prompt, args.spec_draft, args.spec_target, k=args.k,
-                                             max_new_tokens=args.decode_tokens)
-        t_spec = time.perf_counter() - t0
+        with Stopwatch(device) as watch:
+            plain = greedy_generate(model, prompt, args.spec_target, args.decode_tokens)
+        t_plain = watch.seconds
+        with Stopwatch(device) as watch:
+            tokens, stats = speculative_generate(model, prompt, args.spec_draft, args.spec_target, k=args.k,
+                                                 max_new_tokens=args.decode_tokens)
+        t_spec = watch.seconds
         spec = {"target": args.spec_target, "draft": args.spec_draft, "k": args.k, "batch": 1,
                 "identical_to_target": tokens == plain, "acceptance_rate": stats.acceptance_rate,
                 "tokens_per_round": stats.tokens_per_round, "target_alone_s": t_plain, "speculative_s": t_spec,

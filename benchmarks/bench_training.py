@@ -31,6 +31,7 @@ Usage (CPU):  python benchmarks/bench_training.py --smoke
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import math
@@ -50,6 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS, device_name, print_table, write_results  # noqa: E402
 from supernet.layout import MIXERS  # noqa: E402
 from supernet.mixers.registry import spec  # noqa: E402
+from supernet.measure.timer import Stopwatch, synchronize  # noqa: E402
+from supernet.measure.training_runs import compare_runs, timeline_breakdown  # noqa: E402
 
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
 SINGLE = ("all-fa", "all-swa", "all-gdn", "all-kda")
@@ -155,14 +158,10 @@ def run_baseline(teacher_path: str, seq: int, batch: int, warmup: int, steps: in
     try:
         for _ in range(warmup):
             step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
+        with Stopwatch(dev) as watch:
+            for _ in range(steps):
+                step()
+        dt = watch.seconds
         out = {"tokens_per_s": batch * seq * steps / dt, "batch": batch, "seq_len": seq,
                "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None}
     except torch.cuda.OutOfMemoryError:
@@ -248,7 +247,7 @@ def run_ours(args: argparse.Namespace, cfg: Any, live: dict[str, Any], flush: An
     trainer = Trainer(cfg)
     env = trainer.env
     dev = env.device
-    sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
+    sync = functools.partial(synchronize, dev)
     live.update(setup_s=time.perf_counter() - t_run, world_size=env.world_size, rank=env.rank,
                 global_batch_tokens=trainer.tokens_per_step, status="compiling" if cfg.train.compile else "training")
     flush()
@@ -275,11 +274,9 @@ def run_ours(args: argparse.Namespace, cfg: Any, live: dict[str, Any], flush: An
             if i == args.warmup:
                 compile_before_timing = _compile_stats()
             placement = trainer.next_placement()
-            sync()
-            t = time.perf_counter()
-            rec = trainer.train_step(placement)
-            sync()
-            dt = time.perf_counter() - t
+            with Stopwatch(dev) as watch:
+                rec = trainer.train_step(placement)
+            dt = watch.seconds
             trainer.step += 1
             collector.step(trainer.step)
             losses.append(rec["loss"])
@@ -386,26 +383,6 @@ def profile_steps(trainer: Any, steps: int, sync: Any, top: int = 15) -> dict[st
     }
 
 
-def _union_us(spans: list[tuple[float, float]]) -> float:
-    total, end = 0.0, float("-inf")
-    for a, b in sorted(spans):
-        if b > end:
-            total += b - max(a, end)
-            end = b
-    return total
-
-
-def timeline_breakdown(kernels: list[tuple[float, float, bool]], wall_us: float) -> dict[str, float]:
-    """Split a profiled wall time by what the GPU was doing, from kernel intervals (start, end,
-    is_communication) on all streams: `compute_busy` (some compute kernel running), `comm_only`
-    (only communication kernels: collectives not hidden behind compute; NCCL kernels also run
-    while they wait for another rank) and `gpu_idle` (no kernel at all: the GPU waited for the
-    host). `gpu_busy_s_per_step` sums kernel times over streams, so it cannot tell these apart."""
-    compute = _union_us([(a, b) for a, b, comm in kernels if not comm])
-    everything = _union_us([(a, b) for a, b, _ in kernels])
-    return {"compute_busy": compute, "comm_only": everything - compute, "gpu_idle": max(0.0, wall_us - everything)}
-
-
 def run_offline(args: argparse.Namespace, cfg: Any, data: list[str], student_dir: str) -> dict[str, Any]:
     """Write a top-K cache for a few windows (teacher throughput, bytes/token), then train from it."""
     import dataclasses
@@ -431,19 +408,16 @@ def run_offline(args: argparse.Namespace, cfg: Any, data: list[str], student_dir
                               student=dataclasses.replace(cfg.student, path=student_dir))
     trainer = Trainer(off)
     trainer.precompile()
-    sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     timed, tokens = 0.0, 0
     for i in range(args.warmup + args.steps):
         placement = trainer.next_placement()
-        sync()
-        t = time.perf_counter()
-        trainer.train_step(placement)
-        sync()
+        with Stopwatch(dev) as watch:
+            trainer.train_step(placement)
         trainer.step += 1
         if i >= args.warmup:
-            timed += time.perf_counter() - t
+            timed += watch.seconds
             tokens += trainer.tokens_per_step
     out = {"top_k": args.offline_topk, "bytes_per_token": index["bytes_per_token"],
            "cache_tokens": index["num_tokens"], "cache_write_s": cache_s,
@@ -455,22 +429,6 @@ def run_offline(args: argparse.Namespace, cfg: Any, data: list[str], student_dir
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return out
-
-
-def compare(ours: dict[str, Any], ref_path: str) -> dict[str, Any]:
-    ref = json.loads(Path(ref_path).read_text()).get("ours", {})
-    if not ref.get("losses"):
-        return {"reference": ref_path, "error": f"{ref_path} holds no losses (that run stopped before its "
-                                                 f"first step, status {ref.get('status')!r}): rerun it"}
-    n = min(len(ref["losses"]), len(ours["losses"]))
-    same_placements = ref["placements"][:n] == ours["placements"][:n]
-    rel = [abs(a - b) / max(abs(b), 1e-12) for a, b in zip(ours["losses"][:n], ref["losses"][:n])]
-    eff = None
-    if ref.get("tokens_per_s") and ours.get("tokens_per_s"):
-        eff = ours["tokens_per_s"] / (ref["tokens_per_s"] * ours["world_size"] / ref["world_size"])
-    return {"reference": ref_path, "scaling_efficiency": eff, "steps_compared": n,
-            "same_placements": same_placements, "max_rel_loss_diff": max(rel) if rel else None,
-            "mean_rel_loss_diff": sum(rel) / len(rel) if rel else None}
 
 
 def main() -> None:
@@ -521,7 +479,7 @@ def main() -> None:
 
     tmp = None
     if args.smoke:
-        from supernet.training.testing import write_synthetic_corpus
+        from supernet.training.tiny import write_synthetic_corpus
 
         tmp = tempfile.mkdtemp(prefix="bench-training-")
         tr, ev = write_synthetic_corpus(tmp, 60, 8)
@@ -653,7 +611,7 @@ def summarize(result: dict[str, Any], args: argparse.Namespace) -> None:
     if ours.get("tokens_per_s") and eager.get("tokens_per_s"):
         result["compile_speedup"] = ours["tokens_per_s"] / eager["tokens_per_s"]
     if args.compare_to and ours.get("losses"):
-        result["comparison"] = compare(ours, args.compare_to)
+        result["comparison"] = compare_runs(ours, args.compare_to)
 
     rows = []
     if baseline:

@@ -1,12 +1,11 @@
-"""Helpers shared by the benchmark scripts: timing, tables, JSON results."""
+"""Helpers shared by the benchmark scripts: tables and JSON results (timing: supernet.measure.timer)."""
 from __future__ import annotations
 
 import json
 import platform
-import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -17,30 +16,6 @@ def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def time_fn(fn: Callable[[], Any], *, warmup: int = 3, repeat: int = 20, min_seconds: float = 0.0) -> float:
-    """Median seconds per call; CUDA events on GPU, perf_counter on CPU."""
-    for _ in range(warmup):
-        fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(repeat):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        return statistics.median(times)
-    times = []
-    t_end = time.perf_counter() + min_seconds
-    while len(times) < repeat or time.perf_counter() < t_end:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def print_table(rows: list[dict[str, Any]], columns: list[str], title: str = "") -> None:

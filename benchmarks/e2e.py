@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from supernet.cli.pipeline import STEPS, PipelineSettings, run_pipeline  # noqa: E402
+from supernet.pipeline import STEPS, PipelineSettings, run_pipeline  # noqa: E402
 
 
 def main() -> None:

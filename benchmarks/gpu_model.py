@@ -20,25 +20,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import print_table, time_fn, write_results  # noqa: E402
+from benchmarks.common import print_table, write_results  # noqa: E402
 from supernet.cache import SupernetCache  # noqa: E402
 from supernet.config import SupernetConfig  # noqa: E402
+from supernet.measure.linear_mixers import rel_err  # noqa: E402
+from supernet.measure.shapes import smollm2_config  # noqa: E402
+from supernet.measure.timer import median_seconds  # noqa: E402
 from supernet.mixers import mixer_class, spec  # noqa: E402
 from supernet.mixers.rotary import RotaryEmbedding  # noqa: E402
 from supernet.ops.attention import causal_attention  # noqa: E402
-
-
-def smollm2_config(**kw) -> SupernetConfig:
-    base = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0, swa_window=4096,
-                max_position_embeddings=65536)
-    base.update(kw)
-    return SupernetConfig(**base)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double().cpu(), ref.double().cpu()
-    return float((out - ref).norm() / ref.norm())
 
 
 def check_correctness(config: SupernetConfig, device: str, mixers: list[str]) -> list[dict]:
@@ -91,7 +81,7 @@ def time_layers(config, device, contexts, batches, mixers, repeat) -> list[dict]
                         x = torch.randn(b, ctx, config.hidden_size, device=device, dtype=dtype)
                         pos = torch.arange(ctx, device=device)[None].expand(b, -1)
                         cos, sin = rope(x, pos)
-                        row["prefill_ms"] = 1e3 * time_fn(lambda: mixer(x, (cos, sin)), repeat=repeat)
+                        row["prefill_ms"] = 1e3 * median_seconds(lambda: mixer(x, (cos, sin)), repeat=repeat)
                         row.update(_raw_timings(name, mixer, x, cos, sin, repeat))
                         row.update(_decode_timing(name, mixer, x, cos, sin, rope, repeat))
                 except torch.OutOfMemoryError:
@@ -112,8 +102,8 @@ def _raw_timings(name, mixer, x, cos, sin, repeat) -> dict:
     q = torch.randn(b, h, t, d, device=x.device, dtype=x.dtype)
     k = torch.randn(b, kv, t, d, device=x.device, dtype=x.dtype)
     v = torch.randn_like(k)
-    kernel = 1e3 * time_fn(raw_attention(q, k, v, mixer.window), repeat=repeat)
-    proj = 1e3 * time_fn(lambda: (mixer.q_proj(x), mixer.k_proj(x), mixer.v_proj(x),
+    kernel = 1e3 * median_seconds(raw_attention(q, k, v, mixer.window), repeat=repeat)
+    proj = 1e3 * median_seconds(lambda: (mixer.q_proj(x), mixer.k_proj(x), mixer.v_proj(x),
                                   mixer.o_proj(torch.empty(b, t, h * d, device=x.device, dtype=x.dtype))),
                          repeat=repeat)
     return {"raw_kernel_prefill_ms": kernel, "projections_ms": proj}
@@ -134,12 +124,12 @@ def _decode_timing(name, mixer, x, cos, sin, rope, repeat) -> dict:
         mixer(x1, (c1, s1), cache)
         state.update(snapshot)  # keep the context length fixed across repeats
 
-    out = {"decode_ms": 1e3 * time_fn(step, repeat=repeat)}
+    out = {"decode_ms": 1e3 * median_seconds(step, repeat=repeat)}
     if spec(name).family == "attention":
         keys = state["k"][:, :, : min(t, state["k"].shape[2])]
         vals = state["v"][:, :, : keys.shape[2]]
         q = torch.randn(b, mixer.num_heads, 1, mixer.head_dim, device=x.device, dtype=x.dtype)
-        out["raw_kernel_decode_ms"] = 1e3 * time_fn(raw_attention(q, keys, vals, None), repeat=repeat)
+        out["raw_kernel_decode_ms"] = 1e3 * median_seconds(raw_attention(q, keys, vals, None), repeat=repeat)
     return out
 
 
@@ -161,9 +151,9 @@ def time_whole_model(device: str, batch: int, seq: int, repeat: int, smoke: bool
     ids = torch.randint(0, kw["vocab_size"], (batch, seq), device=device)
     with torch.no_grad():
         diff = (teacher(ids).logits.float() - supernet(ids, use_cache=False).logits.float()).abs().max().item()
-        t_hf = time_fn(lambda: teacher(ids, use_cache=False), repeat=repeat)
-        t_ours = time_fn(lambda: supernet(ids, use_cache=False), repeat=repeat)
-        t_hf2 = time_fn(lambda: teacher(ids, use_cache=False), repeat=repeat)
+        t_hf = median_seconds(lambda: teacher(ids, use_cache=False), repeat=repeat)
+        t_ours = median_seconds(lambda: supernet(ids, use_cache=False), repeat=repeat)
+        t_hf2 = median_seconds(lambda: teacher(ids, use_cache=False), repeat=repeat)
     return {"batch": batch, "seq": seq, "hf_llama_ms": 1e3 * min(t_hf, t_hf2), "supernet_all_fa_ms": 1e3 * t_ours,
             "ratio": t_ours / min(t_hf, t_hf2), "max_abs_logit_diff_bf16": diff}
 

@@ -7,33 +7,7 @@ from pathlib import Path
 import typer
 
 from supernet.cli.errors import UserError, friendly_errors
-from supernet.cli.pipeline import STEPS, PipelineSettings, console, run_pipeline
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _default_data(name: str) -> str:
-    import os
-
-    for base in (os.environ.get("SUPERNET_DATA"), REPO.parent / "shared" / "data", Path.cwd() / "data"):
-        if base and (Path(base) / name).exists():
-            return str(Path(base) / name)
-    raise UserError(f"corpus file {name} not found; set SUPERNET_DATA to a folder with pydocs-train/eval.jsonl "
-                    "(or pass --train-data/--eval-data)")
-
-
-def demo_settings(workdir: Path, train_data: str, eval_data: str) -> PipelineSettings:
-    return PipelineSettings(
-        workdir=workdir, teacher="smollm2", train_data=train_data, eval_data=eval_data, swa_window=64,
-        distill_config=str(REPO / "training" / "configs" / "demo_cpu.yaml"), distill_steps=8,
-        eval_n=36, eval_seq_len=128, eval_sequences=4, eval_batch=4,
-        # presets for the setting the demo times (batch 1, context 256, this CPU): costs measured here,
-        # scaled to whole all-<mixer> steps, so that predicted and measured speedups agree; the report
-        # adds what the same presets would give on the H200 profile at batch 64, context 8192
-        cost_context=256, cost_batch=1, measure_costs=True, calibrate_costs=True, speedups=[1.5, 2.0, 3.0],
-        quality_seq_len=128, quality_sequences=8, throughput_batch=1, throughput_context=256,
-        throughput_tokens=16, needle_contexts=[256, 512], spec_k=4, spec_tokens=24, spec_prompts=1, device="cpu",
-    )
+from supernet.pipeline import STEPS, PipelineSettings, console, demo_settings, find_corpus, run_pipeline
 
 
 def demo(
@@ -50,8 +24,8 @@ def demo(
         bad = [s for s in steps if s not in STEPS]
         if bad:
             raise UserError(f"unknown step {bad[0]!r}; choose from {', '.join(STEPS)}")
-        settings = demo_settings(workdir, train_data or _default_data("pydocs-train.jsonl"),
-                                 eval_data or _default_data("pydocs-eval.jsonl"))
+        settings = demo_settings(workdir, train_data or find_corpus("pydocs-train.jsonl"),
+                                 eval_data or find_corpus("pydocs-eval.jsonl"))
         run_pipeline(settings, steps)
         if "report" in steps:
             _generate_with_two_presets(settings)

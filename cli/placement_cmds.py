@@ -55,7 +55,8 @@ def eval_placements(
     """Measure the quality of sampled placements against the teacher (resumable)."""
     with friendly_errors(ValueError, OSError):
         from supernet.placement.cost import analytic_costs, load_config, load_costs
-        from supernet.placement.evaluate import build_evaluator, run_campaign
+        from supernet.measure.quality import build_evaluator
+        from supernet.placement.evaluate import run_campaign
 
         names = _parse_mixers(mixers)
         if n < 1:
@@ -156,7 +157,7 @@ def costs(
 
 def _measure(ckpt, config, context, batch, mode, repeats, layers, calibrate, device, rounds=(32, 3, 2, "wall")):
     from supernet.placement.cost import measure_costs
-    from supernet.placement.evaluate import load_supernet, pick_device
+    from supernet.measure.quality import load_supernet, pick_device
 
     chosen = None
     if layers != "all":
@@ -206,7 +207,7 @@ def _fit_profile(ckpt, config, out: Path, tables: Optional[str], context: int, b
     else:
         from supernet.layout import Placement
         from supernet.placement.cost import device_name
-        from supernet.placement.evaluate import load_supernet, pick_device
+        from supernet.measure.quality import load_supernet, pick_device
         from supernet.placement.profile import STEP, Observation
         from supernet.throughput import compare_decode
 
@@ -241,8 +242,42 @@ def _fit_profile(ckpt, config, out: Path, tables: Optional[str], context: int, b
                   "relative error over the timings it was fitted on")
 
 
+def install_presets(
+    ckpt: Path = typer.Argument(..., help="Supernet checkpoint folder; its config.json gets the presets."),
+    presets: Path = typer.Argument(..., help="presets.json from `placement optimize --out`."),
+    replace: bool = typer.Option(False, "--replace", help="Drop the checkpoint's existing presets first."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Replace an installed preset of the same name but another placement."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show what would change; write nothing."),
+) -> None:
+    """Install optimised presets into a checkpoint (config.json only), ready for `supernet serve --preset`."""
+    with friendly_errors(ValueError, OSError):
+        from supernet.install_presets import install_presets as install
+
+        report = install(ckpt, presets, replace=replace, overwrite=overwrite, dry_run=dry_run)
+        view = Table("preset", "status", "fa/swa/gdn/kda", "predicted speedup", "predicted quality")
+        for c in report.changes:
+            n = c.placement.counts()
+            speedup, quality = c.info.get("speedup"), c.info.get("predicted_quality")
+            view.add_row(c.name, c.status, f"{n['fa']}/{n['swa']}/{n['gdn']}/{n['kda']}",
+                         f"{speedup:.2f}x" if isinstance(speedup, (int, float)) else "",
+                         f"{quality:.4f}" if isinstance(quality, (int, float)) else "")
+        Console().print(view)
+        installed = report.names("added", "updated")
+        if dry_run:
+            console.print(f"dry run: {report.config_path} unchanged; would add or update {len(installed)} preset(s)")
+        elif report.written:
+            console.print(f"wrote {report.config_path}: installed {', '.join(installed) or 'nothing new'}"
+                          + (f", removed {', '.join(report.names('removed'))}" if report.names("removed") else ""))
+        else:
+            console.print(f"{report.config_path} already holds these presets; nothing written")
+        if installed and not dry_run:
+            console.print(f"serve one with: supernet serve {ckpt} --preset {installed[0]}")
+
+
 def register(app: typer.Typer) -> None:
     """Add this part's commands to the `supernet` app."""
     app.command("eval-placements")(eval_placements)
     app.command("costs")(costs)
     app.command("optimize")(optimize_command)
+    app.command("install-presets")(install_presets)

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -201,25 +199,11 @@ def analytic_costs(config: Any, context_length: int, batch_size: int = 1, mode: 
 
 
 # -- measured on the device -----------------------------------------------------------------------
-def _sync(device: Any) -> None:
-    import torch
-
-    if getattr(device, "type", str(device)) == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _median_time(fn, repeats: int, warmup: int, device: Any) -> float:
     """Median wall time of fn() in milliseconds (after warm-up), synchronising the device."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    from supernet.measure.timer import median_seconds
+
+    return median_seconds(fn, warmup=warmup, repeat=repeats, device=device, clock="wall") * 1e3
 
 
 GRAPH_REPLAYS = 10  # graphed steps per timed sample: one replay is too short to time alone
@@ -245,7 +229,7 @@ def measure_costs(model: Any, context_length: int, batch_size: int = 1, mode: st
     (norms + MLP), rotary, the final norm and lm_head. Unmeasured layers (`layers` given) get the
     median of the measured ones. Unit: milliseconds per step (decode) or per token (prefill).
     On CUDA (`cuda_graph`, default on there) decode steps and the fixed part are replayed as CUDA graphs,
-    10 steps per timed sample, as the whole-model decode is measured (supernet/throughput.py): the
+    10 steps per timed sample, as the whole-model decode is measured (supernet/measure/throughput.py): the
     table then adds up to what a whole step costs instead of to Python's kernel-launch time.
     """
     import torch
@@ -344,12 +328,12 @@ def calibrate_in_stack(table: CostTable, model: Any, *, new_tokens: int = 32, ro
     single-layer table over-predicted FA-heavy steps and under-predicted all-GDN by 10% (2.29 ms
     predicted, 2.51 measured), so the preset chosen for 4x decoded at 3.94x. Here the whole model
     decodes once per uniform placement all-<m> (graphed on CUDA, `rounds` x `windows` medians as in
-    supernet.throughput.compare_decode), and mixer m's per-layer costs are scaled by one factor so
+    supernet.measure.throughput.compare_decode), and mixer m's per-layer costs are scaled by one factor so
     that fixed + sum of its layers equals that measured step. Uniform placements are then predicted
     exactly; a hybrid's prediction mixes in-stack costs. `speeds` (compare_decode's result, keyed by
     mixer) skips the timing, for tests and for re-using a run.
     """
-    from supernet.throughput import compare_decode
+    from supernet.measure.throughput import compare_decode
 
     if table.meta.get("mode", "decode") != "decode" or table.unit != "ms/step":
         raise PlacementError("in-stack calibration needs a measured decode table in ms/step; "

@@ -12,7 +12,7 @@ model-name -> preset mapping), `vllm_model.py` (the model, on vLLM layers), `lin
 (GDN/KDA as `MambaBase` layers), `plan.py` (which mixers a server instantiates), `routing.py`
 (per-request presets), `drafter.py` (vLLM proposer), `speculative.py` (the drafter's cache snapshots; one-row wrappers over
 supernet/generation.py, our own engine),
-`server.py` (launch/stop a server), `testing.py` (tiny random checkpoints for tests/benchmarks).
+`server.py` (launch/stop a server). Tiny random checkpoints for the tests: tests/helpers/checkpoints.py.
 
 One preset per server. Only the mixers of that preset are built; vLLM sizes its cache from them:
 FA layers get paged KV for the whole context, SWA layers KV for their window (vLLM frees blocks

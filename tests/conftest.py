@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny supernet config, the real corpus, and the real SmolLM2 teacher (cached)."""
+"""Shared fixtures: a tiny supernet model, the real corpus, and the real SmolLM2 teacher (cached)."""
 from __future__ import annotations
 
 import json
@@ -8,19 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers.configs import tiny_config
+
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("SUPERNET_DATA", REPO.parent / "shared" / "data"))
-
-
-def tiny_config(**overrides):
-    from supernet.config import SupernetConfig
-
-    kwargs = dict(
-        vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, swa_window=6, max_position_embeddings=512,
-    )
-    kwargs.update(overrides)
-    return SupernetConfig(**kwargs)
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from supernet.ops import delta_rule as dr
+from supernet.ops.delta_rule import dispatch
 from supernet.ops.gated_norm import GatedRMSNorm, gated_rms_norm
 from supernet.ops.short_conv import causal_conv1d_silu
 
@@ -163,7 +164,7 @@ def test_bad_shapes_raise_clear_errors():
 
 def test_cpu_never_picks_fla():
     q = torch.zeros(1, 3, 1, 4)
-    assert dr._fla_kernel("gdn", q, (q,)) is None
+    assert dispatch._fla_kernel("gdn", q, (q,)) is None
 
 
 # ---------------------------------------------------------------- short conv and gated norm

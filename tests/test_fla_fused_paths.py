@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from supernet.ops import delta_rule as dr
+from supernet.ops.delta_rule import dispatch
 from supernet.ops import gated_norm as gn
 from supernet.ops import short_conv as sc
 from tests.conftest import run_interpreted
@@ -26,7 +27,7 @@ TOL = dict(rtol=1e-4, atol=1e-5)
 def test_cpu_dispatch_picks_the_torch_paths():
     x = torch.randn(1, 3, 8)
     assert not sc._use_fla(x, 4) and not gn._use_fla(x)
-    assert not dr._gates_in_kernel(x, (x,))
+    assert not dispatch._gates_in_kernel(x, (x,))
     # what the dispatchers return on the CPU is exactly the torch paths' result
     w, tail = torch.randn(8, 1, 4), torch.randn(1, 8, 3)
     y, t = sc.causal_conv1d_silu(x, w, tail, return_tail=True)
@@ -153,8 +154,8 @@ def _child() -> None:
     def run(mixer, xs, fused: bool):
         sc._use_fla = (lambda x, width: True) if fused else (lambda x, width: False)
         gn._use_fla = (lambda x: True) if fused else (lambda x: False)
-        dr._gates_in_kernel = (lambda q, tensors: True) if fused else (lambda q, tensors: False)
-        dr._fla_kernel = (lambda family, q, tensors: dr._fla_kernels()[f"{family}_recurrent"]) if fused \
+        dispatch._gates_in_kernel = (lambda q, tensors: True) if fused else (lambda q, tensors: False)
+        dispatch._fla_kernel = (lambda family, q, tensors: dispatch._fla_kernels()[f"{family}_recurrent"]) if fused \
             else (lambda family, q, tensors: None)
         cache, outs, tails = SupernetCache(2), [], []
         with torch.inference_mode():

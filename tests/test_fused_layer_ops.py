@@ -68,8 +68,8 @@ def _child() -> None:
     """Runs under TRITON_INTERPRET=1 (fla's Triton kernels executed on the CPU); raises on a mismatch."""
     import triton.runtime.autotuner as autotuner
 
-    from supernet.config import SupernetConfig
     from supernet.layer import SupernetDecoderLayer
+    from tests.helpers.configs import tiny_config
     from supernet.ops import activations, norm
 
     # the interpreter has no benchmarker: every autotuning candidate "takes" the same time
@@ -89,8 +89,7 @@ def _child() -> None:
     close(fused_swiglu(g, u), F.silu(g) * u, rtol=1e-5, atol=1e-5)
 
     # a whole decoder layer with the fused paths forced on equals the torch paths
-    config = SupernetConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                            num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    config = tiny_config(num_hidden_layers=1, head_dim=16)
     layer = SupernetDecoderLayer(config, 0, mixers=("fa",)).eval()
     hidden = torch.randn(2, 7, 64)
     angles = torch.arange(7.0)[None, :, None] * torch.rand(8)

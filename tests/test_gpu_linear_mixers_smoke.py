@@ -1,4 +1,5 @@
-"""benchmarks/gpu_linear_mixers.py --smoke on the CPU: every item runs and the JSON has every section."""
+"""benchmarks/gpu_linear_mixers.py --smoke on the CPU (every item runs, the JSON has every section), and
+the library pieces it is made of (supernet.measure.linear_mixers, .fla_layer)."""
 from __future__ import annotations
 
 import json
@@ -60,18 +61,17 @@ def test_items_filter_runs_the_checks_and_the_chosen_rows_only(tmp_path):
 
 # fla's own layer, the benchmark's second reference: its kwargs and weights must reproduce our mixer
 
-sys.path.insert(0, str(REPO))
-from benchmarks import gpu_linear_mixers as bench  # noqa: E402
-from benchmarks.gpu_model import smollm2_config  # noqa: E402
+from supernet.measure import fla_layer, linear_mixers  # noqa: E402
+from supernet.measure.shapes import LINEAR_SHAPES, linear_config, smollm2_config  # noqa: E402
 from tests.conftest import run_interpreted  # noqa: E402
 
-SMOLLM2 = bench.FULL["shapes"]["smollm2"]
+SMOLLM2 = LINEAR_SHAPES["smollm2"]
 
 
 @pytest.mark.parametrize("mixer", ["gdn", "kda"])
 def test_fla_layer_kwargs_follow_our_config(mixer):
     config = smollm2_config()
-    kwargs = bench.fla_layer_kwargs(SMOLLM2, mixer, config)
+    kwargs = fla_layer.fla_layer_kwargs(SMOLLM2, mixer, config)
     heads = config.gdn_num_heads if mixer == "gdn" else config.kda_num_heads
     head_dim = config.gdn_head_dim if mixer == "gdn" else config.kda_head_dim
     assert (kwargs["hidden_size"], kwargs["num_heads"], kwargs["num_v_heads"], kwargs["head_dim"]) == (576, 9, 9, 64)
@@ -80,16 +80,16 @@ def test_fla_layer_kwargs_follow_our_config(mixer):
     assert kwargs["norm_eps"] == config.linear_norm_eps and kwargs["mode"] == "chunk"
     assert kwargs["use_short_conv"] and not kwargs["conv_bias"] and kwargs["layer_idx"] == 0
     # the benchmark's own config for the shape gives the same layer
-    assert bench.fla_layer_kwargs(SMOLLM2, mixer, bench.linear_config(576, 9, 64)) == kwargs
+    assert fla_layer.fla_layer_kwargs(SMOLLM2, mixer, linear_config(576, 9, 64)) == kwargs
     if mixer == "gdn":
         assert kwargs["use_gate"] and kwargs["output_gate_activation"] == "silu"
     with pytest.raises(ValueError, match="does not match"):
-        bench.fla_layer_kwargs(dict(SMOLLM2, heads=8), mixer, config)
+        fla_layer.fla_layer_kwargs(dict(SMOLLM2, heads=8), mixer, config)
 
 
 def test_fla_layer_kwargs_follow_value_heads_and_dims():
     config = smollm2_config(gdn_num_v_heads=18, gdn_v_head_dim=128, linear_conv_size=3)
-    kwargs = bench.fla_layer_kwargs(SMOLLM2, "gdn", config)
+    kwargs = fla_layer.fla_layer_kwargs(SMOLLM2, "gdn", config)
     assert (kwargs["num_heads"], kwargs["num_v_heads"], kwargs["expand_v"], kwargs["conv_size"]) == (9, 18, 2, 3)
 
 
@@ -99,12 +99,12 @@ def test_fla_layer_constructs_on_cpu_with_our_weights(mixer, overrides):
     mixer under its names with strict loading: same parameter shapes throughout."""
     fla_layers = pytest.importorskip("fla.layers")
     config = smollm2_config(**overrides)
-    ours = bench.random_mixer(mixer, config, seed=3)
-    layer = bench.build_fla_layer(SMOLLM2, mixer, config, ours)
-    assert isinstance(layer, getattr(fla_layers, bench.FLA_LAYER_CLASSES[mixer])) and not layer.training
+    ours = linear_mixers.random_mixer(mixer, config, seed=3)
+    layer = fla_layer.build_fla_layer(SMOLLM2, mixer, config, ours)
+    assert isinstance(layer, getattr(fla_layers, fla_layer.FLA_LAYER_CLASSES[mixer])) and not layer.training
     assert layer.conv_size == config.linear_conv_size and layer.q_conv1d.kernel_size == (4,)
     theirs = layer.state_dict()
-    for name, t in bench.fla_layer_state_dict(ours.state_dict(), mixer).items():
+    for name, t in fla_layer.fla_layer_state_dict(ours.state_dict(), mixer).items():
         assert torch.equal(theirs[name], t), name
     extra = sum(p.numel() for p in layer.parameters()) - sum(p.numel() for p in ours.parameters())
     assert extra == (config.kda_num_heads * config.kda_v_head_dim if mixer == "kda" else 0)  # KDA g_proj bias
@@ -128,14 +128,14 @@ def _child() -> None:
     # the interpreter has no benchmarker: every autotuning candidate "takes" the same time
     autotuner.Autotuner.do_bench = property(lambda self: lambda fn, quantiles=None: [1.0, 1.0, 1.0])
     spec = dict(hidden=64, heads=2, head_dim=32)
-    config = bench.linear_config(64, 2, 32)
+    config = linear_config(64, 2, 32)
     torch.manual_seed(0)
     for kind in ("gdn", "kda"):
-        ours = bench.random_mixer(kind, config, seed=1)
-        layer = bench.build_fla_layer(spec, kind, config, ours)
+        ours = linear_mixers.random_mixer(kind, config, seed=1)
+        layer = fla_layer.build_fla_layer(spec, kind, config, ours)
         x = torch.randn(2, 44, 64)
         with torch.inference_mode():
-            cache, fla_cache = SupernetCache(1), bench.fla_cache()
+            cache, fla_cache = SupernetCache(1), fla_layer.fla_cache()
             outs = [ours(x[:, :40], cache=cache)]
             theirs = [layer(x[:, :40], past_key_values=fla_cache, use_cache=True)[0]]
             for t in range(40, 44):
@@ -146,12 +146,12 @@ def _child() -> None:
         H, K = spec["heads"], spec["head_dim"]
         assert fla_cache[0]["recurrent_state"].shape == (2, H, K, K)
         # the timing path: columns filled, our weights in fla's layer, its decode from a random state
-        mixers = bench.TimingMixers("cpu", torch.float32, with_fla_layer=True)
-        row = bench.time_prefill(mixers, "tiny", spec, kind, 1, 64)
+        mixers = linear_mixers.TimingMixers("cpu", torch.float32, with_fla_layer=True)
+        row = linear_mixers.time_prefill(mixers, "tiny", spec, kind, 1, 64)
         assert row["fla_layer_ms"] > 0 and row["layer_over_fla_layer"] > 0, row
         assert row["fla_layer_rel_err"] < 1e-4 and "fla_layer_error" not in row, row
-        row = bench.time_decode(mixers, "tiny", spec, kind, 2, 128)
+        row = linear_mixers.time_decode(mixers, "tiny", spec, kind, 2, 128)
         assert row["fla_layer_ms"] > 0 and "fla_layer_error" not in row, row
-        assert bench.TimingMixers("cpu", torch.float32).fla_layer("tiny", spec, kind)[1] == {
-            "fla_layer_skipped": bench.FLA_LAYER_OFF_CUDA}
+        assert linear_mixers.TimingMixers("cpu", torch.float32).fla_layer("tiny", spec, kind)[1] == {
+            "fla_layer_skipped": fla_layer.FLA_LAYER_OFF_CUDA}
     print("FLA LAYER OK")

@@ -5,23 +5,14 @@ import pytest
 import torch
 
 from supernet.cache import SupernetCache
-from supernet.config import SupernetConfig
 from supernet.mixers.gdn import CONV_TAP_QK, CONV_TAP_V, GatedDeltaNetMixer
 from supernet.mixers.kda import KimiDeltaAttentionMixer
 from supernet.ops.delta_rule import kda_rule
 from supernet.ops.gated_norm import gated_rms_norm
 from supernet.ops.short_conv import causal_conv1d_silu
+from tests.helpers.configs import tiny_config
 
 LAYER = 1  # not 0, so that a mixer reading the wrong cache slot would show
-
-
-def tiny_config(**overrides) -> SupernetConfig:
-    kw = dict(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-        num_key_value_heads=2, num_hidden_layers=2, max_position_embeddings=256,
-    )
-    kw.update(overrides)
-    return SupernetConfig(**kw)
 
 
 MIXERS = {

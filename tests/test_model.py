@@ -9,8 +9,8 @@ import torch
 from supernet.cache import SupernetCache
 from supernet.model import SupernetForCausalLM
 from supernet.layout import Placement, PlacementError
-from tests.conftest import tiny_config
 from tests.float_bounds import assert_greedy_agrees
+from tests.helpers.configs import tiny_config
 
 MIXED = ["fa,swa,gdn,kda", "kda,gdn,swa,fa", "gdn,gdn,fa,kda", "swa,kda,kda,swa"]
 UNIFORM = ["all-fa", "all-swa", "all-gdn", "all-kda"]

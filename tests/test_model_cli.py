@@ -11,7 +11,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    from supernet.training.testing import tiny_teacher_dir
+    from supernet.training.tiny import tiny_teacher_dir
 
     out = tmp_path_factory.mktemp("cli") / "ckpt"
     result = runner.invoke(app, ["convert", str(tiny_teacher_dir()), str(out), "--swa-window", "8"])

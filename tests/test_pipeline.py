@@ -9,9 +9,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_pipeline_runs_every_step_and_resumes(tmp_path):
-    from supernet.cli.pipeline import PipelineSettings, run_pipeline
+    from supernet.pipeline import PipelineSettings, run_pipeline
     from tests.conftest import REPO
-    from supernet.training.testing import tiny_teacher_dir, write_synthetic_corpus
+    from supernet.training.tiny import tiny_teacher_dir, write_synthetic_corpus
 
     train, evaluation = write_synthetic_corpus(tmp_path / "data", n_train=60, n_eval=12)
     settings = PipelineSettings(

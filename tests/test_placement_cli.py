@@ -177,7 +177,7 @@ def test_costs_command_analytic(tmp_path):
 def tiny_checkpoint(tmp_path_factory):
     """A saved tiny random supernet with a small byte-level BPE tokenizer."""
     torch = pytest.importorskip("torch")
-    from tests.conftest import tiny_config
+    from tests.helpers.configs import tiny_config
 
     try:
         from supernet.model import SupernetForCausalLM

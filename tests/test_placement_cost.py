@@ -103,7 +103,7 @@ def test_bad_costs_files(tmp_path):
 def _tiny_model():
     """A tiny random supernet, or a skip naming what is missing from the model code."""
     torch = pytest.importorskip("torch")
-    from tests.conftest import tiny_config
+    from tests.helpers.configs import tiny_config
 
     try:
         from supernet.model import SupernetForCausalLM

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from supernet.placement.cost import analytic_costs
-from supernet.placement.evaluate import PlacementEvaluator, coarse_kl, full_kl, run_campaign
+from supernet.measure.quality import PlacementEvaluator, coarse_kl, full_kl
+from supernet.placement.evaluate import run_campaign
 from supernet.placement.evaluations import append_evaluation, read_evaluations
 from supernet.placement.sampling import initial_design, one_changed, propose_active, random_counts
 from supernet.placement.surrogate import fit_surrogate
@@ -173,7 +174,7 @@ def test_append_repairs_a_missing_final_newline(tmp_path):
 
 # -- the real model -------------------------------------------------------------------------------
 def test_evaluator_on_a_tiny_supernet():
-    from tests.conftest import tiny_config
+    from tests.helpers.configs import tiny_config
 
     try:
         from supernet.model import SupernetForCausalLM

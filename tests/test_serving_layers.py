@@ -15,7 +15,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from supernet.serving.testing import random_state_dict, tiny_config
+from tests.helpers.checkpoints import random_state_dict
+from tests.helpers.configs import vllm_config
 
 KINDS = ["gdn", "kda"]
 ATOL, RTOL = 2e-5, 1e-4
@@ -49,7 +50,7 @@ def _layers(kind: str, cfg):
     from supernet.mixers import mixer_class
     from supernet.serving.linear_layers import SupernetLinearAttention
 
-    config = tiny_config()
+    config = vllm_config()
     prefix = f"model.layers.0.mixers.{kind}"
     served = SupernetLinearAttention(config, kind, f"{prefix}.{len(cfg.compilation_config.static_forward_context)}")
     reference = mixer_class(kind)(config, 0).eval()
@@ -95,7 +96,7 @@ def _reference(reference, seq: torch.Tensor) -> torch.Tensor:
 def test_batched_decode_and_varlen_prefill_match_reference(kind, vllm_env, monkeypatch):
     served, reference = _layers(kind, vllm_env)
     gen = torch.Generator().manual_seed(0)
-    d = tiny_config().hidden_size
+    d = vllm_config().hidden_size
     history = {name: torch.randn(n, d, generator=gen) for name, n in [("a", 5), ("b", 9), ("c", 3), ("d", 6)]}
     page = {"a": 3, "b": 5, "c": 7, "d": 9, "e": 11, "f": 12}
     # step 1: four fresh prefills in one call
@@ -145,7 +146,7 @@ def _spec_meta(spec_rows, accepted, prefill_rows, num_spec: int):
 def test_draft_verification_keeps_one_page_per_token(kind, vllm_env, monkeypatch):
     served, reference = _layers(kind, vllm_env)
     gen = torch.Generator().manual_seed(1)
-    d = tiny_config().hidden_size
+    d = vllm_config().hidden_size
     pages = {"p": [20, 21, 22, 23], "q": [30, 31, 32, 33]}
     history = {"p": torch.randn(6, d, generator=gen), "q": torch.randn(4, d, generator=gen)}
     _step(served, _plain_meta([(6, 20, False), (4, 30, False)], 0), torch.cat([history["p"], history["q"]]), monkeypatch)

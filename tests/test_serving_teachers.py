@@ -15,7 +15,7 @@ import torch
 
 from supernet.serving.server import VllmServer, cpu_env, free_port, vllm_command
 from supernet.serving.speculative import greedy_generate
-from supernet.serving.testing import save_byte_tokenizer
+from tests.helpers.checkpoints import save_byte_tokenizer
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 

@@ -9,7 +9,8 @@ import torch
 
 from supernet.serving.plan import serving_plan
 from supernet.serving.speculative import greedy_generate, restore, snapshot, speculative_generate
-from supernet.serving.testing import default_presets, make_checkpoint, tiny_config
+from tests.helpers.checkpoints import default_presets, make_checkpoint
+from tests.helpers.configs import vllm_config
 from supernet.layout import PlacementError
 
 
@@ -24,7 +25,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("tiny"), tiny_config(), seed=1)
+    return make_checkpoint(tmp_path_factory.mktemp("tiny"), vllm_config(), seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def model(ckpt):
 
 
 def _config(**keys):
-    config = tiny_config()
+    config = vllm_config()
     config.presets = default_presets(4)
     for k, v in keys.items():
         setattr(config, k, v)

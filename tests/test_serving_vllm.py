@@ -20,7 +20,8 @@ import torch
 
 from supernet.serving.server import VllmServer, cpu_env, free_port, vllm_command
 from supernet.serving.speculative import greedy_generate
-from supernet.serving.testing import make_checkpoint, tiny_config
+from tests.helpers.checkpoints import make_checkpoint
+from tests.helpers.configs import vllm_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -37,7 +38,7 @@ EAGER = ["--enforce-eager"]
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("ckpt"), tiny_config(), seed=3)
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt"), vllm_config(), seed=3)
 
 
 @pytest.fixture(scope="module")

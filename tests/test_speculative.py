@@ -12,7 +12,8 @@ import torch
 from supernet.cache import SupernetCache
 from supernet.generation import greedy_generate, speculative_generate
 from supernet.model import SupernetForCausalLM
-from supernet.serving.testing import random_state_dict, tiny_config
+from tests.helpers.checkpoints import random_state_dict
+from tests.helpers.configs import vllm_config
 from supernet.speculative import _StaticRows, accept_drafts
 
 # every pair has fa, swa, gdn and kda in both the draft and the target
@@ -28,7 +29,7 @@ def one_thread():
 
 
 def _model(vocab_size: int = 264, turn_down: float = 0.35) -> SupernetForCausalLM:
-    config = tiny_config(vocab_size=vocab_size)
+    config = vllm_config(vocab_size=vocab_size)
     state = random_state_dict(config, seed=1)
     for name in state:
         if name.startswith(("model.layers.2.mixers", "model.layers.3.mixers")) and name.endswith("o_proj.weight"):

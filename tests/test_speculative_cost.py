@@ -51,7 +51,7 @@ def test_choose_draft_picks_the_best_pair_or_none(tmp_path):
 
     from supernet.draft_choice import choose_draft, record_acceptance, recorded_acceptance
     from supernet.model import SupernetForCausalLM
-    from tests.conftest import tiny_config
+    from tests.helpers.configs import tiny_config
 
     config = tiny_config(presets={"lin": ["gdn", "kda", "gdn", "kda"], "half": ["fa", "gdn", "fa", "gdn"]})
     torch.manual_seed(0)

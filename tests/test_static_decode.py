@@ -7,8 +7,8 @@ import torch
 from supernet.cache import SupernetCache
 from supernet.model import SupernetForCausalLM
 from supernet.static_decode import GraphedStep, StaticDecoder
-from tests.conftest import tiny_config
 from tests.float_bounds import assert_greedy_agrees
+from tests.helpers.configs import tiny_config
 
 PLACEMENTS = ["all-fa", "all-swa", "all-gdn", "all-kda", "fa,swa,gdn,kda", "kda,swa,fa,gdn"]
 
@@ -143,7 +143,7 @@ def test_greedy_generation_equals_hf_generate(placement, static):
 
 
 def test_measure_decode_takes_real_prompts_or_refuses_missing_shapes():
-    from supernet.throughput import measure_decode
+    from supernet.measure.throughput import measure_decode
 
     torch.manual_seed(0)
     model = SupernetForCausalLM(tiny_config()).eval()
@@ -156,7 +156,7 @@ def test_measure_decode_takes_real_prompts_or_refuses_missing_shapes():
 
 def test_compare_decode_takes_the_median_of_interleaved_rounds(monkeypatch):
     """Every placement is timed in each round, in turn; its figure is the median of all its windows."""
-    import supernet.throughput as throughput
+    import supernet.measure.throughput as throughput
 
     torch.manual_seed(0)
     model = SupernetForCausalLM(tiny_config()).eval()

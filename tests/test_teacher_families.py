@@ -210,7 +210,7 @@ def test_linear_mixers_start_from_the_teachers_attention(pair):
 
 def test_converted_checkpoint_roundtrips_from_a_folder(tmp_path):
     """`supernet convert` from an HF folder (the family with the most differences: Gemma 3)."""
-    from supernet.serving.testing import save_byte_tokenizer
+    from tests.helpers.checkpoints import save_byte_tokenizer
     from supernet.convert import convert_teacher
     from supernet.model import SupernetForCausalLM
 

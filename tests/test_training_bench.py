@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+from supernet.measure.training_runs import compare_runs, timeline_breakdown
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_bench_training_smoke(tmp_path):
     out = tmp_path / "training_smoke.json"
     proc = subprocess.run([sys.executable, "benchmarks/bench_training.py", "--smoke", "--out", str(out),
@@ -28,14 +30,11 @@ def test_bench_training_smoke(tmp_path):
     off = res["offline"]
     assert off["bytes_per_token"] == 8 * 4 + 9 and off["cache_tokens_per_s"] > 0 and off["train_tokens_per_s"] > 0
     # comparing a run with itself: identical losses, efficiency 1
-    again = subprocess.run([sys.executable, "-c", (
-        "import json,sys; sys.path.insert(0, '.'); from benchmarks.bench_training import compare; "
-        f"r = json.load(open({str(out)!r})); print(json.dumps(compare(r['ours'], {str(out)!r})))")],
-        cwd=REPO, capture_output=True, text=True, timeout=120)
-    cmp = json.loads(again.stdout.strip().splitlines()[-1])
+    cmp = compare_runs(res["ours"], str(out))
     assert cmp["scaling_efficiency"] == pytest.approx(1.0) and cmp["max_rel_loss_diff"] == 0.0
 
 
+@pytest.mark.slow
 def test_bench_training_time_limit_leaves_a_partial_result(tmp_path):
     out = tmp_path / "training_partial.json"
     proc = subprocess.run([sys.executable, "benchmarks/bench_training.py", "--smoke", "--budget-tokens", "0",
@@ -48,8 +47,13 @@ def test_bench_training_time_limit_leaves_a_partial_result(tmp_path):
     assert ours["status"].startswith("stopped: time limit") and ours["timed_steps"] == 1 and ours["tokens_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_plot_loss_curves_draws_runs_against_the_reference_and_refuses_other_placements(tmp_path):
-    from benchmarks.plot_loss_curves import main as plot_main
+    def plot_main(argv):
+        proc = subprocess.run([sys.executable, "benchmarks/plot_loss_curves.py", *argv], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+        if proc.returncode:
+            raise SystemExit(proc.stderr.strip().splitlines()[-1])
 
     def write(name, losses, placements):
         path = tmp_path / f"{name}.json"
@@ -69,8 +73,6 @@ def test_plot_loss_curves_draws_runs_against_the_reference_and_refuses_other_pla
 
 
 def test_timeline_breakdown_splits_wall_time_into_compute_exposed_communication_and_idle():
-    from benchmarks.bench_training import timeline_breakdown
-
     # compute 0-10 and 8-12 (two streams, overlapping); an all-gather 5-15, half hidden; nothing 15-20
     kernels = [(0.0, 10.0, False), (8.0, 12.0, False), (5.0, 15.0, True)]
     assert timeline_breakdown(kernels, 20.0) == {"compute_busy": 12.0, "comm_only": 3.0, "gpu_idle": 5.0}

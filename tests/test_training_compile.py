@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from supernet.layout import Placement
-from supernet.training.testing import TinyWorld
+from tests.helpers.world import TinyWorld
 
 pytestmark = pytest.mark.slow
 

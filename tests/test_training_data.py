@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from supernet.training.data import (DataError, GlobalOrder, PackedDataset, build_token_stream, tokenize_chat)
-from supernet.training.testing import byte_tokenizer, synthetic_chats, write_jsonl
+from supernet.training.tiny import byte_tokenizer, synthetic_chats, write_jsonl
 
 
 @pytest.fixture(scope="module")

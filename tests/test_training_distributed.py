@@ -11,8 +11,8 @@ import pytest
 import torch
 import yaml
 
-from supernet.training.testing import TinyWorld
 from tests.float_bounds import U32, adam_ratio_bound, gamma
+from tests.helpers.world import TinyWorld
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from supernet.layout import Placement
-from supernet.training.testing import TinyWorld
+from tests.helpers.world import TinyWorld
 
 pytestmark = pytest.mark.slow
 

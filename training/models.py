@@ -18,7 +18,7 @@ BUILTIN_TINY = "builtin:tiny-llama"
 def teacher_location(path: str, gguf_file: str | None) -> tuple[str, str | None]:
     """`builtin:tiny-llama` -> the cached tiny teacher folder; anything else unchanged."""
     if path == BUILTIN_TINY:
-        from supernet.training.testing import tiny_teacher_dir
+        from supernet.training.tiny import tiny_teacher_dir
 
         return str(tiny_teacher_dir()), None
     return path, gguf_file

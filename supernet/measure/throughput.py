@@ -9,36 +9,14 @@ overhead, and every placement would look equally fast.
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
 from supernet.cache import SupernetCache
 from supernet.model import SupernetForCausalLM
 from supernet.layout import PlacementLike
+from supernet.measure.timer import Stopwatch
 from supernet.static_decode import StaticDecoder
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-CLOCKS = ("wall", "cpu")
-
-
-def device_of(model: SupernetForCausalLM) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _timer(clock: str, device: torch.device):
-    """Wall time, or this process's CPU time: on a shared CPU machine other processes steal time
-    slices, which wall time counts and CPU time does not (single-threaded runs measure best)."""
-    if clock not in CLOCKS:
-        raise ValueError(f"unknown clock {clock!r}; use wall or cpu")
-    if clock == "cpu" and device.type != "cpu":
-        raise ValueError("the cpu clock times CPU runs only (GPU kernels run asynchronously); use wall")
-    return time.perf_counter if clock == "wall" else time.process_time
 
 
 @torch.no_grad()
@@ -65,11 +43,11 @@ def measure_decode(
     `new_tokens` steps after the one prefill and reports their median, so one disturbed window does
     not decide the number (`ms_per_step_windows` keeps them all).
     """
-    timer = _timer(clock, device_of(model))
     if windows < 1 or new_tokens < 1:
         raise ValueError(f"measure_decode needs windows >= 1 and new_tokens >= 1, got {windows} and {new_tokens}")
     device = next(model.parameters()).device
     cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+    Stopwatch(device, clock=clock)  # refuses an unknown clock, or the cpu clock on CUDA, before any work
     if input_ids is not None:
         ids = input_ids.to(device)
         batch, context = ids.shape
@@ -79,12 +57,11 @@ def measure_decode(
         g = torch.Generator(device="cpu").manual_seed(seed)
         ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=g).to(device)
     cache = SupernetCache(model.config.num_hidden_layers)
-    t0 = time.perf_counter()
-    for start in range(0, context, prefill_chunk):  # chunked prefill bounds activation memory
-        out = model(ids[:, start : start + prefill_chunk], past_key_values=cache, use_cache=True,
-                    placement=placement, logits_to_keep=1)
-    _sync(device)
-    prefill_s = time.perf_counter() - t0
+    with Stopwatch(device) as prefill:
+        for start in range(0, context, prefill_chunk):  # chunked prefill bounds activation memory
+            out = model(ids[:, start : start + prefill_chunk], past_key_values=cache, use_cache=True,
+                        placement=placement, logits_to_keep=1)
+    prefill_s = prefill.seconds
     token = out.logits[:, -1:].argmax(-1)
     if cuda_graph:
         decoder = StaticDecoder(model, placement, cache, max_new_tokens=warmup + 1 + windows * new_tokens,
@@ -99,14 +76,12 @@ def measure_decode(
             return token
     for _ in range(warmup):
         step()
-    _sync(device)
     window_ms = []
     for _ in range(windows):
-        t0 = timer()
-        for _ in range(new_tokens):
-            step()
-        _sync(device)
-        window_ms.append(1e3 * (timer() - t0) / new_tokens)
+        with Stopwatch(device, clock=clock) as window:
+            for _ in range(new_tokens):
+                step()
+        window_ms.append(window.ms / new_tokens)
     ms = statistics.median(window_ms)
     return {
         "cuda_graph": cuda_graph,

@@ -1,6 +1,12 @@
 """The whole pipeline, step by step: convert -> distill -> evaluate placements -> costs -> presets ->
 measure each preset (speed, quality, retrieval) -> self-speculative decoding.
 
+A library module at the top of the package, not under cli/ or measure/: it is the workflow that
+strings the commands together (convert, distill, eval-placements, costs and optimize run as the
+user would run them, in subprocesses, so each step's output and resumability are those of the CLI)
+and then measures with supernet.measure. Its callers are a command (`supernet demo`) and a script
+(`benchmarks/e2e.py`); neither holds any of its logic.
+
 `supernet demo` runs a miniature on the CPU; `benchmarks/e2e.py` runs the full size on a GPU. Each
 step writes its files into the work folder and is skipped when they exist, so an interrupted run
 resumes where it stopped (each step also runs as its own command: `--step NAME`).
@@ -19,6 +25,7 @@ from typing import Callable
 from rich.console import Console
 
 console = Console(stderr=True)
+REPO = Path(__file__).resolve().parents[1]
 STEPS = ("convert", "distill", "evaluate", "costs", "presets", "measure", "report")
 
 
@@ -70,6 +77,30 @@ class PipelineSettings:
     @property
     def final(self) -> Path:
         return self.workdir / "supernet-final"
+
+
+def find_corpus(name: str) -> str:
+    """A corpus file: under $SUPERNET_DATA, the shared data folder beside the repo, or ./data."""
+    for base in (os.environ.get("SUPERNET_DATA"), REPO.parent / "shared" / "data", Path.cwd() / "data"):
+        if base and (Path(base) / name).exists():
+            return str(Path(base) / name)
+    raise FileNotFoundError(f"corpus file {name} not found; set SUPERNET_DATA to a folder with "
+                            "pydocs-train/eval.jsonl (or pass --train-data/--eval-data)")
+
+
+def demo_settings(workdir: Path, train_data: str, eval_data: str) -> PipelineSettings:
+    """`supernet demo`'s sizes: the pipeline in minutes on 2 CPU cores (see the README)."""
+    return PipelineSettings(
+        workdir=workdir, teacher="smollm2", train_data=train_data, eval_data=eval_data, swa_window=64,
+        distill_config=str(REPO / "training" / "configs" / "demo_cpu.yaml"), distill_steps=8,
+        eval_n=36, eval_seq_len=128, eval_sequences=4, eval_batch=4,
+        # presets for the setting the demo times (batch 1, context 256, this CPU): costs measured here,
+        # scaled to whole all-<mixer> steps, so that predicted and measured speedups agree; the report
+        # adds what the same presets would give on the H200 profile at batch 64, context 8192
+        cost_context=256, cost_batch=1, measure_costs=True, calibrate_costs=True, speedups=[1.5, 2.0, 3.0],
+        quality_seq_len=128, quality_sequences=8, throughput_batch=1, throughput_context=256,
+        throughput_tokens=16, needle_contexts=[256, 512], spec_k=4, spec_tokens=24, spec_prompts=1, device="cpu",
+    )
 
 
 def _run(cmd: list[str], log: Path) -> None:
@@ -170,26 +201,16 @@ def step_presets(s: PipelineSettings) -> None:
 
 
 def install_presets(ckpt: Path, presets_json: Path, out: Path) -> None:
-    """Copy a checkpoint and write the optimised presets into its config (no weights change)."""
+    """Copy a checkpoint and install the optimised presets into the copy (no weights change)."""
     import shutil
 
-    from supernet.layout import load_presets
+    from supernet.install_presets import install_presets as install
 
-    config = json.loads((ckpt / "config.json").read_text())
-    presets = load_presets(presets_json, config["num_hidden_layers"])
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     shutil.copytree(ckpt, tmp)
-    all_fa = ["fa"] * config["num_hidden_layers"]
-    # a sliding teacher's own placement (e.g. Gemma 3's swa/fa pattern) stays a preset; for others it is all-fa
-    kept = {k: v for k, v in config.get("presets", {}).items() if k == "teacher" and v != all_fa}
-    config["presets"] = {"all-fa": all_fa, **kept,
-                         **{k: v.to_list() for k, v in presets.items()}}
-    source = json.loads(presets_json.read_text()).get("cost_source")
-    if source:  # `serve` / `generate` warn when the presets are used far from this setting
-        config["presets_cost_source"] = source
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    install(tmp, presets_json, overwrite=True)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
@@ -203,10 +224,12 @@ def step_measure(s: PipelineSettings) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from supernet.placement.evaluate import build_evaluator, load_texts
-    from supernet.placement.needle import needle_score
     from supernet.layout import Placement
-    from supernet.throughput import compare_decode
+    from supernet.measure.needle import needle_score
+    from supernet.measure.quality import build_evaluator
+    from supernet.measure.speculative import measure_speculative
+    from supernet.measure.throughput import compare_decode
+    from supernet.placement.evaluate import load_texts
 
     device = _device(s)
     evaluator, model = build_evaluator(s.final, s.eval_data, seq_len=s.quality_seq_len, sequences=s.quality_sequences,
@@ -241,52 +264,15 @@ def step_measure(s: PipelineSettings) -> None:
         # the spread: this preset's slowest and fastest window against all-fa's median
         r["decode_speedup_range"] = [base["ms_per_step"] / r["ms_per_step_max"], base["ms_per_step"] / r["ms_per_step_min"]]
         r["quality_retention"] = r["quality"] / base["quality"] if base["quality"] else None
-    spec = measure_speculative(model, tokenizer, haystack, rows, s)
+    spec = measure_speculative(model, tokenizer, haystack, rows, k=s.spec_k, new_tokens=s.spec_tokens,
+                               prompts=s.spec_prompts, log=console.print)
     payload = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()},
                "quality_metric": evaluator.metric, "presets": rows, "speculative": spec}
     out.write_text(json.dumps(payload, indent=2) + "\n")
 
 
-def measure_speculative(model, tokenizer, haystack, rows, s: PipelineSettings) -> dict:
-    """Try draft/target pairs among the presets; report the best measured speedup (greedy, lossless)."""
-    import torch
-
-    from supernet.serving.speculative import greedy_generate, speculative_generate
-
-    device = next(model.parameters()).device
-    prompts = [torch.tensor(tokenizer(t[:1500]).input_ids[:256])[None].to(device) for t in haystack[: s.spec_prompts]]
-    # targets: all-fa and the best-quality preset; drafts: presets measured >= 1.5x faster than the target
-    by_quality = sorted(rows[1:], key=lambda r: -r["quality"])
-    targets = [rows[0]] + by_quality[:1]
-    for row in rows:  # warm-up: kernels compiled and caches allocated before anything is timed
-        greedy_generate(model, prompts[0], row["placement"], 4)
-    pairs = []
-    for target in targets:
-        t0 = time.perf_counter()
-        reference = [greedy_generate(model, p, target["placement"], s.spec_tokens) for p in prompts]
-        target_s = time.perf_counter() - t0
-        for draft in [r for r in rows if r["decode_speedup"] >= 1.5 * target["decode_speedup"]]:
-            t0 = time.perf_counter()
-            outs, accepted, drafted = [], 0, 0
-            for p in prompts:
-                tokens, stats = speculative_generate(model, p, draft["placement"], target["placement"],
-                                                     k=s.spec_k, max_new_tokens=s.spec_tokens)
-                outs.append(tokens)
-                accepted += stats.accepted
-                drafted += stats.drafted
-            spec_s = time.perf_counter() - t0
-            lossless = all(list(a) == list(b) for a, b in zip(outs, reference))
-            pairs.append({"draft": draft["preset"], "target": target["preset"], "k": s.spec_k,
-                          "acceptance_rate": accepted / max(1, drafted), "speedup": target_s / spec_s,
-                          "lossless": lossless, "target_seconds": target_s, "speculative_seconds": spec_s})
-            console.print(f"spec {draft['preset']} -> {target['preset']}: x{target_s / spec_s:.2f}, "
-                          f"acceptance {accepted / max(1, drafted):.2f}, lossless {lossless}")
-    best = max(pairs, key=lambda p: p["speedup"]) if pairs else None
-    return {"pairs": pairs, "best": best}
-
-
 def step_report(s: PipelineSettings) -> None:
-    from supernet.cli.report import write_report
+    from supernet.measure.report import write_report
 
     write_report(s.workdir)
 

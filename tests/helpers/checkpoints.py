@@ -1,4 +1,4 @@
-"""Small supernet checkpoints made on the spot, for the serving tests and benchmarks.
+"""Small supernet checkpoints made on the spot, for the serving tests (config: helpers/configs.py).
 
 A byte-level tokenizer (every UTF-8 byte is a token) keeps the vocabulary tiny and needs no
 download; weights are random (seeded) with decays and gates in sensible ranges, so every mixer
@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from supernet.config import SupernetConfig
+from tests.helpers.configs import vllm_config
 
 SPECIAL = ["<s>", "</s>", "<pad>"]
 # a plain chat template, so that the servers of the tests answer /v1/chat/completions too
@@ -37,22 +38,6 @@ def save_byte_tokenizer(out_dir: str | Path) -> int:
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(out_dir))
     return len(vocab)
-
-
-def tiny_config(num_layers: int = 4, vocab_size: int = 264, **overrides) -> SupernetConfig:
-    """A 4-layer supernet small enough for CPU tests (head_dim 32: vLLM's CPU attention minimum).
-
-    Untied embeddings: with tied ones a random model mostly repeats its input token."""
-    kwargs = dict(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32,  # vLLM CPU attention: head_dim >= 32
-        max_position_embeddings=4096,
-        swa_window=8, gdn_num_heads=2, gdn_num_v_heads=4, gdn_head_dim=16, gdn_v_head_dim=16,
-        kda_num_heads=2, kda_head_dim=16, kda_v_head_dim=16, linear_conv_size=4,
-        bos_token_id=0, eos_token_id=1, pad_token_id=2, tie_word_embeddings=False, rope_theta=10000.0,
-    )
-    kwargs.update(overrides)
-    return SupernetConfig(**kwargs)
 
 
 def default_presets(num_layers: int) -> dict[str, list[str]]:
@@ -138,7 +123,7 @@ def make_checkpoint(out_dir: str | Path, config: SupernetConfig | None = None, s
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     vocab = save_byte_tokenizer(out)
-    config = config or tiny_config()
+    config = config or vllm_config()
     if config.vocab_size < vocab:
         raise ValueError(f"vocab_size {config.vocab_size} < tokenizer size {vocab}")
     config.presets = presets if presets is not None else default_presets(config.num_hidden_layers)
