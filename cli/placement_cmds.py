@@ -209,7 +209,7 @@ def _fit_profile(ckpt, config, out: Path, tables: Optional[str], context: int, b
         from supernet.placement.cost import device_name
         from supernet.measure.quality import load_supernet, pick_device
         from supernet.placement.profile import STEP, Observation
-        from supernet.throughput import compare_decode
+        from supernet.measure.throughput import compare_decode
 
         model = load_supernet(ckpt, pick_device(device))
         kind = next(model.parameters()).device.type

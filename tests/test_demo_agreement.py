@@ -34,7 +34,7 @@ def write_planted_evaluations(path, num_layers: int, n: int = 40) -> None:
 
 
 def _run_steps(s) -> None:
-    from supernet.cli.pipeline import step_convert, step_costs, step_measure, step_presets, step_report
+    from supernet.pipeline import step_convert, step_costs, step_measure, step_presets, step_report
 
     s.workdir.mkdir(parents=True)
     step_convert(s)
@@ -48,11 +48,11 @@ def _run_steps(s) -> None:
 def test_demo_report_measured_within_20_percent_of_predicted(tmp_path, monkeypatch):
     import torch
 
-    from supernet.cli.pipeline import PipelineSettings
-    from supernet.cli.report import agreement
+    from supernet.pipeline import PipelineSettings
+    from supernet.measure.report import agreement
     from supernet.placement.cost import analytic_costs, load_costs
     from supernet.placement.observations import config_shape
-    from supernet.training.testing import tiny_teacher_dir, write_synthetic_corpus
+    from supernet.training.tiny import tiny_teacher_dir, write_synthetic_corpus
 
     train, evaluation = write_synthetic_corpus(tmp_path / "data", n_train=4, n_eval=8)
     s = PipelineSettings(

@@ -27,7 +27,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    from supernet.training.testing import tiny_teacher_dir
+    from supernet.training.tiny import tiny_teacher_dir
 
     out = tmp_path_factory.mktemp("tasks") / "ckpt"
     result = runner.invoke(app, ["convert", str(tiny_teacher_dir()), str(out), "--swa-window", "4"])
