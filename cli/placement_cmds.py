@@ -265,14 +265,17 @@ def install_presets(
         Console().print(view)
         installed = report.names("added", "updated")
         if dry_run:
-            console.print(f"dry run: {report.config_path} unchanged; would add or update {len(installed)} preset(s)")
+            console.print(f"dry run: {report.config_path} unchanged; would add or update {len(installed)} preset(s)",
+                          soft_wrap=True)
         elif report.written:
             console.print(f"wrote {report.config_path}: installed {', '.join(installed) or 'nothing new'}"
-                          + (f", removed {', '.join(report.names('removed'))}" if report.names("removed") else ""))
+                          + (f", removed {', '.join(report.names('removed'))}" if report.names("removed") else ""),
+                          soft_wrap=True)
         else:
-            console.print(f"{report.config_path} already holds these presets; nothing written")
+            console.print(f"{report.config_path} already holds these presets; nothing written", soft_wrap=True)
         if installed and not dry_run:
-            console.print(f"serve one with: supernet serve {ckpt} --preset {installed[0]}")
+            # soft_wrap: a command line to copy must not be broken at the terminal's width
+            console.print(f"serve one with: supernet serve {ckpt} --preset {installed[0]}", soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:
