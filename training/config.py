@@ -428,6 +428,9 @@ def _validate_new_losses(cfg: RunConfig) -> None:
     if cfg.teacher.source == "offline":
         raise ConfigError("stage transfer needs the teacher's hidden states; the offline cache has only logits "
                           "(use teacher.source online or self-fa)")
+    if cfg.distributed.layers_per_unit:
+        raise ConfigError("stage transfer calls each mixer directly, outside its layer's forward, so FSDP2 needs "
+                          "one unit per mixer: set distributed.layers_per_unit: 0")
 
 
 def _validate_sampling(s: SamplingConfig) -> None:

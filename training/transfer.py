@@ -133,8 +133,11 @@ class TransferPair(DistillPair):
         total = tw.new_zeros((), dtype=torch.float32)
         layers = self.student.model.layers
         for i, m in pairs:
-            out = layers[i].mixers[m](xs[i].to(self.compute_dtype) if self.compute_dtype != torch.float32 else xs[i],
-                                      (cos, sin), None)
+            mixer = layers[i].mixers[m]
+            # the teacher's tensors may be bf16 (train.frozen_bf16); the mixer takes its own dtype
+            # (under bf16 autocast its matmuls still run in bf16)
+            x = xs[i].to(next(mixer.parameters()).dtype)
+            out = mixer(x, (cos.to(x.dtype), sin.to(x.dtype)), None)
             total = total + activation_loss(out, ys[i], tw, self.loss_kind)
         return total
 
@@ -146,7 +149,8 @@ class TransferPair(DistillPair):
         xs, ys = self.teacher_io(input_ids)
         b, t = input_ids.shape
         pos = torch.arange(t, device=input_ids.device).unsqueeze(0).expand(b, -1)
-        cos, sin = self.student.model.rotary_emb(xs[0], pos)
+        # RoPE tables in float32 (as the student's own forward makes them from its fp32 hidden states)
+        cos, sin = self.student.model.rotary_emb(xs[0].float(), pos)
         tw = token_weight.float()
         total = tw.new_zeros((), dtype=torch.float32)
         n = self.student.config.num_hidden_layers
