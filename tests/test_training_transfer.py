@@ -428,3 +428,42 @@ def test_the_cpu_ablation_result_is_committed_and_consistent():
             assert a["held_out_kl"][p] > 0 and 0 < a["retention"][p] < 1
     gdn = {k: a["held_out_kl"]["all-gdn"] for k, a in arms.items()}
     assert data["all_gdn_kl_change_transfer_vs_e2e"] == pytest.approx((gdn["transfer+e2e"] - gdn["e2e"]) / gdn["e2e"])
+
+
+@pytest.mark.slow
+def test_transfer_under_two_process_fsdp2_matches_one_process(world, tmp_path):
+    """torchrun, 2 CPU ranks (gloo), one FSDP2 unit per mixer, teacher sharded: the transfer losses
+    equal one process's with the same global batch (2 ranks x 1 micro-batch vs 2 micro-batches).
+    Tolerance as in tests/test_training_distributed.py: the per-token sums of one micro-batch are
+    the same computation; only their order over ranks differs, plus GEMM blocking of dot products
+    of at most 128 terms."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from supernet.training.trainer import Trainer
+
+    repo = Path(__file__).resolve().parents[1]
+    common = dict(checkpoint={"every": 0, "save_final": False}, distributed={"layers_per_unit": 0})
+    two = _transfer_cfg(world, tmp_path / "two", train={"max_steps": 3, "grad_accum": 1}, **common)
+    one = _transfer_cfg(world, tmp_path / "one", train={"max_steps": 3, "grad_accum": 2}, **common)
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(two.to_dict()))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29551",
+           "-m", "supernet.cli.main", "transfer", str(path)]
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "FSDP2 over 2 ranks" in proc.stdout and "transfer: 3 steps" in proc.stdout
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        Trainer(one).train()
+    finally:
+        torch.set_num_threads(threads)
+    a, b = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for s in a:
+        assert b[s]["loss"] == pytest.approx(a[s]["loss"], rel=gamma(128 + 128 + 64), abs=1e-7), (s, a[s], b[s])
