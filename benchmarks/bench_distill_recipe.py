@@ -16,7 +16,8 @@ Teacher: the tiny seeded Llama of training/testing.py (4 layers, hidden 64, byte
 because the real SmolLM2-135M does not train for a meaningful number of steps in 15 minutes on
 two shared CPU cores.
 
-    .venv/bin/python benchmarks/bench_distill_recipe.py [--steps 80] [--out PATH]
+    .venv/bin/python -m benchmarks.bench_distill_recipe [--steps 600] [--seeds 0,1,2] [--out PATH]
+Several seeds (data order, placements, conversion) show the spread; the table gives their mean.
 """
 from __future__ import annotations
 
@@ -89,8 +90,8 @@ def run_arm(world: Any, root: Path, name: str, steps: int, seed: int, transfer_s
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=80, help="optimizer steps per arm (equal tokens)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=600, help="optimizer steps per arm (equal tokens)")
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; the table shows their mean")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/distill_recipe_cpu.json)")
     args = ap.parse_args()
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
@@ -99,42 +100,56 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-recipe-"))
     world = TinyWorld(root / "world", n_train=400, n_eval=40)
     n, half = args.steps, args.steps // 2
+    seeds = [int(x) for x in args.seeds.split(",")]
     arms = [("e2e", 0, 0.0), ("transfer+e2e", half, 0.0), ("e2e+act", 0, 0.8), ("transfer+e2e+act", half, 0.8)]
     rows, kl_uniform = [], None
     t_start = time.perf_counter()
-    for name, ts, aw in arms:
-        print(f"[{time.perf_counter() - t_start:6.0f} s] arm {name}: {ts} transfer + {n - ts} e2e steps", flush=True)
-        r = run_arm(world, root, name, n, args.seed, ts, aw)
-        trainer = r.pop("_trainer")
-        if kl_uniform is None:
-            kl_uniform = _uniform_kl(trainer)
-        r["retention"] = {p: 1 - v / kl_uniform for p, v in r["held_out_kl"].items()}
-        rows.append(r)
-    base = rows[0]["held_out_kl"]
+    for seed in seeds:
+        for name, ts, aw in arms:
+            print(f"[{time.perf_counter() - t_start:6.0f} s] seed {seed} arm {name}: {ts} transfer + {n - ts} e2e steps",
+                  flush=True)
+            r = run_arm(world, root / f"seed{seed}", name, n, seed, ts, aw)
+            trainer = r.pop("_trainer")
+            if kl_uniform is None:
+                kl_uniform = _uniform_kl(trainer)
+            r["seed"] = seed
+            r["retention"] = {p: 1 - v / kl_uniform for p, v in r["held_out_kl"].items()}
+            rows.append(r)
+
+    def mean_kl(arm: str, p: str) -> float:
+        vals = [r["held_out_kl"][p] for r in rows if r["arm"] == arm]
+        return sum(vals) / len(vals)
+
     table = []
-    for r in rows:
-        row = {"arm": r["arm"], "wall_s": round(r["wall_s"], 1), "tokens": r["tokens"]}
+    for name, _, _ in arms:
+        mine = [r for r in rows if r["arm"] == name]
+        row = {"arm": name, "wall_s": round(sum(r["wall_s"] for r in mine) / len(mine), 1), "tokens": mine[0]["tokens"]}
         for p in PLACEMENTS[1:]:
-            row[f"{p} KL"] = r["held_out_kl"][p]
-            row[f"{p} ret%"] = 100 * r["retention"][p]
-            row[f"{p} KL/e2e"] = r["held_out_kl"][p] / base[p]
+            kl = mean_kl(name, p)
+            row[f"{p} KL"] = kl
+            row[f"{p} ret%"] = 100 * (1 - kl / kl_uniform)
+            row[f"{p} KL/e2e"] = kl / mean_kl("e2e", p)
         table.append(row)
     cols = ["arm", "tokens", "wall_s"] + [f"{p} {k}" for p in PLACEMENTS[1:] for k in ("KL", "ret%", "KL/e2e")]
-    print_table(table, cols, title=f"equal token budget ({n} steps x {rows[0]['tokens'] // n} tokens), "
-                                   f"KL(teacher || uniform) = {kl_uniform:.4f}")
-    gdn = {r["arm"]: r["held_out_kl"]["all-gdn"] for r in rows}
-    verdict = (gdn["transfer+e2e"] - gdn["e2e"]) / gdn["e2e"]
-    print(f"\nall-gdn held-out KL, transfer+e2e vs e2e: {100 * verdict:+.1f}% "
-          f"({'better' if verdict < 0 else 'worse'})")
+    print_table(table, cols, title=f"equal token budget ({n} steps x {rows[0]['tokens'] // n} tokens), mean of seeds "
+                                   f"{seeds}; KL(teacher || uniform) = {kl_uniform:.4f}")
+    per_seed = {}
+    for seed in seeds:
+        g = {r["arm"]: r["held_out_kl"]["all-gdn"] for r in rows if r["seed"] == seed}
+        per_seed[seed] = (g["transfer+e2e"] - g["e2e"]) / g["e2e"]
+    verdict = mean_kl("transfer+e2e", "all-gdn") / mean_kl("e2e", "all-gdn") - 1
+    print(f"\nall-gdn held-out KL, transfer+e2e vs e2e: {100 * verdict:+.1f}% on the mean "
+          f"({'better' if verdict < 0 else 'worse'}); per seed: "
+          + ", ".join(f"{s}: {100 * v:+.1f}%" for s, v in per_seed.items()))
     write_results("distill_recipe_cpu", {
         "teacher": "tiny seeded Llama (training/testing.py: 4 layers, hidden 64, vocab 259)",
-        "steps_per_arm": n, "tokens_per_step": rows[0]["tokens"] // n, "seed": args.seed,
+        "steps_per_arm": n, "tokens_per_step": rows[0]["tokens"] // n, "seeds": seeds,
         "seq_len": 64, "micro_batch_size": 4, "lr": 3e-3, "kl_teacher_uniform": kl_uniform,
-        "arms": rows, "all_gdn_kl_change_transfer_vs_e2e": verdict,
+        "arms": rows, "mean": table, "all_gdn_kl_change_transfer_vs_e2e": verdict,
+        "all_gdn_kl_change_per_seed": {str(k): v for k, v in per_seed.items()},
         "total_wall_s": time.perf_counter() - t_start,
-        "command": f"python benchmarks/bench_distill_recipe.py --steps {n} --seed {args.seed}",
+        "command": f"python -m benchmarks.bench_distill_recipe --steps {n} --seeds {args.seeds}",
     }, args.out)
-
 
 if __name__ == "__main__":
     main()
