@@ -92,6 +92,18 @@ def register(app: typer.Typer) -> None:
         """Stage 2: supervised fine-tuning on chat data (loss on assistant tokens)."""
         _run_stage("sft", config, set_, out_dir, max_steps, resume, resume_force)
 
+    @app.command("transfer")
+    def transfer(
+        config: Path = typer.Argument(..., help="YAML config (see training/configs/transfer_*.yaml)"),
+        set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+        out_dir: Optional[str] = typer.Option(None, "--out-dir", help="override out_dir"),
+        max_steps: Optional[int] = typer.Option(None, "--max-steps", help="override train.max_steps"),
+        resume: Optional[str] = typer.Option(None, "--resume", help="auto | none | a checkpoint folder"),
+        resume_force: bool = typer.Option(False, "--resume-force", help=FORCE_HELP),
+    ) -> None:
+        """Layer-local transfer: every trainable mixer of every layer regresses the teacher's attention output."""
+        _run_stage("transfer", config, set_, out_dir, max_steps, resume, resume_force)
+
     @app.command("cache-logits")
     def cache_logits(
         teacher: str = typer.Argument(..., help="teacher: HF folder, .gguf file, 'smollm2' or builtin:tiny-llama"),

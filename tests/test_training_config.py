@@ -14,7 +14,7 @@ BASE = {"teacher": {"path": "t"}, "data": {"train": ["x.jsonl"]}}
 def test_shipped_configs_load():
     assert len(CONFIGS) >= 3
     stages = {load_config(p).stage for p in CONFIGS}
-    assert stages == {"distill", "sft"}
+    assert stages == {"distill", "sft", "transfer"}
 
 
 def test_overrides_and_stage_check(tmp_path):

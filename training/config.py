@@ -54,24 +54,42 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    kind: str = "fkl"  # fkl (forward KL) | rkl (reverse KL) | jsd (Jensen-Shannon, beta 0.5)
+    kind: str = "fkl"  # fkl (forward KL) | rkl (reverse KL) | jsd (Jensen-Shannon, beta 0.5) | mix
+    kl_mix: float = 0.5  # kind mix: (1 - kl_mix) * forward KL + kl_mix * reverse KL
     temperature: float = 1.0
     kl_weight: float = 1.0
     ce_weight: float = 0.0  # cross-entropy on the next token (temperature 1)
     hidden_weight: float = 0.0  # per-layer hidden-state matching (relative squared error)
     hidden_layers: list[int] | None = None  # decoder layers to match; null = all
     chunk_tokens: int = 4096  # tokens per chunk of the fused lm_head + loss
+    # mixer-output activation loss: each layer's sampled mixer output against the teacher
+    # attention's output (training/transfer.py); Fast-LLM's example configs use 0.8
+    activation_weight: float = 0.0
+    activation_kind: str = "nmse"  # nmse (relative squared error per token) | mse (per dimension)
     compile: str = "auto"  # torch.compile the per-chunk KL math: auto (on CUDA) | true | false
 
 
 @dataclass
 class SamplingConfig:
-    strategy: str = "uniform"  # uniform | weighted
+    # uniform | weighted | full_layout (every split of layer counts between `mixers` equally
+    # likely, then a random arrangement) | targeted (a preset with probability preset_prob, else `base`)
+    strategy: str = "uniform"
+    base: str = "uniform"  # targeted: the strategy of the other draws (uniform | weighted | full_layout)
     mixers: list[str] = field(default_factory=lambda: ["fa", "swa", "gdn", "kda"])
     weights: dict[str, float] = field(default_factory=dict)  # weighted: mixer -> weight
     presets: list[Any] = field(default_factory=list)  # target placements: all-gdn, lists, names
     preset_prob: float = 0.0  # probability of drawing one of `presets` instead of sampling
     presets_file: str | None = None  # presets.json whose placements join `presets`
+
+
+@dataclass
+class TransferConfig:
+    # stage transfer: mixers regressed onto the teacher's attention output at every layer (fa is
+    # the teacher's attention itself, so it cannot be listed); only those in train.train_mixers train
+    mixers: list[str] = field(default_factory=lambda: ["swa", "gdn", "kda"])
+    loss: str = "nmse"  # nmse (relative squared error per token) | mse (per dimension)
+    layers_per_chunk: int = 0  # layers per checkpointed region (0: all layers in one)
+    checkpoint: bool = False  # activation checkpointing per chunk: one chunk's mixer internals alive
 
 
 @dataclass
@@ -142,7 +160,7 @@ class DistributedConfig:
 
 @dataclass
 class RunConfig:
-    stage: str = "distill"  # distill | sft
+    stage: str = "distill"  # distill | sft | transfer
     out_dir: str = "runs/default"
     seed: int = 0
     student: StudentConfig = field(default_factory=StudentConfig)
@@ -150,6 +168,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -161,12 +180,15 @@ class RunConfig:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "stage": ("distill", "sft"),
+    "stage": ("distill", "sft", "transfer"),
     "teacher.source": ("online", "self-fa", "offline"),
     "data.format": ("auto", "text", "chat"),
-    "loss.kind": ("fkl", "rkl", "jsd"),
+    "loss.kind": ("fkl", "rkl", "jsd", "mix"),
+    "loss.activation_kind": ("nmse", "mse"),
+    "transfer.loss": ("nmse", "mse"),
+    "sampling.base": ("uniform", "weighted", "full_layout"),
     "loss.compile": ("auto", "true", "false"),
-    "sampling.strategy": ("uniform", "weighted"),
+    "sampling.strategy": ("uniform", "weighted", "full_layout", "targeted"),
     "train.trainable": ("mixers", "all"),
     "train.precision": ("auto", "bf16", "fp32"),
     "train.frozen_bf16": ("auto", "true", "false"),
@@ -326,9 +348,13 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("train.micro_batch_size and train.grad_accum must be >= 1")
     if cfg.loss.temperature <= 0:
         raise ConfigError("loss.temperature must be positive")
-    if cfg.loss.kl_weight == 0 and cfg.loss.ce_weight == 0 and cfg.loss.hidden_weight == 0:
-        raise ConfigError("all loss weights are zero; set loss.kl_weight, loss.ce_weight or loss.hidden_weight")
-    needs_teacher = cfg.loss.kl_weight > 0 or cfg.loss.hidden_weight > 0
+    if cfg.stage != "transfer" and cfg.loss.kl_weight == 0 and cfg.loss.ce_weight == 0 and \
+            cfg.loss.hidden_weight == 0 and cfg.loss.activation_weight == 0:
+        raise ConfigError("all loss weights are zero; set loss.kl_weight, loss.ce_weight, loss.hidden_weight "
+                          "or loss.activation_weight")
+    _validate_new_losses(cfg)
+    needs_teacher = cfg.loss.kl_weight > 0 or cfg.loss.hidden_weight > 0 or cfg.loss.activation_weight > 0 \
+        or cfg.stage == "transfer"
     src = cfg.teacher.source
     if needs_teacher and src == "online" and not cfg.teacher.path:
         raise ConfigError("teacher.path is required for an online teacher (or set teacher.source: offline / self-fa)")
@@ -370,16 +396,57 @@ def validate(cfg: RunConfig) -> None:
                               "pip install 'supernet[tensorboard]' or set log.tensorboard: false")
 
 
+def _validate_new_losses(cfg: RunConfig) -> None:
+    """kl_mix, the activation loss and stage transfer (issue 17)."""
+    from supernet.layout import MIXERS
+
+    lo, t = cfg.loss, cfg.transfer
+    if not 0.0 <= lo.kl_mix <= 1.0:
+        raise ConfigError(f"loss.kl_mix must lie in [0, 1] (the reverse-KL share of loss.kind mix), got {lo.kl_mix}")
+    if lo.activation_weight < 0:
+        raise ConfigError(f"loss.activation_weight must be >= 0, got {lo.activation_weight}")
+    if lo.activation_weight > 0 and cfg.teacher.source == "offline":
+        raise ConfigError("loss.activation_weight needs the teacher's attention outputs; the offline cache has "
+                          "only logits (use teacher.source online or self-fa)")
+    if lo.kind == "mix" and cfg.teacher.source == "offline":
+        raise ConfigError("the offline top-K cache supports loss.kind fkl only (tail mass is a single bucket)")
+    for m in t.mixers:
+        if m not in MIXERS:
+            raise ConfigError(f"unknown mixer {m!r} in transfer.mixers; choose from {', '.join(MIXERS)}")
+    if t.layers_per_chunk < 0:
+        raise ConfigError("transfer.layers_per_chunk must be >= 0 (0: all layers in one chunk)")
+    if cfg.stage != "transfer":
+        return
+    if "fa" in t.mixers:
+        raise ConfigError("transfer.mixers lists fa, the teacher's attention itself; drop it (e.g. [swa, gdn, kda])")
+    if cfg.train.trainable != "mixers":
+        raise ConfigError("stage transfer trains mixers only (the shared weights get no gradient); "
+                          "set train.trainable: mixers")
+    if not set(t.mixers) & set(cfg.train.train_mixers):
+        raise ConfigError(f"stage transfer: no mixer of transfer.mixers ({', '.join(t.mixers) or 'none'}) is in "
+                          "train.train_mixers, so nothing would train; make them overlap")
+    if cfg.teacher.source == "offline":
+        raise ConfigError("stage transfer needs the teacher's hidden states; the offline cache has only logits "
+                          "(use teacher.source online or self-fa)")
+    if cfg.distributed.layers_per_unit:
+        raise ConfigError("stage transfer calls each mixer directly, outside its layer's forward, so FSDP2 needs "
+                          "one unit per mixer: set distributed.layers_per_unit: 0")
+
+
 def _validate_sampling(s: SamplingConfig) -> None:
-    if s.strategy == "weighted":
+    if s.strategy == "targeted":
+        if s.preset_prob <= 0 or not (s.presets or s.presets_file):
+            raise ConfigError("sampling.strategy targeted needs sampling.presets or sampling.presets_file and "
+                              "sampling.preset_prob > 0 (the share of preset draws), e.g. 0.5")
+    if "weighted" in (s.strategy, s.base if s.strategy == "targeted" else None):
         weights = {m: s.weights.get(m, 0.0) for m in s.mixers}
         if any(w < 0 for w in s.weights.values()) or sum(weights.values()) <= 0:
             raise ConfigError("sampling.strategy weighted needs sampling.weights, non-negative with a positive sum "
                               f"over sampling.mixers ({', '.join(s.mixers)}), e.g. --set 'sampling.weights="
                               "{gdn: 2, kda: 1}'; or use strategy uniform")
     elif s.weights:
-        raise ConfigError("sampling.weights is set but sampling.strategy is uniform; set strategy: weighted "
-                          "or remove the weights")
+        raise ConfigError("sampling.weights is set but no weighted strategy uses it; set strategy: weighted "
+                          "(or targeted with base: weighted) or remove the weights")
 
 
 def _validate_optimizer(t: TrainConfig) -> None:
@@ -421,7 +488,8 @@ def check_models(cfg: RunConfig, student_config: Any, teacher_config: Any | None
 RESUME_KEYS = ("stage", "seed", "student", "teacher.source", "teacher.path", "teacher.gguf_file",
                "teacher.cache_dir", "data.train", "data.format", "data.seq_len", "data.separator",
                "data.shuffle", "data.max_documents", "loss.kind", "loss.temperature", "loss.kl_weight",
-               "loss.ce_weight", "loss.hidden_weight", "loss.hidden_layers", "sampling", "train.trainable",
+               "loss.ce_weight", "loss.hidden_weight", "loss.hidden_layers", "loss.kl_mix", "loss.activation_weight",
+               "loss.activation_kind", "transfer.mixers", "transfer.loss", "sampling", "train.trainable",
                "train.train_mixers", "train.micro_batch_size", "train.grad_accum")
 
 

@@ -27,8 +27,13 @@ from supernet.training.losses import LossSpec, TopKTargets, fused_lm_head_loss, 
 class DistillPair(nn.Module):
     def __init__(self, student: nn.Module, teacher: nn.Module | None, mode: str, spec: LossSpec,
                  hidden_weight: float = 0.0, hidden_layers: list[int] | None = None,
-                 compute_dtype: torch.dtype = torch.float32) -> None:
+                 compute_dtype: torch.dtype = torch.float32, activation_weight: float = 0.0,
+                 activation_kind: str = "nmse") -> None:
         super().__init__()
+        # stage 1's mixer-output activation loss (training/transfer.py): each layer's sampled mixer
+        # output against the teacher attention's output at that layer
+        self.activation_weight = activation_weight
+        self.activation_kind = activation_kind
         self.student = student
         self.teacher = teacher  # registered (and so sharded by FSDP2) only for the online mode
         self.mode = mode
@@ -51,9 +56,18 @@ class DistillPair(nn.Module):
                              "the fused lm_head loss computes uncapped logits")
         self.compute_dtype = compute_dtype
 
-    def _teacher_hidden(self, input_ids: Tensor, want_layers: bool) -> tuple[Tensor, tuple[Tensor, ...] | None, Tensor]:
-        """(final normed hidden [B,T,D], per-layer hidden states or None, lm_head weight), no grad."""
-        with torch.no_grad():
+    def _teacher_hidden(self, input_ids: Tensor, want_layers: bool,
+                        attn_out: list | None = None) -> tuple[Tensor, tuple[Tensor, ...] | None, Tensor]:
+        """(final normed hidden [B,T,D], per-layer hidden states or None, lm_head weight), no grad.
+        `attn_out`: a list that receives the teacher attention's output of every layer."""
+        from contextlib import nullcontext
+
+        from supernet.training.transfer import capture_io, teacher_attention_modules
+
+        cap = nullcontext(None) if attn_out is None else capture_io(
+            teacher_attention_modules(self.student if self.mode == "self-fa" else self.teacher,
+                                      self.mode == "self-fa"), want_inputs=False)
+        with torch.no_grad(), cap as captured:
             if self.mode == "self-fa":
                 out = self.student.model(input_ids=input_ids, placement=self.all_fa, use_cache=False,
                                          output_hidden_states=want_layers)
@@ -63,6 +77,8 @@ class DistillPair(nn.Module):
                     self.teacher.unshard()
                 out = self.teacher.model(input_ids=input_ids, use_cache=False, output_hidden_states=want_layers)
                 weight = self.teacher.lm_head.weight
+        if attn_out is not None:
+            attn_out.extend(captured[1])
         return out.last_hidden_state, out.hidden_states, weight
 
     def forward(self, input_ids: Tensor, token_weight: Tensor, placement: Placement, labels: Tensor | None = None,
@@ -76,14 +92,23 @@ class DistillPair(nn.Module):
         spec = spec or self.spec
         hw = self.hidden_weight if hidden_weight is None else hidden_weight
         want_layers = hw > 0
-        need_teacher = (spec.kl_weight > 0 and topk is None) or want_layers
+        aw = self.activation_weight if spec is self.spec else 0.0  # a training forward only
+        need_teacher = (spec.kl_weight > 0 and topk is None) or want_layers or aw > 0
         t_final = t_layers = t_weight = None
+        t_attn: list | None = [] if aw > 0 else None
         if need_teacher:
             if self.mode == "offline":
                 raise ValueError("the offline teacher needs top-K targets with every batch")
-            t_final, t_layers, t_weight = self._teacher_hidden(input_ids, want_layers)
-        out = self.student.model(input_ids=input_ids, placement=placement, use_cache=False,
-                                 output_hidden_states=want_layers)
+            t_final, t_layers, t_weight = self._teacher_hidden(input_ids, want_layers, t_attn)
+        from contextlib import nullcontext
+
+        from supernet.training.transfer import capture_io, student_mixer_modules
+
+        s_cap = capture_io(student_mixer_modules(self.student, placement), want_inputs=False) if aw > 0 \
+            else nullcontext(None)
+        with s_cap as s_captured:
+            out = self.student.model(input_ids=input_ids, placement=placement, use_cache=False,
+                                     output_hidden_states=want_layers)
         d = out.last_hidden_state.shape[-1]
         h = out.last_hidden_state.reshape(-1, d)
         tw = token_weight.reshape(-1).float()
@@ -112,4 +137,13 @@ class DistillPair(nn.Module):
             stats["hidden"] = hid.detach()
         else:
             stats["hidden"] = torch.zeros((), device=loss.device)
+        if aw > 0:
+            from supernet.training.transfer import activation_loss
+
+            act = sum(activation_loss(s, t, token_weight, self.activation_kind)
+                      for s, t in zip(s_captured[1], t_attn)) / len(t_attn)
+            loss = loss + aw * act
+            stats["act"] = act.detach()
+        else:
+            stats["act"] = torch.zeros((), device=loss.device)
         return loss, stats

@@ -9,7 +9,8 @@ only the gradients for the hidden states and the lm_head weight. Backward then j
 Definitions (z = student logits, p = teacher distribution, q = softmax(z / tau), per token):
 * fkl: tau^2 * KL(p || q) = tau^2 * sum_v p_v (log p_v - log q_v)  (Hinton's tau^2 keeps gradients
   comparable across temperatures);  d/dz = tau * (q - p).
-* rkl: tau^2 * KL(q || p);  jsd: tau^2 * (KL(p || m) + KL(q || m)) / 2 with m = (p + q) / 2.
+* rkl: tau^2 * KL(q || p);  mix: (1 - a) * fkl + a * rkl with a = `kl_mix` (mode-covering plus
+  mode-seeking; both have their minimum at q = p);  jsd: tau^2 * (KL(p || m) + KL(q || m)) / 2 with m = (p + q) / 2.
 * top-K (offline cache): the teacher gives p_1..p_K on ids i_1..i_K and tail mass
   t_p = 1 - sum_k p_k. The student is bucketed the same way: q_{i_1}..q_{i_K} and
   t_q = 1 - sum_k q_{i_k}. loss = tau^2 * [sum_k p_k log(p_k / q_{i_k}) + t_p log(t_p / t_q)], a KL
@@ -50,6 +51,7 @@ class LossSpec:
     ce_weight: float = 0.0
     chunk_tokens: int = 4096
     compiled: bool = False  # torch.compile the per-chunk forward-KL math (worth it on GPUs)
+    kl_mix: float = 0.5  # kind mix: the reverse-KL share
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,14 +111,18 @@ def _fkl_topk(z: Tensor, tk: TopKTargets, tau: float) -> tuple[Tensor, Tensor]:
     return kl * tau * tau, grad
 
 
-def _divergence_autograd(z: Tensor, zt: Tensor, tau: float, kind: str) -> tuple[Tensor, Tensor]:
-    """rkl / jsd through autograd on one chunk (off the hot path)."""
+def _divergence_autograd(z: Tensor, zt: Tensor, tau: float, kind: str, mix: float = 0.5) -> tuple[Tensor, Tensor]:
+    """rkl / jsd / mix through autograd on one chunk (off the hot path)."""
     with torch.enable_grad():
         z = z.detach().requires_grad_(True)
         log_q = torch.log_softmax(z / tau, dim=-1)
         log_p = torch.log_softmax(zt / tau, dim=-1)
         if kind == "rkl":
             kl = (log_q.exp() * (log_q - log_p)).sum(-1)
+        elif kind == "mix":
+            fwd = (log_p.exp() * (log_p - log_q)).sum(-1)
+            rev = (log_q.exp() * (log_q - log_p)).sum(-1)
+            kl = (1.0 - mix) * fwd + mix * rev
         elif kind == "jsd":
             log_m = torch.logsumexp(torch.stack([log_p, log_q]), dim=0) - torch.log(torch.tensor(2.0))
             kl = 0.5 * ((log_p.exp() * (log_p - log_m)).sum(-1) + (log_q.exp() * (log_q - log_m)).sum(-1))
@@ -174,7 +180,7 @@ class _FusedLMHeadLoss(torch.autograd.Function):
                         out_dtype = torch.float32 if spec.ce_weight else cd
                         kl, g = fkl(z, zt, tau, spec.kl_weight * tw, out_dtype)
                     else:
-                        kl, g = _divergence_autograd(z.float(), zt.float(), tau, spec.kind)
+                        kl, g = _divergence_autograd(z.float(), zt.float(), tau, spec.kind, spec.kl_mix)
                         g.mul_((spec.kl_weight * tw)[:, None])
                     del zt
                 kl_sum += (kl * tw).sum()
@@ -296,6 +302,9 @@ def reference_logit_loss(student_logits: Tensor, token_weight: Tensor, spec: Los
                 kl = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
             elif spec.kind == "rkl":
                 kl = F.kl_div(log_p, log_q, log_target=True, reduction="none").sum(-1)
+            elif spec.kind == "mix":
+                kl = (1 - spec.kl_mix) * F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1) \
+                    + spec.kl_mix * F.kl_div(log_p, log_q, log_target=True, reduction="none").sum(-1)
             else:
                 log_m = torch.logsumexp(torch.stack([log_p, log_q]), 0) - torch.log(torch.tensor(2.0))
                 kl = 0.5 * (F.kl_div(log_m, log_p, log_target=True, reduction="none").sum(-1)

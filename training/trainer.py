@@ -103,7 +103,8 @@ class Trainer:
             self.bf16 = False  # bf16 autocast is slower than fp32 on CPUs (FACTS.md); keep CPU runs exact
         self.compute_dtype = torch.bfloat16 if self.bf16 else torch.float32
         src = cfg.teacher.source
-        needs_teacher_signal = cfg.loss.kl_weight > 0 or cfg.loss.hidden_weight > 0
+        needs_teacher_signal = cfg.loss.kl_weight > 0 or cfg.loss.hidden_weight > 0 or \
+            cfg.loss.activation_weight > 0 or cfg.stage == "transfer"
 
         teacher, tokenizer = None, None
         if (src == "online" and needs_teacher_signal) or cfg.student.path is None:
@@ -157,17 +158,28 @@ class Trainer:
         # model wrapping
         compiled = cfg.loss.compile == "true" or (cfg.loss.compile == "auto" and dev.type == "cuda")
         spec = LossSpec(cfg.loss.kind, cfg.loss.temperature, cfg.loss.kl_weight, cfg.loss.ce_weight,
-                        cfg.loss.chunk_tokens, compiled)
+                        cfg.loss.chunk_tokens, compiled, cfg.loss.kl_mix)
         self.loss_spec = spec
         mode = src if needs_teacher_signal else "online"
-        pair = DistillPair(student, teacher, mode, spec, cfg.loss.hidden_weight, cfg.loss.hidden_layers, self.compute_dtype)
+        if cfg.stage == "transfer":  # every trainable mixer of every layer per step (training/transfer.py)
+            from supernet.training.transfer import TransferPair
+
+            t = cfg.transfer
+            pair = TransferPair(student, teacher, mode, spec, t.mixers, t.loss, t.layers_per_chunk, t.checkpoint,
+                                self.compute_dtype)
+        else:
+            pair = DistillPair(student, teacher, mode, spec, cfg.loss.hidden_weight, cfg.loss.hidden_layers,
+                               self.compute_dtype, cfg.loss.activation_weight, cfg.loss.activation_kind)
         if cfg.train.activation_checkpointing:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.compiled_layers = bool(cfg.train.compile)
         if self.compiled_layers:  # per decoder layer (student and teacher): fuses norms, RoPE, SiLU, residuals
             from supernet.training.compile import compile_layers
 
-            compile_layers(student, teacher)
+            if cfg.stage == "transfer":  # the transfer step calls the mixers directly, not the layers
+                pair.compile_mixers()
+            else:
+                compile_layers(student, teacher)
         self.strategy = resolve_strategy(cfg.distributed.strategy, env)
         if self.strategy == "fsdp":
             self.module = apply_fsdp(pair, student.model.layers, teacher, env, cfg.distributed.shard_teacher,
@@ -380,7 +392,7 @@ class Trainer:
         count = self.train_ds.target_counts(self.order.step_indices(self.step))
         if count == 0:
             raise ValueError(f"step {self.step}: the global batch has no target tokens (check the data masks)")
-        sums = torch.zeros(5, device=env.device)  # loss, kl, ce, hidden, stop requests (summed over ranks)
+        sums = torch.zeros(6, device=env.device)  # loss, kl, ce, hidden, act, stop requests (summed over ranks)
         for m in range(cfg.train.grad_accum):
             batch = self.train_ds.get(self.order.micro_indices(self.step, m))
             inputs = self._micro_inputs(batch, float(count))
@@ -389,20 +401,21 @@ class Trainer:
             # token weights already normalise by the global batch, so rank gradients must be
             # summed; FSDP2 and DDP average them, hence the factor (a power of two is exact)
             (loss * self.grad_scale if self.grad_scale != 1 else loss).backward()
-            sums[:4] += torch.stack([loss.detach().float(), stats["kl"].float(), stats["ce"].float(),
-                                     stats["hidden"].float()])
+            sums[:5] += torch.stack([loss.detach().float(), stats["kl"].float(), stats["ce"].float(),
+                                     stats["hidden"].float(), stats["act"].float()])
         if self.stop.requested:  # a signal arrived: every rank learns it in this step's all-reduce
-            sums[4] += 1.0
-        for layer, mixer, p in self.mixer_params:
-            if placement[layer] != mixer:
-                p.grad = None
+            sums[5] += 1.0
+        if cfg.stage != "transfer":  # stage transfer trains every trainable mixer, whatever the placement
+            for layer, mixer, p in self.mixer_params:
+                if placement[layer] != mixer:
+                    p.grad = None
         clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
         if self.local_shard_step:  # FSDP2: one all-reduce, then plain tensors (training/sharded_step.py)
             stats = torch.cat([sums, local_grad_square_sum(self.params).reshape(1).to(sums.device)])
             env.all_reduce_sum(stats)
-            gnorm = stats[5].sqrt()
+            gnorm = stats[6].sqrt()
             clip_local_grads_(self.params, gnorm, clip)
-            stats = torch.cat([stats[:4], gnorm.reshape(1), stats[4:5]])
+            stats = torch.cat([stats[:5], gnorm.reshape(1), stats[5:6]])
             fused_adamw_local_step(self.optimizer, (~torch.isfinite(stats).all()).float())
             stepped = True
         else:
@@ -410,10 +423,10 @@ class Trainer:
             gnorm = torch.nn.utils.clip_grad_norm_(self.params, clip)
             if hasattr(gnorm, "full_tensor"):
                 gnorm = gnorm.full_tensor()
-            stats = torch.cat([sums[:4], gnorm.reshape(1).float().to(sums.device), sums[4:5]])
+            stats = torch.cat([sums[:5], gnorm.reshape(1).float().to(sums.device), sums[5:6]])
             stepped = self.skip_on_device and self._step_unless_nonfinite(stats)
         values = stats.tolist()  # the host waits for the GPU here
-        loss_v, kl_v, ce_v, hid_v, gn_v, stop_votes = values
+        loss_v, kl_v, ce_v, hid_v, act_v, gn_v, stop_votes = values
         self.stop_agreed = stop_votes > 0
         if not (math.isfinite(loss_v) and math.isfinite(gn_v)):
             self.optimizer.zero_grad(set_to_none=True)
@@ -427,7 +440,7 @@ class Trainer:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss_v, "kl": kl_v, "ce": ce_v, "hidden": hid_v, "grad_norm": gn_v, "lr": lr}
+        return {"loss": loss_v, "kl": kl_v, "ce": ce_v, "hidden": hid_v, "act": act_v, "grad_norm": gn_v, "lr": lr}
 
     def _step_unless_nonfinite(self, stats: torch.Tensor) -> bool:
         """Enqueue the fused AdamW step before the host reads the step's statistics.
