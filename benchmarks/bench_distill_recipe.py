@@ -95,7 +95,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/distill_recipe_cpu.json)")
     args = ap.parse_args()
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    from supernet.training.testing import TinyWorld
+    from supernet.training.tiny import TinyWorld
 
     root = Path(tempfile.mkdtemp(prefix="bench-recipe-"))
     world = TinyWorld(root / "world", n_train=400, n_eval=40)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from supernet.layout import Placement
-from tests.helpers.world import TinyWorld
+from supernet.training.tiny import TinyWorld
 
 pytestmark = pytest.mark.slow
 

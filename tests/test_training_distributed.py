@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from tests.float_bounds import U32, adam_ratio_bound, gamma
-from tests.helpers.world import TinyWorld
+from supernet.training.tiny import TinyWorld
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from supernet.layout import Placement
-from tests.helpers.world import TinyWorld
+from supernet.training.tiny import TinyWorld
 
 pytestmark = pytest.mark.slow
 

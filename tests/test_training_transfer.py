@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from supernet.layout import Placement
-from supernet.training.testing import TinyWorld
+from supernet.training.tiny import TinyWorld
 from tests.float_bounds import U64, gamma
 
 
