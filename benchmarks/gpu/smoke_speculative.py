@@ -36,7 +36,10 @@ def model_on(device: str, dtype: torch.dtype) -> SupernetForCausalLM:
 def main() -> int:
     print(torch.__version__, torch.cuda.get_device_name(0), flush=True)
     failures = 0
-    for dtype in (torch.float32, torch.bfloat16):
+    import os
+
+    dtypes = [getattr(torch, n) for n in os.environ.get("SMOKE_DTYPES", "float32,bfloat16").split(",")]
+    for dtype in dtypes:
         model = model_on("cuda", dtype)
         for batch, prompt_len, k in [(1, 12, 3), (8, 12, 3), (8, 5, 1), (8, 5, 5), (16, 40, 4)]:
             ids = torch.randint(3, 200, (batch, prompt_len), generator=torch.Generator().manual_seed(batch + k)).cuda()
