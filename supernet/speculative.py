@@ -227,10 +227,13 @@ def speculative_generate(
     temperature: float = 0.0,
     generator: torch.Generator | None = None,
     cuda_graph: bool | None = None,
+    capture_first: bool | None = None,
 ) -> tuple[list[list[int]], SpecStats]:
     """Continue every row of input_ids [B, T] (T >= 2): the target's own greedy tokens (or samples).
 
     Returns (new tokens per row, each cut after its first `eos_token_id`; stats).
+    `capture_first` (default: with CUDA graphs) runs every step shape's warm-up and capture before
+    the decode timer starts (`_capture_steps`), so `stats.decode_seconds` is replay time.
     """
     if input_ids.dim() != 2 or input_ids.shape[1] < 2:
         raise ValueError(f"speculative decoding needs input_ids [B, T] with T >= 2, got {tuple(input_ids.shape)}")
@@ -258,7 +261,7 @@ def speculative_generate(
     drafter = _StaticRows(model, draft, d_cache, step_tokens=(2, 1) if k > 1 else (2,), **shared)
     last_two = torch.stack([input_ids[:, -1], first], dim=1)
     length = torch.full((batch,), prompt + 1, dtype=torch.long, device=device)  # committed tokens per row
-    if cuda_graph:
+    if cuda_graph if capture_first is None else capture_first:
         _capture_steps(drafter, verifier, last_two, length, k)
     stats.prefill_seconds = timer.stop()
     decode = _Timer(device)
