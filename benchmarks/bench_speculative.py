@@ -10,8 +10,12 @@ Predictions (placement/speculative_cost.py), beside the measurement:
   the token cost from timing the target's (k+1)-token step against its 1-token step, and the
   per-token acceptance alpha measured in the run.
 - `analytic`: the same alpha with the analytic memory-bound (GPU) bytes table at this batch and
-  context, and `analytic_b64_8k` at batch 64, context 8192 (the issue's GPU goal), projections
-  only: this script runs on the CPU.
+  context, and `analytic_b64_8k` at batch 64, context 8192 (the issue's GPU goal).
+
+Device: `--device cuda` (the default when a GPU is there) puts the model on the GPU in `--dtype`
+(bfloat16 by default there) and replays every decode step as a CUDA graph, the target alone's
+(StaticDecoder) and the speculative engine's: graphs are captured before the timed region, and each
+timed region is bracketed by torch.cuda.synchronize().
 
 Checkpoint: `--ckpt` (a trained supernet gives meaningful acceptances); otherwise SmolLM2-135M
 converted to a supernet and not trained: FA and SWA are the teacher's attention, GDN starts
@@ -20,6 +24,8 @@ layer-skipping drafts; the JSON says which checkpoint was used.
 
     python benchmarks/bench_speculative.py                       # CPU, a few minutes
     python benchmarks/bench_speculative.py --batches 1,8 --contexts 256 --ks 2,4 --new-tokens 24
+    python benchmarks/bench_speculative.py --device cuda --batches 8,64 --contexts 8192 --ks 2,4 \
+        --new-tokens 64 --swa-window 512          # the GPU goal (issues 15 and 23)
 """
 from __future__ import annotations
 
@@ -35,8 +41,30 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import device_name, print_table, write_results  # noqa: E402
 
-DATA = Path(os.environ.get("SUPERNET_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "pydocs-eval.jsonl"
-CONVERTED = Path.home() / ".cache" / "supernet" / "bench-speculative-smollm2"
+DATA_DIR = Path(os.environ.get("SUPERNET_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+# held-out text first; long contexts at large batches need more tokens than it has, then the training text
+DATA_FILES = [DATA_DIR / "pydocs-eval.jsonl", DATA_DIR / "pydocs-train.jsonl"]
+WARMUP_STEPS = 3  # GraphedStep: two eager warm-ups, then the capture
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def converted_dir() -> Path:
+    from supernet.teacher import cache_dir
+
+    return cache_dir() / "bench-speculative-smollm2"
+
+
+def load_model(path: Path, device: str, dtype: str):
+    """The checkpoint on `device` in `dtype`, eval mode (the library loader; no CLI imports)."""
+    import supernet.model  # noqa: F401  (registers the Auto classes)
+    from supernet.model import SupernetForCausalLM
+
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    return SupernetForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
 
 
 def draft_table(num_layers: int) -> dict[str, list[str]]:
@@ -56,6 +84,7 @@ def checkpoint(args) -> tuple[Path, str]:
     demo = Path("/work/main/runs/demo/final")
     if (demo / "config.json").exists():
         return demo, f"the demo's trained checkpoint {demo}"
+    CONVERTED = converted_dir()
     if not (CONVERTED / "config.json").exists():
         from supernet.convert import convert_teacher
         from supernet.teacher import smollm2_hf_dir
@@ -73,14 +102,16 @@ def checkpoint(args) -> tuple[Path, str]:
 def corpus_prompts(tokenizer, batch: int, length: int) -> torch.Tensor:
     ids: list[int] = []
     rows = []
-    for line in DATA.open():
-        ids += tokenizer(json.loads(line)["text"])["input_ids"]
-        while len(ids) >= length and len(rows) < batch:
-            rows.append(ids[:length])
-            ids = ids[length:]
-        if len(rows) == batch:
-            return torch.tensor(rows)
-    raise SystemExit(f"corpus {DATA} has fewer than {batch} x {length} tokens")
+    for path in [p for p in DATA_FILES if p.exists()]:
+        for line in path.open():
+            ids += tokenizer(json.loads(line)["text"])["input_ids"]
+            while len(ids) >= length and len(rows) < batch:
+                rows.append(ids[:length])
+                ids = ids[length:]
+            if len(rows) == batch:
+                return torch.tensor(rows)
+    raise SystemExit(f"corpora {[str(p) for p in DATA_FILES]} hold fewer than {batch} x {length} tokens; "
+                     "set SUPERNET_DATA to a folder with pydocs-eval.jsonl / pydocs-train.jsonl")
 
 
 @torch.no_grad()
@@ -90,34 +121,50 @@ def target_alone(model, prompts, target, new_tokens: int, ks) -> tuple[list[list
     from supernet.speculative import _StaticRows
     from supernet.static_decode import StaticDecoder
 
+    device = prompts.device
+    graphs = device.type == "cuda"
     cache = SupernetCache(model.config.num_hidden_layers)
     first = model(prompts, past_key_values=cache, use_cache=True, placement=target, logits_to_keep=1).logits[:, -1:].argmax(-1)
-    decoder = StaticDecoder(model, target, cache, max_new_tokens=new_tokens, cuda_graph=False)
+    decoder = StaticDecoder(model, target, cache, max_new_tokens=new_tokens, cuda_graph=graphs)
     decoder.start(first)
-    decoder.step()  # warm-up step, not timed
-    t0 = time.perf_counter()
-    tokens = [first, decoder.token.clone()]
-    for _ in range(new_tokens - 2):
+    tokens = [first]
+    warm = WARMUP_STEPS if graphs else 1  # the first steps (graph warm-up and capture) are not timed
+    for _ in range(warm):
         tokens.append(decoder.step().clone())
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(new_tokens - 1 - warm):
+        tokens.append(decoder.step().clone())
+    sync(device)
     seconds = time.perf_counter() - t0
     # the token cost: a (k+1)-token step of the target against its 1-token step, same cache
     decoder.finish()
     rows = _StaticRows(model, model.config.resolve(target), cache, capacity=cache.seen_tokens + 4 * max(ks) + 8,
                        lookahead=max(ks) + 1, history_slots=max(ks) + 2, step_tokens=tuple(sorted({1, *[k + 1 for k in ks]})),
-                       cuda_graph=False)
-    position = torch.full((prompts.shape[0],), cache.seen_tokens)
+                       cuda_graph=graphs)
+    position = torch.full((prompts.shape[0],), cache.seen_tokens, device=device)
 
     def step_time(t: int) -> float:
+        feed = torch.zeros(prompts.shape[0], t, dtype=torch.long, device=device)
+        for _ in range(WARMUP_STEPS if graphs else 0):
+            rows.run(feed, position, slot=1)
         times = []
-        for _ in range(4):
+        for _ in range(5):
+            sync(device)
             t1 = time.perf_counter()
-            rows.run(torch.zeros(prompts.shape[0], t, dtype=torch.long), position, slot=1)
-            times.append(time.perf_counter() - t1)
-        return sorted(times)[1]
+            for _ in range(10):
+                rows.run(feed, position, slot=1)
+            sync(device)
+            times.append((time.perf_counter() - t1) / 10)
+        return sorted(times)[2]
 
     one = step_time(1)
     fractions = {k: max(0.0, (step_time(k + 1) - one) / (k * one)) for k in ks}
-    return torch.cat(tokens, 1).tolist(), seconds / (new_tokens - 1), fractions
+    return torch.cat(tokens, 1).tolist(), seconds / (new_tokens - 1 - warm), fractions
+
+
+def out_path(args) -> Path:
+    return Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / f"speculative_{torch.device(args.device).type}.json"
 
 
 def main() -> None:
@@ -130,6 +177,8 @@ def main() -> None:
     ap.add_argument("--ks", default="2,4")
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--swa-window", type=int, default=64, help="converted checkpoint only")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on CUDA, else float32)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--record", help="write the measured acceptances into this presets.json")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/speculative_<device>.json)")
@@ -138,13 +187,14 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
 
-    from supernet.cli.model_cmds import load_checkpoint
     from supernet.placement.cost import analytic_costs, measure_costs
     from supernet.placement.speculative_cost import predict, predict_from_costs
     from supernet.speculative import speculative_generate
 
     path, source = checkpoint(args)
-    model, _ = load_checkpoint(str(path))
+    device = torch.device(args.device)
+    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    model = load_model(path, args.device, dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     target = model.config.resolve(args.target)
     drafts = {name: model.config.resolve(name) for name in args.drafts.split(",")}
@@ -152,7 +202,7 @@ def main() -> None:
     rows, t_start = [], time.time()
     for batch in [int(b) for b in args.batches.split(",")]:
         for context in [int(c) for c in args.contexts.split(",")]:
-            prompts = corpus_prompts(tokenizer, batch, context)
+            prompts = corpus_prompts(tokenizer, batch, context).to(device)
             table = measure_costs(model, context, batch, layers=[0, model.config.num_hidden_layers // 2],
                                   mixers=sorted({m for p in [target, *drafts.values()] for m in p}),
                                   repeats=5, warmup=1, progress=False)
@@ -161,7 +211,8 @@ def main() -> None:
                   f"(cost table {table.cost(target):.1f}), token fraction {fractions}", flush=True)
             for name, draft in drafts.items():
                 for k in ks:
-                    got, stats = speculative_generate(model, prompts, draft, target, k=k, max_new_tokens=args.new_tokens)
+                    got, stats = speculative_generate(model, prompts, draft, target, k=k, max_new_tokens=args.new_tokens,
+                                                      cuda_graph=device.type == "cuda")
                     tokens = sum(len(r) - 1 for r in got)  # the first token comes from the prefill
                     measured = t_step / (stats.decode_seconds / (tokens / batch))  # per token of a row
                     alpha = stats.per_token_acceptance
@@ -176,13 +227,20 @@ def main() -> None:
                            "acceptance": stats.acceptance_rate, "alpha": alpha,
                            "tokens_per_round": stats.tokens_per_round, "measured_speedup": measured,
                            "predicted": mine.speedup, "analytic": analytic.speedup, "analytic_b64_8k": gpu_goal.speedup,
-                           "lossless": got == want, "target_ms_per_step": t_step * 1e3,
+                           "lossless": got == want, "lossless_rows": sum(a == b for a, b in zip(got, want)),
+                           "first_difference": min((next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+                                                    for a, b in zip(got, want) if a != b), default=None),
+                           "target_ms_per_step": t_step * 1e3,
                            "spec_ms_per_token": stats.decode_seconds / (tokens / batch) * 1e3,
                            "token_fraction": fr, "cost_target": table.cost(target), "cost_draft": table.cost(draft),
                            "stats": stats.as_dict()}
                     rows.append(row)
                     print(f"  {name} k={k}: acceptance {stats.acceptance_rate:.2f}, x{measured:.2f} measured, "
-                          f"x{mine.speedup:.2f} predicted, lossless {row['lossless']}", flush=True)
+                          f"x{mine.speedup:.2f} predicted, analytic x{analytic.speedup:.2f}, lossless {row['lossless']} "
+                          f"({row['lossless_rows']}/{batch} rows)", flush=True)
+                    partial = out_path(args)
+                    partial.parent.mkdir(parents=True, exist_ok=True)
+                    partial.with_suffix(".partial.json").write_text(json.dumps(rows, indent=1))
     columns = ["batch", "context", "draft", "k", "acceptance", "alpha", "tokens_per_round", "measured_speedup",
                "predicted", "analytic", "analytic_b64_8k", "lossless"]
     print_table(rows, columns, f"self-speculative decoding, target {args.target}, {device_name()}")
@@ -196,10 +254,11 @@ def main() -> None:
         from supernet.draft_choice import record_acceptance
 
         record_acceptance(args.record, args.target, acceptance, f"pydocs-eval, {args.new_tokens} tokens x {args.batches} rows")
-    out = args.out or Path(__file__).resolve().parent / "results" / f"speculative_{'cuda' if torch.cuda.is_available() else 'cpu'}.json"
+    out = out_path(args)
     write_results("speculative", {
         "checkpoint": source, "target": args.target, "drafts": {n: p.to_list() for n, p in drafts.items()},
-        "new_tokens": args.new_tokens, "threads": torch.get_num_threads(), "seconds": time.time() - t_start,
+        "new_tokens": args.new_tokens, "torch_device": str(device), "dtype": dtype, "cuda_graphs": device.type == "cuda",
+        "threads": torch.get_num_threads(), "seconds": time.time() - t_start,
         "notes": ("decode phase only, greedy; measured_speedup = target ms/step over speculative ms per generated "
                   "token per row; predicted = placement/speculative_cost.py with costs measured here and the run's "
                   "alpha; analytic* = the memory-bound bytes model (GPU), projections only"),

@@ -227,10 +227,13 @@ def speculative_generate(
     temperature: float = 0.0,
     generator: torch.Generator | None = None,
     cuda_graph: bool | None = None,
+    capture_first: bool | None = None,
 ) -> tuple[list[list[int]], SpecStats]:
     """Continue every row of input_ids [B, T] (T >= 2): the target's own greedy tokens (or samples).
 
     Returns (new tokens per row, each cut after its first `eos_token_id`; stats).
+    `capture_first` (default: with CUDA graphs) runs every step shape's warm-up and capture before
+    the decode timer starts (`_capture_steps`), so `stats.decode_seconds` is replay time.
     """
     if input_ids.dim() != 2 or input_ids.shape[1] < 2:
         raise ValueError(f"speculative decoding needs input_ids [B, T] with T >= 2, got {tuple(input_ids.shape)}")
@@ -256,14 +259,16 @@ def speculative_generate(
     shared = dict(capacity=capacity, lookahead=k + 1, history_slots=k + 2, cuda_graph=cuda_graph)
     verifier = _StaticRows(model, target, t_cache, step_tokens=(k + 1,), **shared)
     drafter = _StaticRows(model, draft, d_cache, step_tokens=(2, 1) if k > 1 else (2,), **shared)
+    last_two = torch.stack([input_ids[:, -1], first], dim=1)
+    length = torch.full((batch,), prompt + 1, dtype=torch.long, device=device)  # committed tokens per row
+    if cuda_graph if capture_first is None else capture_first:
+        _capture_steps(drafter, verifier, last_two, length, k)
     stats.prefill_seconds = timer.stop()
     decode = _Timer(device)
     decode.start()
 
     out: list[list[int]] = [[int(x)] for x in first.tolist()]
     done = torch.tensor([max_new_tokens <= 1 or int(x) == eos_token_id for x in first.tolist()], device=device)
-    length = torch.full((batch,), prompt + 1, dtype=torch.long, device=device)  # committed tokens per row
-    last_two = torch.stack([input_ids[:, -1], first], dim=1)
     while not bool(done.all()):
         active = ~done
         # -- draft ------------------------------------------------------------------------------
@@ -317,6 +322,27 @@ def speculative_generate(
         done = torch.tensor(finished, device=device)
     stats.decode_seconds = decode.stop()
     return out, stats
+
+
+def _capture_steps(drafter: _StaticRows, verifier: _StaticRows, last_two: torch.Tensor, length: torch.Tensor,
+                   k: int) -> None:
+    """Warm up and capture every step shape's CUDA graph before decoding, so capture is not timed
+    as decoding. The steps run the first round's own shapes and positions, then both caches roll
+    back to history slot 0: recurrent states return exactly; attention keys written at positions
+    not yet committed are masked until the real round overwrites them (positions are contiguous)."""
+    batch = last_two.shape[0]
+    zeros = torch.zeros(batch, dtype=torch.long, device=last_two.device)
+    verify_in = torch.cat([last_two[:, 1:], last_two[:, 1:].expand(batch, k)], dim=1)
+    for t, step in drafter.steps.items():
+        for _ in range(step.warmup + 1):  # the eager warm-ups, then the capture
+            if t == 2:
+                drafter.run(last_two, length - 2, slot=1)
+            else:
+                drafter.run(last_two[:, 1:], length - 1, slot=2)
+    for _ in range(verifier.steps[k + 1].warmup + 1):
+        verifier.run(verify_in, length - 1, slot=1)
+    drafter.rollback(zeros)
+    verifier.rollback(zeros)
 
 
 class _Timer:

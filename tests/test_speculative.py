@@ -61,6 +61,19 @@ def test_greedy_output_is_the_targets_own(model, draft, target, batch, prompt_le
         assert stats.ragged_rounds > 0  # rows accepted different numbers of drafts in one round
 
 
+@pytest.mark.parametrize("draft,target", PAIRS)
+def test_steps_run_before_decoding_leave_no_trace(model, draft, target):
+    """The warm-up/capture steps run before the decode timer (eagerly here) roll back exactly:
+    recurrent states return to slot 0, attention keys they wrote are overwritten before being read."""
+    ids = _prompts(8, 12, seed=5)
+    want = greedy_generate(model, ids, target, 16)
+    got, stats = speculative_generate(model, ids, draft, target, k=3, max_new_tokens=16, capture_first=True)
+    plain, plain_stats = speculative_generate(model, ids, draft, target, k=3, max_new_tokens=16, capture_first=False)
+    assert got == want == plain
+    # the draft's states too: the same drafts were proposed and kept, round by round
+    assert stats.accepted_per_round == plain_stats.accepted_per_round
+
+
 def test_rows_stop_at_their_own_end_of_sequence(model):
     ids = _prompts(8, 9, seed=3)
     free = greedy_generate(model, ids, PAIRS[0][1], 24)

@@ -250,17 +250,27 @@ class AttentionMixer(nn.Module):
             state["slot_pos"].scatter_(1, slots, positions)
             key_pos = state["slot_pos"]
 
+        hq, hkv = q.shape[1], k.shape[1]
+        group = hq // hkv
+
         def bias() -> torch.Tensor:
             kp, qp = key_pos[:, None, :], positions[:, :, None]  # [B, 1, S], [B, t, 1]
             live = (kp <= qp) & (kp >= 0)
             if self.window is not None:
                 live &= kp > qp - self.window
-            return torch.zeros(live.shape, dtype=q.dtype, device=q.device).masked_fill_(~live, float("-inf"))[:, None]
+            mask = torch.zeros(live.shape, dtype=q.dtype, device=q.device).masked_fill_(~live, float("-inf"))
+            return mask.repeat(1, group, 1)[:, None]  # [B, 1, group * t, S]: rows (query head in group, token)
 
-        # every layer of a kind writes the same positions, so one mask serves them all
-        mask = cache.shared(("rows_bias", self.window, size, t, q.dtype), bias, source=cache.static_position)
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q, state["k"], state["v"], attn_mask=mask, scale=self.scale, enable_gqa=q.shape[1] != k.shape[1])
+        # The query heads of each KV group are folded into the query-length axis (as in one-token
+        # decoding, ops.attention.masked_decode_attention): SDPA with a mask and enable_gqa takes its
+        # math path on CUDA, which expands the whole cache to every query head and made a
+        # (k+1)-token verify step at batch 64, context 8k cost 5x a one-token step on an H200.
+        # Every layer of a kind writes the same positions, so one mask serves them all.
+        mask = cache.shared(("rows_bias", self.window, size, t, group, q.dtype), bias, source=cache.static_position)
+        folded = q.reshape(b, hkv, group * t, d)
+        out = torch.nn.functional.scaled_dot_product_attention(folded, state["k"], state["v"], attn_mask=mask,
+                                                               scale=self.scale)
+        out = out.reshape(b, hq, t, d)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
     def _update_cache(self, state: dict, k: torch.Tensor, v: torch.Tensor, t: int):
