@@ -65,44 +65,37 @@ SET_HELP = "override one config key, e.g. --set loss.kl_weight=0.5 (repeatable)"
 FORCE_HELP = "resume although a key that changes the computation (data, loss, sampling, ...) differs"
 
 
+# (command, where its configs are, the help line): the three training stages share one signature
+STAGES = (
+    ("distill", "training/configs/", "Stage 1: distil the teacher into every mixer, sampling a placement per step."),
+    ("sft", "training/configs/sft_*.yaml", "Stage 2: supervised fine-tuning on chat data (loss on assistant tokens)."),
+    ("transfer", "training/configs/transfer_*.yaml",
+     "Layer-local transfer: every trainable mixer of every layer regresses the teacher's attention output."),
+)
+
+
+def _stage_command(stage: str, configs: str, doc: str):
+    """The typer command running one training stage (typer reads the options from this signature)."""
+
+    def command(
+        config: Path = typer.Argument(..., help=f"YAML config (see {configs})"),
+        set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+        out_dir: Optional[str] = typer.Option(None, "--out-dir", help="override out_dir"),
+        max_steps: Optional[int] = typer.Option(None, "--max-steps", help="override train.max_steps"),
+        resume: Optional[str] = typer.Option(None, "--resume", help="auto | none | a checkpoint folder"),
+        resume_force: bool = typer.Option(False, "--resume-force", help=FORCE_HELP),
+    ) -> None:
+        _run_stage(stage, config, set_, out_dir, max_steps, resume, resume_force)
+
+    command.__doc__ = doc
+    command.__name__ = stage
+    return command
+
+
 def register(app: typer.Typer) -> None:
     """Add this part's commands to the `supernet` app."""
-
-    @app.command("distill")
-    def distill(
-        config: Path = typer.Argument(..., help="YAML config (see training/configs/)"),
-        set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-        out_dir: Optional[str] = typer.Option(None, "--out-dir", help="override out_dir"),
-        max_steps: Optional[int] = typer.Option(None, "--max-steps", help="override train.max_steps"),
-        resume: Optional[str] = typer.Option(None, "--resume", help="auto | none | a checkpoint folder"),
-        resume_force: bool = typer.Option(False, "--resume-force", help=FORCE_HELP),
-    ) -> None:
-        """Stage 1: distil the teacher into every mixer, sampling a placement per step."""
-        _run_stage("distill", config, set_, out_dir, max_steps, resume, resume_force)
-
-    @app.command("sft")
-    def sft(
-        config: Path = typer.Argument(..., help="YAML config (see training/configs/sft_*.yaml)"),
-        set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-        out_dir: Optional[str] = typer.Option(None, "--out-dir", help="override out_dir"),
-        max_steps: Optional[int] = typer.Option(None, "--max-steps", help="override train.max_steps"),
-        resume: Optional[str] = typer.Option(None, "--resume", help="auto | none | a checkpoint folder"),
-        resume_force: bool = typer.Option(False, "--resume-force", help=FORCE_HELP),
-    ) -> None:
-        """Stage 2: supervised fine-tuning on chat data (loss on assistant tokens)."""
-        _run_stage("sft", config, set_, out_dir, max_steps, resume, resume_force)
-
-    @app.command("transfer")
-    def transfer(
-        config: Path = typer.Argument(..., help="YAML config (see training/configs/transfer_*.yaml)"),
-        set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-        out_dir: Optional[str] = typer.Option(None, "--out-dir", help="override out_dir"),
-        max_steps: Optional[int] = typer.Option(None, "--max-steps", help="override train.max_steps"),
-        resume: Optional[str] = typer.Option(None, "--resume", help="auto | none | a checkpoint folder"),
-        resume_force: bool = typer.Option(False, "--resume-force", help=FORCE_HELP),
-    ) -> None:
-        """Layer-local transfer: every trainable mixer of every layer regresses the teacher's attention output."""
-        _run_stage("transfer", config, set_, out_dir, max_steps, resume, resume_force)
+    for stage, configs, doc in STAGES:
+        app.command(stage)(_stage_command(stage, configs, doc))
 
     @app.command("cache-logits")
     def cache_logits(
