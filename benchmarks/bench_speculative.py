@@ -187,7 +187,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
 
-    from supernet.placement.cost import analytic_costs, measure_costs
+    from supernet.measure.costs import measure_costs
+    from supernet.placement.cost import analytic_costs
     from supernet.placement.speculative_cost import predict, predict_from_costs
     from supernet.speculative import speculative_generate
 

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import print_table, write_results  # noqa: E402
 from supernet.measure.shapes import smollm2_config  # noqa: E402
-from supernet.placement.cost import measure_costs  # noqa: E402
+from supernet.measure.costs import measure_costs  # noqa: E402
 from supernet.cache import SupernetCache  # noqa: E402
 from supernet.model import SupernetForCausalLM  # noqa: E402
 from supernet.ops.fla_backend import fused_kernels  # noqa: E402

@@ -156,7 +156,7 @@ def costs(
 
 
 def _measure(ckpt, config, context, batch, mode, repeats, layers, calibrate, device, rounds=(32, 3, 2, "wall")):
-    from supernet.placement.cost import measure_costs
+    from supernet.measure.costs import measure_costs
     from supernet.measure.quality import load_supernet, pick_device
 
     chosen = None
@@ -170,7 +170,7 @@ def _measure(ckpt, config, context, batch, mode, repeats, layers, calibrate, dev
     model = load_supernet(ckpt, pick_device(device))
     table = measure_costs(model, context, batch, mode, repeats=repeats, layers=chosen)
     if calibrate:
-        from supernet.placement.cost import calibrate_in_stack
+        from supernet.measure.costs import calibrate_in_stack
 
         single = {m: table.speedup([m] * config.num_hidden_layers) for m in table.mixers}
         table = calibrate_in_stack(table, model, new_tokens=rounds[0], rounds=rounds[1], windows=rounds[2],
@@ -206,7 +206,7 @@ def _fit_profile(ckpt, config, out: Path, tables: Optional[str], context: int, b
         kind = "cuda" if any(str(s["device"]).startswith(("cuda", "NVIDIA")) for s in sources) else "cpu"
     else:
         from supernet.layout import Placement
-        from supernet.placement.cost import device_name
+        from supernet.measure.costs import device_name
         from supernet.measure.quality import load_supernet, pick_device
         from supernet.placement.profile import STEP, Observation
         from supernet.measure.throughput import compare_decode

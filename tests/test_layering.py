@@ -25,6 +25,21 @@ def test_every_placement_module_imports_without_torch():
     assert int(proc.stdout.strip()) >= 8  # the walk found the modules (cost, evaluate, optimize, surrogate, ...)
 
 
+def test_no_placement_module_imports_torch_even_inside_a_function():
+    """Timing with torch lives in supernet.measure (e.g. measure/costs.py), not behind a deferred import
+    in placement/: the optimiser's package must stay runnable where torch is not installed."""
+    torch_side = ("torch", "transformers", "supernet.model", "supernet.cache", "supernet.static_decode",
+                  "supernet.measure", "supernet.generation", "supernet.speculative")
+    offenders = []
+    for path in sorted((REPO / "placement").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{path.relative_to(REPO)}:{node.lineno} {n}" for n in names
+                          if any(n == s or n.startswith(s + ".") for s in torch_side)]
+    assert not offenders, offenders
+
+
 def test_no_test_imports_a_benchmark_script():
     """Reusable measuring code lives in supernet.measure; benchmarks/ holds scripts, run as scripts."""
     offenders = []

@@ -116,7 +116,7 @@ def _tiny_model():
 
 @pytest.mark.parametrize("mode", ["decode", "prefill"])
 def test_measured_costs_on_a_tiny_model(mode, tmp_path):
-    from supernet.placement.cost import measure_costs
+    from supernet.measure.costs import measure_costs
 
     model = _tiny_model()
     t = measure_costs(model, context_length=24, batch_size=2, mode=mode, repeats=2, warmup=1, progress=False)
@@ -134,7 +134,7 @@ def test_measured_costs_on_a_tiny_model(mode, tmp_path):
 
 def test_static_decode_costs_run_on_the_cpu_path_of_the_graphed_timing():
     """cuda_graph=True on the CPU times the same static steps eagerly (the graph itself needs CUDA)."""
-    from supernet.placement.cost import measure_costs
+    from supernet.measure.costs import measure_costs
 
     model = _tiny_model()
     t = measure_costs(model, context_length=12, batch_size=2, mode="decode", repeats=2, warmup=1,
@@ -146,7 +146,7 @@ def test_static_decode_costs_run_on_the_cpu_path_of_the_graphed_timing():
 
 def test_in_stack_calibration_matches_the_whole_model_steps():
     """Each mixer's costs are scaled so that all-<mixer> predicts its measured whole-model step."""
-    from supernet.placement.cost import calibrate_in_stack, measure_costs
+    from supernet.measure.costs import calibrate_in_stack, measure_costs
 
     model = _tiny_model()
     t = measure_costs(model, context_length=12, batch_size=2, mode="decode", repeats=2, warmup=1, progress=False)
