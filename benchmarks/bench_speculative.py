@@ -6,7 +6,7 @@ only (prefills excluded, both sides), greedy; the output must be the target's ow
 
 Predictions (placement/speculative_cost.py), beside the measurement:
 - `predicted`: the formula with this device's costs: a CostTable measured here
-  (placement.cost.measure_costs: per-layer mixer step costs plus the shared part) for C_t and C_d,
+  (supernet.measure.costs.measure_costs: per-layer mixer step costs plus the shared part) for C_t and C_d,
   the token cost from timing the target's (k+1)-token step against its 1-token step, and the
   per-token acceptance alpha measured in the run.
 - `analytic`: the same alpha with the analytic memory-bound (GPU) bytes table at this batch and

@@ -5,7 +5,7 @@
 Steps (each resumes from the files the previous one left in --workdir, and each fits in a 10-minute
 call): convert, distill (stage 1 on one GPU, fixed step budget at sequence 2048), evaluate (>= 200
 placements on held-out text, active learning included), costs (measured at context 8192, batch 64,
-then calibrated inside the whole model: `placement.cost.calibrate_in_stack`),
+then calibrated inside the whole model: `supernet.measure.costs.calibrate_in_stack`),
 presets (surrogate fit + DP at speedups 1.5, 2, 3, 4 and the maximum), measure (per preset: decode
 throughput vs all-fa in the same run, quality retention, needle-in-a-haystack at 2k/4k/8k, and
 self-speculative decoding), report (table + plot). The results JSON, table and plot are copied to

@@ -4,7 +4,7 @@ Builds a SmolLM2-shaped supernet with random weights (bf16 on GPU), then for eac
 presets.json (plus the four uniform placements) measures greedy decode at --batch / --context, in
 two passes (the first warms allocator and kernels, the second is reported), both as replayed CUDA
 graphs (static decoding, the reported number) and eagerly (kernel by kernel from Python, for
-comparison). Also re-measures the per-layer mixer costs with `placement.cost.measure_costs` and
+comparison). Also re-measures the per-layer mixer costs with `supernet.measure.costs.measure_costs` and
 compares the cost model's prediction (fixed + sum of the layers' costs) with each measured step.
 First it checks that graphed static decoding gives the eager decoder's tokens (float32).
 
