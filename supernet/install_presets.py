@@ -53,8 +53,9 @@ def read_checkpoint_config(ckpt: str | Path) -> tuple[Path, dict]:
     return path, config
 
 
-def read_presets_file(path: str | Path, num_layers: int) -> dict[str, tuple[Placement, dict]]:
-    """name -> (placement, the entry's other keys), every entry checked against `num_layers`."""
+def read_presets_file(path: str | Path, num_layers: int) -> tuple[dict[str, tuple[Placement, dict]], dict | None]:
+    """(name -> (placement, the entry's other keys), the file's cost_source block or None), every entry
+    checked against `num_layers`."""
     path = Path(path)
     data = read_json(path, "presets file", "write one with `placement optimize --out presets.json`", PlacementError)
     if not isinstance(data, dict) or not isinstance(data.get("presets"), list):
@@ -83,7 +84,7 @@ def read_presets_file(path: str | Path, num_layers: int) -> dict[str, tuple[Plac
         except PlacementError as exc:
             raise PlacementError(f"preset {name!r} in {path}: {exc}") from None
         out[name] = (placement, {k: v for k, v in entry.items() if k not in ("name", "placement")})
-    return out
+    return out, data.get("cost_source")
 
 
 def install_presets(ckpt: str | Path, presets_file: str | Path, *, replace: bool = False, overwrite: bool = False,
@@ -91,7 +92,7 @@ def install_presets(ckpt: str | Path, presets_file: str | Path, *, replace: bool
     """Write the presets of `presets_file` into `ckpt`'s config.json; see the module docstring."""
     config_path, config = read_checkpoint_config(ckpt)
     num_layers = config["num_hidden_layers"]
-    new = read_presets_file(presets_file, num_layers)
+    new, source = read_presets_file(presets_file, num_layers)
     existing: dict[str, Placement] = {}
     for name, value in (config.get("presets") or {}).items():
         try:
@@ -117,8 +118,6 @@ def install_presets(ckpt: str | Path, presets_file: str | Path, *, replace: bool
     if active is not None and active not in result:
         raise PlacementError(f"{config_path} selects preset {active!r} (its 'preset' key), which this install would "
                              "remove; keep it in the presets file or install without --replace")
-    source = (read_json(presets_file, "presets file", "write one with `placement optimize`", PlacementError)
-              .get("cost_source"))
     written = False
     if not dry_run and (result != config.get("presets") or (source and source != config.get("presets_cost_source"))):
         config["presets"] = result
