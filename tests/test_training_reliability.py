@@ -6,10 +6,8 @@ import json
 import os
 import pickle
 import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ from typer.testing import CliRunner
 
 from supernet.cli.main import app
 from supernet.training.preemption import PREEMPTED_EXIT_CODE
+from tests.helpers.processes import sigterm_after_records
 
 # `lr: 3e-3` is written the way users write it: YAML 1.1 reads it as a string
 CONFIG = """\
@@ -109,20 +108,8 @@ def test_sigterm_checkpoints_and_resume_gives_the_uninterrupted_losses(tmp_path)
     r = _cli("distill", _config(tmp, "ref", ref, steps))
     assert r.exit_code == 0, r.output
     cfg = _config(tmp, "cut", cut, steps)  # no periodic checkpoints: the signal's is the only one
-    proc = subprocess.Popen([sys.executable, "-m", "supernet.cli.main", "distill", str(cfg)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            if (cut / "metrics.jsonl").is_file() and len(_records(cut)) >= 2:
-                break
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == PREEMPTED_EXIT_CODE, output
+    code, output = sigterm_after_records("distill", cfg, cut / "metrics.jsonl")
+    assert code == PREEMPTED_EXIT_CODE, output
     assert "Traceback" not in output
     done = max(_losses(cut))
     assert 2 <= done < steps

@@ -229,14 +229,13 @@ def test_bad_transfer_config_is_one_line(world, tmp_path, sections, message):
 @pytest.mark.slow
 def test_transfer_sigterm_checkpoints_and_resume_gives_the_uninterrupted_losses(world, tmp_path):
     """The real CLI: SIGTERM after a step, exit 75, the same command resumes bit for bit."""
-    import signal
     import subprocess
     import sys
-    import time
 
     import yaml
 
     from supernet.training.preemption import PREEMPTED_EXIT_CODE
+    from tests.helpers.processes import sigterm_after_records
 
     def write(name):
         cfg = _transfer_cfg(world, tmp_path / name, train={"max_steps": 5}, checkpoint={"every": 0})
@@ -247,21 +246,8 @@ def test_transfer_sigterm_checkpoints_and_resume_gives_the_uninterrupted_losses(
     ref, cut = write("ref"), write("cut")
     assert subprocess.run([sys.executable, "-m", "supernet.cli.main", "transfer", str(ref)],
                           capture_output=True).returncode == 0
-    proc = subprocess.Popen([sys.executable, "-m", "supernet.cli.main", "transfer", str(cut)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        metrics = tmp_path / "cut" / "metrics.jsonl"
-        while time.monotonic() < deadline and proc.poll() is None:
-            if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
-                break
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == PREEMPTED_EXIT_CODE, output
+    code, output = sigterm_after_records("transfer", cut, tmp_path / "cut" / "metrics.jsonl")
+    assert code == PREEMPTED_EXIT_CODE, output
     assert "transfer: stopped by SIGTERM" in output and "Traceback" not in output
     r = subprocess.run([sys.executable, "-m", "supernet.cli.main", "transfer", str(cut)],
                        capture_output=True, text=True)
