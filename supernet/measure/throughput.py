@@ -15,7 +15,7 @@ import torch
 from supernet.cache import SupernetCache
 from supernet.model import SupernetForCausalLM
 from supernet.layout import PlacementLike
-from supernet.measure.timer import Stopwatch
+from supernet.measure.timer import Stopwatch, check_block_clock
 from supernet.static_decode import StaticDecoder
 
 
@@ -47,7 +47,7 @@ def measure_decode(
         raise ValueError(f"measure_decode needs windows >= 1 and new_tokens >= 1, got {windows} and {new_tokens}")
     device = next(model.parameters()).device
     cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
-    Stopwatch(device, clock=clock)  # refuses an unknown clock, or the cpu clock on CUDA, before any work
+    check_block_clock(clock, device)
     if input_ids is not None:
         ids = input_ids.to(device)
         batch, context = ids.shape

@@ -43,6 +43,14 @@ def synchronize(device: Any) -> None:
 BLOCK_CLOCKS = ("wall", "cpu")
 
 
+def check_block_clock(clock: str, device: Any) -> None:
+    """Refuse, before any work is timed, a clock Stopwatch cannot use on `device`."""
+    if clock not in BLOCK_CLOCKS:
+        raise ValueError(f"unknown clock {clock!r}; use wall or cpu")
+    if clock == "cpu" and _is_cuda(device):
+        raise ValueError("the cpu clock times CPU runs only (GPU kernels run asynchronously); use wall")
+
+
 class Stopwatch:
     """`with Stopwatch(device) as sw: work()` then `sw.seconds`: time of the block, synchronised.
 
@@ -52,10 +60,7 @@ class Stopwatch:
     """
 
     def __init__(self, device: Any = "cpu", clock: str = "wall") -> None:
-        if clock not in BLOCK_CLOCKS:
-            raise ValueError(f"unknown clock {clock!r}; use wall or cpu")
-        if clock == "cpu" and _is_cuda(device):
-            raise ValueError("the cpu clock times CPU runs only (GPU kernels run asynchronously); use wall")
+        check_block_clock(clock, device)
         self.device = device
         self._now = time.perf_counter if clock == "wall" else time.process_time
         self.seconds = float("nan")
