@@ -143,51 +143,30 @@ def checkpoint_files(folder: Path) -> list[Path]:
     return files
 
 
-def iter_matrices(folder: Path) -> Iterator[tuple[str, torch.Tensor, set[str]]]:
-    """(name, 2-D floating tensor, every tensor name of the checkpoint) in sorted name order."""
-    from safetensors import safe_open
-
-    handles = [safe_open(str(f), framework="pt") for f in checkpoint_files(folder)]
-    where = {k: h for h in handles for k in h.keys()}
-    for name in sorted(where):
-        h = where[name]
-        shape = h.get_slice(name).get_shape()
-        if len(shape) == 2 and min(shape) > 1:
-            t = h.get_tensor(name)
-            if t.is_floating_point():
-                yield name, t, set(where)
-
-
 def scan(folder: Path, only: list[str] | None = None, progress: bool = True,
          threads: int = 1) -> tuple[list[MatrixSNR], set[str]]:
-    """Spectrum's SNR of every weight matrix of the checkpoint whose type `--only` keeps; also every
-    tensor name (to pair a selected weight with its bias)."""
+    """Spectrum's SNR of every weight matrix of the checkpoint whose type `--only` keeps (in sorted
+    name order); also every tensor name (to pair a selected weight with its bias)."""
     from safetensors import safe_open
     from tqdm.auto import tqdm
 
-    files = checkpoint_files(folder)
-    names: list[str] = []
-    for f in files:
-        with safe_open(str(f), framework="pt") as h:
-            for k in h.keys():
-                shape = h.get_slice(k).get_shape()
-                if len(shape) == 2 and min(shape) > 1 and type_selected(module_type(k), only):
-                    names.append(k)
+    handles = [safe_open(str(f), framework="pt") for f in checkpoint_files(folder)]
+    where = {k: h for h in handles for k in h.keys()}
+    names = []
+    for k in sorted(where):
+        shape = where[k].get_slice(k).get_shape()
+        if len(shape) == 2 and min(shape) > 1 and type_selected(module_type(k), only):
+            names.append(k)
     if not names:
         raise SNRError(f"no weight matrix of {folder} matches --only {','.join(only or [])}; "
                        "use module types such as gdn, fa.q_proj, mlp, mixers or shared")
-    wanted = set(names)
     results: list[MatrixSNR] = []
-    all_names: set[str] = set()
-    bar = tqdm(total=len(wanted), unit="matrix", desc="snr", disable=not progress)
     with torch_threads(threads):
-        for name, tensor, every in iter_matrices(folder):
-            all_names = every
-            if name in wanted:
+        for name in tqdm(names, unit="matrix", desc="snr", disable=not progress):
+            tensor = where[name].get_tensor(name)
+            if tensor.is_floating_point():
                 results.append(matrix_snr(name, tensor))
-                bar.update(1)
-    bar.close()
-    return results, all_names
+    return results, set(where)
 
 
 @contextmanager
@@ -203,8 +182,8 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 def select_top(results: Iterable[MatrixSNR], top_percent: float) -> dict[str, list[MatrixSNR]]:
-    """Per module type, the results sorted by score (highest first, ties by name), and how many of
-    each type are selected: ceil(P/100 * count)."""
+    """Per module type, the results sorted by score (highest first, ties in layer order); the first
+    `selected_count` of each are selected."""
     check_percent(top_percent)
     by_type: dict[str, list[MatrixSNR]] = {}
     for r in results:

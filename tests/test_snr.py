@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -198,6 +199,22 @@ def test_the_selection_freezes_exactly_what_it_lists(world, tmp_path, stage):
     assert changed == active  # and nothing outside the file moved
 
 
+def test_transfer_trains_a_mixer_selection_and_refuses_shared_parameters(world, tmp_path):
+    from supernet.training.config import ConfigError
+    from supernet.training.trainer import Trainer
+
+    both, _ = _selection(world, tmp_path, "--top-percent", "50", "--only", "gdn,mlp")
+    with pytest.raises(ConfigError, match="unfreezes shared parameter model.layers.*mlp"):
+        Trainer(world.config(tmp_path / "t1", stage="transfer", train={"trainable": str(both)},
+                             transfer={"mixers": ["gdn", "kda"]}))
+    gdn, listed = _selection(world, tmp_path / "gdn", "--top-percent", "50", "--only", "gdn")
+    t = Trainer(world.config(tmp_path / "t2", stage="transfer", train={"trainable": str(gdn)},
+                             transfer={"mixers": ["gdn", "kda"]}))
+    assert set(t.trainable_names) == set(listed)
+    # transfer trains the (layer, mixer) pairs that have a listed parameter, and only those
+    assert set(t.pair.pairs) == {(int(n.split(".")[2]), "gdn") for n in listed}
+
+
 def test_relative_selection_path_is_relative_to_the_config_file(world, tmp_path):
     from supernet.training.config import ConfigError, load_config
 
@@ -251,7 +268,7 @@ def smollm2_supernet(smollm2_dir, tmp_path_factory):
 
 @pytest.mark.teacher
 @pytest.mark.slow
-def test_snr_of_the_real_smollm2_supernet_is_deterministic(smollm2_supernet, tmp_path):
+def test_snr_of_the_real_smollm2_supernet_is_deterministic(smollm2_supernet, smollm2_dir):
     first, names = scan(smollm2_supernet, progress=False)
     second, _ = scan(smollm2_supernet, progress=False)
     assert first == second  # every float identical
@@ -261,6 +278,16 @@ def test_snr_of_the_real_smollm2_supernet_is_deterministic(smollm2_supernet, tmp
     for i in (0, 17, 29):
         q = [by_name[f"model.layers.{i}.mixers.{m}.q_proj.weight"].score for m in ("fa", "swa", "gdn")]
         assert q[0] == q[1] == q[2]
+    # the plain HF teacher scans too; the converted fa mixers hold its attention weights unchanged
+    teacher, _ = scan(smollm2_dir, progress=False)
+    hf = {r.name: r for r in teacher}
+    assert {r.module_type for r in teacher} >= {"self_attn.q_proj", "mlp.down_proj", "embed_tokens"}
+    for i in (0, 29):
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            assert hf[f"model.layers.{i}.self_attn.{proj}.weight"] == \
+                dataclasses.replace(by_name[f"model.layers.{i}.mixers.fa.{proj}.weight"],
+                                    name=f"model.layers.{i}.self_attn.{proj}.weight", module_type=f"self_attn.{proj}")
+
     from supernet.snr import selection_document
 
     doc = selection_document(smollm2_supernet, [r for r in first if r.module_type.split(".")[0] in ("fa", "mlp")],
