@@ -360,13 +360,14 @@ def merge_tensor(spec: MergeSpec, name: str, get) -> torch.Tensor:
     return merge_methods.slerp(get(x0), get(x1), t)
 
 
-def run_merge(spec: MergeSpec, progress: bool = True) -> Path:
-    """Check the layouts, merge every tensor, write `spec.out` as a normal checkpoint (atomically)."""
+def run_merge(spec: MergeSpec, progress: bool = True, threads: int = 1) -> Path:
+    """Check the layouts, merge every tensor, write `spec.out` as a normal checkpoint (atomically).
+    Elementwise work on one thread by default (see supernet.snr.torch_threads)."""
     from safetensors import safe_open
     from tqdm.auto import tqdm
 
     from supernet.convert import save_checkpoint
-    from supernet.snr import natural_key
+    from supernet.snr import natural_key, torch_threads
 
     ref = spec.reference
     inputs = list(dict.fromkeys([ref] + [m.path for m in spec.models]))
@@ -382,12 +383,13 @@ def run_merge(spec: MergeSpec, progress: bool = True) -> Path:
     out_dtype = DTYPES[spec.dtype] if spec.dtype else ref_dtype
     merged: dict[str, torch.Tensor] = {}
     bar = tqdm(total=len(names), unit="tensor", desc=f"merge ({spec.method})", disable=not progress)
-    for current in names:
-        bar.set_postfix_str(tensor_group(current), refresh=False)
-        x = handles[ref][current].get_tensor(current)
-        tensor = merge_tensor(spec, current, lambda path, name=current: handles[path][name].get_tensor(name))
-        merged[current] = tensor.to(out_dtype if x.is_floating_point() else x.dtype)
-        bar.update(1)
+    with torch_threads(threads):
+        for current in names:
+            bar.set_postfix_str(tensor_group(current), refresh=False)
+            x = handles[ref][current].get_tensor(current)
+            tensor = merge_tensor(spec, current, lambda path, name=current: handles[path][name].get_tensor(name))
+            merged[current] = tensor.to(out_dtype if x.is_floating_point() else x.dtype)
+            bar.update(1)
     bar.close()
     return _write(ref, merged, spec.out, out_dtype, save_checkpoint)
 

@@ -215,6 +215,21 @@ def test_transfer_trains_a_mixer_selection_and_refuses_shared_parameters(world, 
     assert set(t.pair.pairs) == {(int(n.split(".")[2]), "gdn") for n in listed}
 
 
+def test_a_tied_alias_names_the_shared_embedding(tiny_model, tmp_path):
+    from supernet.training.models import set_trainable
+
+    assert tiny_model.config.tie_word_embeddings
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"trainable": ["lm_head.weight", "model.layers.1.mixers.kda.q_proj.weight"]}))
+    names = set_trainable(tiny_model, str(path), ["fa", "swa", "gdn", "kda"])
+    assert names == ["model.embed_tokens.weight", "model.layers.1.mixers.kda.q_proj.weight"]
+    assert tiny_model.lm_head.weight.requires_grad  # the same tensor
+    from supernet.training.config import ConfigError
+
+    with pytest.raises(ConfigError, match="its mixer is not in train.train_mixers"):
+        set_trainable(tiny_model, str(path), ["gdn"])
+
+
 def test_relative_selection_path_is_relative_to_the_config_file(world, tmp_path):
     from supernet.training.config import ConfigError, load_config
 
