@@ -31,8 +31,9 @@ from typing import Iterable, Iterator
 
 import torch
 
+from supernet.layout import MIXERS as MIXER_KINDS
+
 IQR_OF_UNIT_GAUSSIAN = 1.349
-MIXER_KINDS = ("fa", "swa", "gdn", "kda")
 
 
 class SNRError(ValueError):
