@@ -49,7 +49,7 @@ from vllm.utils.torch_utils import LayerNameType, _encode_layer_name, _resolve_l
 from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 from vllm.v1.attention.backends.utils import NULL_BLOCK_ID
 
-from supernet.mixers.registry import LinearSpec, spec
+from supernet.mixers.registry import FLOAT32, MODEL_DTYPE, LinearSpec, spec
 from supernet.ops.delta_rule import gated_delta_rule, kda_rule
 from supernet.ops.gated_norm import gated_rms_norm
 from supernet.ops.short_conv import causal_conv1d_silu
@@ -71,9 +71,15 @@ def linear_state_shapes(config, kind: str, tp_size: int = 1) -> tuple[tuple[int,
     return (d["C"], d["W"] - 1), (d["HV"], d["V"], d["K"])
 
 
-def linear_state_dtypes(model_dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
-    """(conv tail, recurrent matrix): the registry's MODEL_DTYPE and FLOAT32 states."""
-    return model_dtype, torch.float32
+def linear_state_dtypes(model_dtype: torch.dtype, config, kind: str) -> tuple[torch.dtype, torch.dtype]:
+    """(conv tail, recurrent matrix) dtypes of a state page, as the registry keeps the state: each
+    tensor in the model dtype or in float32 (the page's conv tail is the registry's conv tails)."""
+    states = spec(kind).state_shapes(config, 1, 1)
+    as_torch = {MODEL_DTYPE: model_dtype, FLOAT32: torch.float32}
+    conv = {as_torch[states[name].dtype] for name in states if name.startswith("conv_")}
+    if len(conv) != 1:
+        raise ValueError(f"{kind}: the conv tails of one state page must share a dtype")
+    return conv.pop(), as_torch[states["recurrent"].dtype]
 
 
 class SupernetLinearAttention(nn.Module, MambaBase):
@@ -143,6 +149,7 @@ class SupernetLinearAttention(nn.Module, MambaBase):
 
         vllm_config = get_current_vllm_config()
         self.model_dtype = vllm_config.model_config.dtype
+        self.state_dtypes = linear_state_dtypes(self.model_dtype, config, kind)
         context = vllm_config.compilation_config.static_forward_context
         if prefix in context:
             raise ValueError(f"duplicate layer name {prefix}")
@@ -158,7 +165,7 @@ class SupernetLinearAttention(nn.Module, MambaBase):
         return (self.conv_dim, self.width - 1), (self.hv, self.v_dim, self.k_dim)
 
     def get_state_dtype(self):
-        return linear_state_dtypes(self.model_dtype)
+        return self.state_dtypes
 
     # -- checkpoint loading --------------------------------------------------------------------
     def _rank_share(self, name: str, tensor: torch.Tensor) -> torch.Tensor:

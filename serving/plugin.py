@@ -81,8 +81,11 @@ def _config_hook():
                     "speculative decoding serves one target preset; drop switchable or the "
                     "speculative config"
                 )
-            if plan.switchable and vllm_config.cache_config.enable_prefix_caching:
-                # cached KV of a preset is wrong for another (block hashes do not see the preset)
+            has_linear = "linear_attention" in plan.layer_types()
+            if vllm_config.cache_config.enable_prefix_caching and (plan.switchable or (has_linear and spec)):
+                # switchable: cached KV of a preset is wrong for another (block hashes do not see
+                # the preset); speculative: draft-verifying rows keep a page per draft token,
+                # which align mode's block pages would have to mirror (not done)
                 vllm_config.cache_config.enable_prefix_caching = False
             # A single-preset server with GDN/KDA keeps prefix caching: vLLM (HybridAttentionMamba
             # ModelConfig) then runs the state pages in mamba_cache_mode "align" (a state page per

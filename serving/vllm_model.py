@@ -316,10 +316,11 @@ class SupernetForCausalLM(nn.Module, IsHybrid):
     def get_mamba_specs_from_config(cls, vllm_config: VllmConfig) -> tuple[MambaSpec, ...]:
         """One state page per linear mixer kind served, as one tensor-parallel rank holds it."""
         config = vllm_config.model_config.hf_config
-        dtypes = linear_state_dtypes(vllm_config.model_config.dtype)
+        dtype = vllm_config.model_config.dtype
         tp = vllm_config.parallel_config.tensor_parallel_size
         return tuple(
-            MambaSpec(shapes=linear_state_shapes(config, kind, tp), dtypes=dtypes, block_size=-1)
+            MambaSpec(shapes=linear_state_shapes(config, kind, tp), dtypes=linear_state_dtypes(dtype, config, kind),
+                      block_size=-1)
             for kind in cls._linear_kinds(vllm_config)
         )
 
@@ -333,7 +334,8 @@ class SupernetForCausalLM(nn.Module, IsHybrid):
 
     @classmethod
     def get_mamba_state_dtype_from_config(cls, vllm_config: VllmConfig):
-        return linear_state_dtypes(vllm_config.model_config.dtype)
+        kinds = cls._linear_kinds(vllm_config) or list(LINEAR_MIXERS)
+        return linear_state_dtypes(vllm_config.model_config.dtype, vllm_config.model_config.hf_config, kinds[0])
 
     @classmethod
     def get_mamba_state_copy_func(cls):

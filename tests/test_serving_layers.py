@@ -131,3 +131,24 @@ def test_draft_verification_keeps_one_page_per_token(kind, vllm_env, monkeypatch
     out = _step(served, _plain_meta([(1, pages["q"][1], True)], 1), nxt, monkeypatch)
     expect = _reference(reference, torch.cat([seqs["q"], nxt]))[-1:]
     torch.testing.assert_close(out, expect, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_state_page_is_the_registrys_state(kind, vllm_env):
+    """One state page holds exactly the registry's decode state of one sequence: the three conv
+    tails stacked, the recurrent matrix transposed to vLLM's [HV, V, K], in the registry's dtypes."""
+    from supernet.mixers.registry import spec
+
+    served, _ = _layers(kind, vllm_env)
+    states = spec(kind).state_shapes(vllm_config(), 1, 100)
+    (conv, tail), ssm = served.get_state_shape()
+    assert conv == sum(states[n].shape[1] for n in ("conv_q", "conv_k", "conv_v"))
+    assert tail == states["conv_q"].shape[2]
+    hv, k, v = states["recurrent"].shape[1:]
+    assert ssm == (hv, v, k)
+    assert served.get_state_dtype() == (torch.float32, torch.float32)  # model dtype float32 here
+    page_bytes = sum(torch.Size(s).numel() * 4 for s in served.get_state_shape())
+    assert page_bytes == spec(kind).cache_bytes(vllm_config(), 100, dtype_bytes=4)
+    from supernet.serving.linear_layers import linear_state_dtypes
+
+    assert linear_state_dtypes(torch.bfloat16, vllm_config(), kind) == (torch.bfloat16, torch.float32)
