@@ -2,7 +2,8 @@
 vLLM's own column/row-parallel layers and all-reduce) against the unsharded layer.
 
 Each rank loads the full checkpoint tensors and keeps its share of the heads; both run the same
-steps (fresh, chunked and one-token prefills, decodes) on their own state pages. Must hold:
+steps (fresh, chunked and one-token prefills, decodes, and a switchable-mode step in which only
+some rows use the mixer) on their own state pages. Must hold:
 - the pages vLLM is told about are the rank's share: conv tail [C/2, W-1], matrix [HV/2, V, K];
 - after o_proj's all-reduce both ranks hold the unsharded layer's output;
 - each rank's pages hold exactly its heads' slice of the unsharded layer's pages.
@@ -22,7 +23,8 @@ import pytest
 import torch
 
 from tests.helpers.configs import vllm_config
-from tests.helpers.served_layers import PAGES, build_served, checkpoint_tensors, mixed_steps, run_step, vllm_group
+from tests.helpers.served_layers import (PAGES, build_served, checkpoint_tensors, mixed_steps, run_rows_step,
+                                         run_step, vllm_group)
 
 KINDS = ["gdn", "kda"]
 ATOL, RTOL = 2e-5, 1e-4
@@ -36,6 +38,7 @@ def _run_rank(rank: int, port: int, out: str) -> None:
         for kind in KINDS:
             served = build_served(kind, cfg, checkpoint_tensors(kind))
             outputs = [run_step(served, meta, hidden) for meta, hidden in mixed_steps(vllm_config().hidden_size)]
+            outputs.append(run_rows_step(served, vllm_config().hidden_size))  # switchable: some rows only
             results[kind] = {"outputs": outputs, "pages": served.kv_cache, "shape": served.get_state_shape(),
                              "heads": (served.h, served.hv)}
     torch.save(results, Path(out) / f"rank{rank}.pt")
@@ -71,6 +74,7 @@ def unsharded():
         for kind in KINDS:
             served = build_served(kind, cfg, checkpoint_tensors(kind))
             outputs = [run_step(served, meta, hidden) for meta, hidden in mixed_steps(vllm_config().hidden_size)]
+            outputs.append(run_rows_step(served, vllm_config().hidden_size))
             out[kind] = {"outputs": outputs, "pages": served.kv_cache, "layer": served}
     return out
 

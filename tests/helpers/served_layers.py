@@ -108,3 +108,22 @@ def vllm_group(world_size: int = 1, rank: int = 0, port: int | None = None):
         torch.set_num_threads(threads)
 
     return group()
+
+
+def run_rows_step(served, hidden_size: int, seed: int = 1) -> torch.Tensor:
+    """After `mixed_steps`: one decode step of its six sequences in which (switchable mode) only
+    rows 0, 2 and 4 use this mixer (`forward_rows`); returns their outputs [3, D]."""
+    from supernet.serving import linear_layers
+
+    page = [3, 5, 7, 9, 11, 12]
+    meta = plain_meta([(1, p, True) for p in page], 6)
+    hidden = torch.randn(6, hidden_size, generator=torch.Generator().manual_seed(seed))
+    keep = torch.tensor([True, False, True, False, True, False])
+    context = SimpleNamespace(attn_metadata={served.prefix: meta}, no_compile_layers={served.prefix: served})
+    original = linear_layers.get_forward_context
+    linear_layers.get_forward_context = lambda: context
+    try:
+        with torch.no_grad():
+            return served.forward_rows(hidden, torch.tensor([0, 2, 4]), keep)
+    finally:
+        linear_layers.get_forward_context = original
