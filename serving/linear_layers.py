@@ -119,7 +119,6 @@ class SupernetLinearAttention(nn.Module, MambaBase):
         self.gate_activation = self.spec.gate
         shapes = self.spec.parameter_shapes(config)
         d = config.hidden_size
-        hk, hvv = self.h * self.k_dim, self.hv * self.v_dim
         names = self.spec.hidden_projections
         if names[:3] != ("q_proj", "k_proj", "v_proj"):
             raise ValueError(f"{kind}: hidden_projections must start with q_proj, k_proj, v_proj (the conv input)")
@@ -133,7 +132,7 @@ class SupernetLinearAttention(nn.Module, MambaBase):
                                              prefix=f"{prefix}.shared_proj") if self.shared_sections else None)
         # low-rank second factors (KDA): their outputs run over heads, so column-parallel
         self.up_projs = nn.ModuleDict({
-            name.removesuffix(".weight").replace(".", "_"): ColumnParallelLinear(
+            name.removesuffix(".weight"): ColumnParallelLinear(
                 shape[1], shape[0], bias=False, gather_output=False, return_bias=False,
                 prefix=f"{prefix}.{name.removesuffix('.weight')}")
             for name, shape in shapes.items()
@@ -145,7 +144,13 @@ class SupernetLinearAttention(nn.Module, MambaBase):
         self.o_norm_weight = nn.Parameter(torch.ones(self.v_dim), requires_grad=False)
         self.o_proj = RowParallelLinear(shapes["o_proj.weight"][1], d, bias=False, input_is_parallel=True,
                                         reduce_results=True, return_bias=False, prefix=f"{prefix}.o_proj")
-        self._conv_offsets = {"q_conv1d.weight": 0, "k_conv1d.weight": hk, "v_conv1d.weight": 2 * hk}
+        # the q, k, v convolutions (the registry's order) stacked into conv_weight, this rank's rows
+        self._conv_offsets, offset = {}, 0
+        for name in (n for n in shapes if n.endswith("_conv1d.weight")):
+            self._conv_offsets[name] = offset
+            offset += shapes[name][0] // self.tp_size
+        if offset != self.conv_dim:
+            raise ValueError(f"{kind}: the registry's convolutions hold {offset} channels per rank, not {self.conv_dim}")
 
         vllm_config = get_current_vllm_config()
         self.model_dtype = vllm_config.model_config.dtype
