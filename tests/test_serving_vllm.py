@@ -2,8 +2,9 @@
 
 The checkpoint is a random 4-layer supernet made here (float32, byte tokenizer); the expected
 outputs come from our reference model (`SupernetForCausalLM`, same placement, greedy). Token ids
-are compared exactly. Two servers, one after the other: one switchable (every preset, requests
-choose), one serving `balanced` with self-speculative decoding drafted by `near`.
+are compared exactly. Three servers, one after the other: one switchable (every preset, requests
+choose), one serving `balanced` with self-speculative decoding drafted by `near`, one serving
+`balanced` over two tensor-parallel CPU workers with prefix caching (mamba align mode).
 """
 from __future__ import annotations
 
