@@ -25,7 +25,9 @@ chunks that end on block boundaries, pages copied across boundaries before a ste
 a sequence's states only at the block boundaries where a prefill chunk ended (for a prompt
 prefilled in one step: its last full block), so a repeated prompt, or one that continues
 differently after that boundary, resumes from it, while a prompt sharing only a shorter prefix
-misses (its attention blocks exist, its states do not). Off with speculative decoding.
+misses (its attention blocks exist, its states do not). Off with speculative decoding. Cost:
+vLLM budgets two state pages per sequence and GDN/KDA layer in align mode (one without), so
+`--no-enable-prefix-caching` fits more concurrent sequences of a GDN/KDA-heavy preset.
 
 Switchable mode (`--hf-overrides '{"switchable": true}'`). Design: one vLLM model whose layer i holds
 every mixer that some served preset uses at layer i (the union, not blindly all four), each with
