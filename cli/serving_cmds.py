@@ -51,7 +51,7 @@ def register(app: typer.Typer) -> None:
 
 def _prepare(checkpoint, preset, switchable, draft_preset, num_draft_tokens, name, host, port, extra):
     """Check the request against the checkpoint (one-line errors) and build vLLM's command line."""
-    from supernet.serving.plan import serving_plan
+    from supernet.serving.plan import check_tensor_parallel, serving_plan
     from supernet.serving.server import cpu_env, vllm_command
 
     if not (checkpoint / "config.json").is_file():
@@ -69,7 +69,9 @@ def _prepare(checkpoint, preset, switchable, draft_preset, num_draft_tokens, nam
     if getattr(config, "model_type", None) != "supernet":
         raise UserError(f"{checkpoint} holds a {config.model_type!r} model, not a supernet")
     config.preset, config.switchable, config.draft_preset = preset, switchable, draft_preset
-    serving_plan(config)  # unknown preset / bad draft -> PlacementError, one line
+    plan = serving_plan(config)  # unknown preset / bad draft -> PlacementError, one line
+    tp = _extra_int(extra, "--tensor-parallel-size") or _extra_int(extra, "-tp") or 1
+    check_tensor_parallel(config, plan, tp)  # GDN/KDA heads that do not split: one line
     if switchable and "--enforce-eager" not in extra:
         # per-mixer gathers have data-dependent sizes: no compiled graph / CUDA graph to capture
         extra = [*extra, "--enforce-eager"]
@@ -88,7 +90,7 @@ def _prepare(checkpoint, preset, switchable, draft_preset, num_draft_tokens, nam
 
     if not torch.cuda.is_available():
         job = Path(os.environ.get("SUPERNET_SERVE_DIR", Path.home() / ".cache" / "supernet" / "serve"))
-        env = cpu_env(job, env)
+        env = cpu_env(job, env, tensor_parallel_size=tp)
     else:
         env.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     return cmd, env

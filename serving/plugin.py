@@ -8,8 +8,9 @@ reads the model config. We:
 2. add a config hook for the architecture (`MODELS_CONFIG_MAP`): it resolves `--hf-overrides`
    (`preset`, `placement`, `switchable`, `draft_preset`) into a serving plan, fails early with one
    line on a bad preset, tells vLLM which layers are linear (`layer_types`, so a preset without
-   GDN/KDA is an ordinary attention model), turns prefix caching off where cached KV would depend
-   on the preset or recurrent states could not be restored, and installs the request router;
+   GDN/KDA is an ordinary attention model), turns prefix caching off in switchable mode (cached KV
+   would depend on the preset; single-preset hybrids keep it through vLLM's mamba "align" mode),
+   and installs the request router;
 3. in the API server, map a request's model name `NAME:PRESET` to `extra_args["preset"]`;
 4. declare the GDN/KDA core op (`vllm::supernet_linear_core`) a splitting op, as vLLM's own GDN
    ops are: piecewise CUDA graphs run it eagerly between pieces, full decode graphs capture it.
@@ -68,11 +69,10 @@ def _config_hook():
         @staticmethod
         def verify_and_update_config(vllm_config) -> None:
             from supernet.serving import routing
-            from supernet.serving.plan import serving_plan
+            from supernet.serving.plan import check_tensor_parallel, serving_plan
 
             model_config = vllm_config.model_config
             plan = serving_plan(model_config.hf_config)
-            has_linear = "linear_attention" in plan.layer_types()
             spec = vllm_config.speculative_config
             if plan.switchable and vllm_config.use_v2_model_runner:
                 raise ValueError("switchable serving needs vLLM's V1 model runner: unset VLLM_USE_V2_MODEL_RUNNER")
@@ -81,9 +81,22 @@ def _config_hook():
                     "speculative decoding serves one target preset; drop switchable or the "
                     "speculative config"
                 )
-            if (has_linear or plan.switchable) and vllm_config.cache_config.enable_prefix_caching:
-                # cached KV of a preset is wrong for another; recurrent states are not paged
+            has_linear = "linear_attention" in plan.layer_types()
+            if vllm_config.cache_config.enable_prefix_caching and (plan.switchable or (has_linear and spec)):
+                # switchable: cached KV of a preset is wrong for another (block hashes do not see
+                # the preset); speculative: draft-verifying rows keep a page per draft token,
+                # which align mode's block pages would have to mirror (not done)
                 vllm_config.cache_config.enable_prefix_caching = False
+            # A single-preset server with GDN/KDA keeps prefix caching: vLLM (HybridAttentionMamba
+            # ModelConfig) then runs the state pages in mamba_cache_mode "align" (a state page per
+            # block, prefill chunks ending on block boundaries, pages copied across boundaries
+            # before the step), which the layers follow as they are: they read and write the page
+            # the metadata names and treat has_initial_state as "continue from that page".
+            tp = vllm_config.parallel_config.tensor_parallel_size
+            check_tensor_parallel(model_config.hf_config, plan, tp)  # GDN/KDA heads split evenly
+            if tp > 1 and plan.draft is not None:
+                raise ValueError("self-speculative drafting (draft_preset) runs at tensor-parallel size 1; "
+                                 "drop --tensor-parallel-size or the draft preset")
             splitting = vllm_config.compilation_config.splitting_ops
             if splitting and CORE_OP not in splitting:  # a user-given list: our op still splits
                 splitting.append(CORE_OP)

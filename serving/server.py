@@ -68,11 +68,31 @@ def vllm_command(
     return cmd + extra
 
 
-def cpu_env(work_dir: str | Path, base: dict | None = None) -> dict[str, str]:
+def cpu_thread_binding(tensor_parallel_size: int, cpus: list[int] | None = None) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for `tensor_parallel_size` CPU workers: the allowed cores split
+    into that many contiguous groups ("0|1"). vLLM's automatic binding wants one NUMA node per
+    worker, so a one-node host (most small machines) needs the groups spelled out."""
+    cpus = sorted(os.sched_getaffinity(0)) if cpus is None else sorted(cpus)
+    if tensor_parallel_size > len(cpus):
+        raise ValueError(f"--tensor-parallel-size {tensor_parallel_size} needs at least as many CPU cores; "
+                         f"this process may use {len(cpus)}")
+    share, extra = divmod(len(cpus), tensor_parallel_size)
+    groups, start = [], 0
+    for rank in range(tensor_parallel_size):
+        n = share + (rank < extra)
+        group = cpus[start : start + n]
+        start += n
+        groups.append(",".join(str(c) for c in group))
+    return "|".join(groups)
+
+
+def cpu_env(work_dir: str | Path, base: dict | None = None, tensor_parallel_size: int = 1) -> dict[str, str]:
     """Environment that made vllm-cpu serve well on a small CPU host (see FACTS.md)."""
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ if base is None else base)
+    if tensor_parallel_size > 1:
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_thread_binding(tensor_parallel_size))
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     env.setdefault("VLLM_HOST_IP", "127.0.0.1")

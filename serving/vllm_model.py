@@ -43,7 +43,7 @@ from vllm.v1.kv_cache_interface import MambaSpec
 from supernet.serving import routing
 from supernet.serving.linear_layers import SupernetLinearAttention, linear_state_dtypes, linear_state_shapes
 from supernet.serving.plan import LINEAR_MIXERS, serving_plan
-from supernet.mixers import mixer_class
+from supernet.mixers import mixer_class, spec
 
 
 def rope_parameters(config, sliding: bool = False) -> dict:
@@ -66,6 +66,10 @@ class SupernetAttention(nn.Module):
     the whole projection (`config.qk_norm`), score scale from `query_pre_attn_scalar` when set, and
     the RoPE of the layer's kind (`config.uses_sliding_rope`).
     """
+
+    @classmethod
+    def from_spec(cls, config, mixer_spec, vllm_config: VllmConfig, prefix: str, layer_idx: int = 0):
+        return cls(config, mixer_spec.window(config), vllm_config, prefix, layer_idx)
 
     def __init__(self, config, window: int | None, vllm_config: VllmConfig, prefix: str, layer_idx: int = 0) -> None:
         super().__init__()
@@ -151,11 +155,9 @@ class SupernetMLP(nn.Module):
 
 
 def build_mixer(config, name: str, vllm_config: VllmConfig, prefix: str, layer_idx: int = 0) -> nn.Module:
-    if name == "fa":
-        return SupernetAttention(config, None, vllm_config, prefix, layer_idx)
-    if name == "swa":
-        return SupernetAttention(config, config.swa_window, vllm_config, prefix, layer_idx)
-    return SupernetLinearAttention(config, name, prefix)
+    """The serving layer the registry names for mixer `name` (its `vllm_layer`), built from its spec."""
+    mixer_spec = spec(name)
+    return mixer_spec.vllm_layer_class().from_spec(config, mixer_spec, vllm_config, prefix, layer_idx)
 
 
 class SupernetDecoderLayer(nn.Module):
@@ -312,10 +314,13 @@ class SupernetForCausalLM(nn.Module, IsHybrid):
 
     @classmethod
     def get_mamba_specs_from_config(cls, vllm_config: VllmConfig) -> tuple[MambaSpec, ...]:
+        """One state page per linear mixer kind served, as one tensor-parallel rank holds it."""
         config = vllm_config.model_config.hf_config
-        dtypes = linear_state_dtypes(vllm_config.model_config.dtype)
+        dtype = vllm_config.model_config.dtype
+        tp = vllm_config.parallel_config.tensor_parallel_size
         return tuple(
-            MambaSpec(shapes=linear_state_shapes(config, kind), dtypes=dtypes, block_size=-1)
+            MambaSpec(shapes=linear_state_shapes(config, kind, tp), dtypes=linear_state_dtypes(dtype, config, kind),
+                      block_size=-1)
             for kind in cls._linear_kinds(vllm_config)
         )
 
@@ -323,12 +328,14 @@ class SupernetForCausalLM(nn.Module, IsHybrid):
     def get_mamba_state_shape_from_config(cls, vllm_config: VllmConfig):
         specs = cls.get_mamba_specs_from_config(vllm_config)
         if not specs:
-            return linear_state_shapes(vllm_config.model_config.hf_config, "gdn")
+            tp = vllm_config.parallel_config.tensor_parallel_size
+            return linear_state_shapes(vllm_config.model_config.hf_config, LINEAR_MIXERS[0], tp)
         return max(specs, key=lambda s: s.page_size_bytes).shapes
 
     @classmethod
     def get_mamba_state_dtype_from_config(cls, vllm_config: VllmConfig):
-        return linear_state_dtypes(vllm_config.model_config.dtype)
+        kinds = cls._linear_kinds(vllm_config) or list(LINEAR_MIXERS)
+        return linear_state_dtypes(vllm_config.model_config.dtype, vllm_config.model_config.hf_config, kinds[0])
 
     @classmethod
     def get_mamba_state_copy_func(cls):

@@ -15,8 +15,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.helpers.checkpoints import random_state_dict
 from tests.helpers.configs import vllm_config
+from tests.helpers.served_layers import build_served, checkpoint_tensors, plain_meta, run_step, vllm_group
 
 KINDS = ["gdn", "kda"]
 ATOL, RTOL = 2e-5, 1e-4
@@ -25,66 +25,25 @@ ATOL, RTOL = 2e-5, 1e-4
 @pytest.fixture(scope="module")
 def vllm_env():
     """A one-process tensor-parallel group: what vLLM's linear layers need to exist."""
-    from vllm.config import VllmConfig, set_current_vllm_config
-    from vllm.distributed import destroy_distributed_environment, destroy_model_parallel
-    from vllm.distributed import init_distributed_environment, initialize_model_parallel
-
-    from supernet.serving.server import free_port
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    cfg = VllmConfig()
-    cfg.model_config = SimpleNamespace(dtype=torch.float32, is_moe=False)
-    with set_current_vllm_config(cfg):
-        init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
-                                     distributed_init_method=f"tcp://127.0.0.1:{free_port()}")
-        initialize_model_parallel(1)
+    with vllm_group(1) as cfg:
         yield cfg
-        destroy_model_parallel()
-        destroy_distributed_environment()
-    torch.set_num_threads(threads)
 
 
 def _layers(kind: str, cfg):
     """(served layer with pages, reference mixer) holding the same random weights."""
     from supernet.mixers import mixer_class
-    from supernet.serving.linear_layers import SupernetLinearAttention
 
-    config = vllm_config()
-    prefix = f"model.layers.0.mixers.{kind}"
-    served = SupernetLinearAttention(config, kind, f"{prefix}.{len(cfg.compilation_config.static_forward_context)}")
-    reference = mixer_class(kind)(config, 0).eval()
-    weights = {k[len(prefix) + 1 :]: v for k, v in random_state_dict(config, seed=7).items() if k.startswith(prefix + ".")}
+    weights = checkpoint_tensors(kind)
+    reference = mixer_class(kind)(vllm_config(), 0).eval()
     reference.load_state_dict(weights)
-    for name, tensor in weights.items():
-        assert served.load_checkpoint_tensor(name, tensor) is not None, name
-    for m in served.modules():
-        if hasattr(m, "quant_method"):
-            m.quant_method.process_weights_after_loading(m)
-    (conv_shape, ssm_shape), pages = served.get_state_shape(), 40
-    served.kv_cache = (torch.full((pages, *conv_shape), float("nan")), torch.full((pages, *ssm_shape), float("nan")))
-    return served, reference
+    return build_served(kind, cfg, weights), reference
 
 
-def _step(served, meta, hidden: torch.Tensor, monkeypatch) -> torch.Tensor:
-    from supernet.serving import linear_layers
-
-    context = SimpleNamespace(attn_metadata={served.prefix: meta}, no_compile_layers={served.prefix: served})
-    monkeypatch.setattr(linear_layers, "get_forward_context", lambda: context)
-    with torch.no_grad():
-        return served(hidden)
+def _step(served, meta, hidden: torch.Tensor, monkeypatch=None) -> torch.Tensor:
+    return run_step(served, meta, hidden)
 
 
-def _plain_meta(rows: list[tuple[int, int, bool]], num_decodes: int):
-    """rows: (tokens, page, has previous state) in vLLM's order, decodes first."""
-    lens = torch.tensor([r[0] for r in rows])
-    qsl = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)]).int()
-    return SimpleNamespace(
-        spec_sequence_masks=None, non_spec_query_start_loc=qsl,
-        non_spec_state_indices_tensor=torch.tensor([r[1] for r in rows], dtype=torch.int32),
-        has_initial_state=torch.tensor([r[2] for r in rows]), num_decodes=num_decodes,
-        num_prefills=len(rows) - num_decodes, num_prefill_tokens=int(lens[num_decodes:].sum()),
-        num_actual_tokens=int(lens.sum()))
+_plain_meta = plain_meta
 
 
 def _reference(reference, seq: torch.Tensor) -> torch.Tensor:
@@ -172,3 +131,24 @@ def test_draft_verification_keeps_one_page_per_token(kind, vllm_env, monkeypatch
     out = _step(served, _plain_meta([(1, pages["q"][1], True)], 1), nxt, monkeypatch)
     expect = _reference(reference, torch.cat([seqs["q"], nxt]))[-1:]
     torch.testing.assert_close(out, expect, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_state_page_is_the_registrys_state(kind, vllm_env):
+    """One state page holds exactly the registry's decode state of one sequence: the three conv
+    tails stacked, the recurrent matrix transposed to vLLM's [HV, V, K], in the registry's dtypes."""
+    from supernet.mixers.registry import spec
+
+    served, _ = _layers(kind, vllm_env)
+    states = spec(kind).state_shapes(vllm_config(), 1, 100)
+    (conv, tail), ssm = served.get_state_shape()
+    assert conv == sum(states[n].shape[1] for n in ("conv_q", "conv_k", "conv_v"))
+    assert tail == states["conv_q"].shape[2]
+    hv, k, v = states["recurrent"].shape[1:]
+    assert ssm == (hv, v, k)
+    assert served.get_state_dtype() == (torch.float32, torch.float32)  # model dtype float32 here
+    page_bytes = sum(torch.Size(s).numel() * 4 for s in served.get_state_shape())
+    assert page_bytes == spec(kind).cache_bytes(vllm_config(), 100, dtype_bytes=4)
+    from supernet.serving.linear_layers import linear_state_dtypes
+
+    assert linear_state_dtypes(torch.bfloat16, vllm_config(), kind) == (torch.bfloat16, torch.float32)

@@ -1,6 +1,7 @@
 """Serving pieces that need no vLLM server: plans, the speculative reference engine, the CLI checks."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -141,6 +142,33 @@ def test_cli_serve_checks_before_starting_vllm(ckpt, tmp_path):
     assert "vllm.entrypoints.openai.api_server" in line and "--max-model-len 512" in line
     assert '"preset": "fast"' in line and '"draft_preset": "linear"' in line and "supernet.serving.drafter.SupernetDrafter" in line
     assert "supernet:fast" in line and "--enforce-eager" not in line
+
+
+def test_cli_serve_checks_tensor_parallel_size(ckpt):
+    """GDN/KDA heads that do not split over the ranks are refused before vLLM starts; a split
+    that works gets each CPU worker its own cores (vLLM's auto binding wants a NUMA node each)."""
+    from supernet.cli.serving_cmds import _prepare
+
+    with pytest.raises(ValueError, match=r"^gdn: 2 q/k heads do not split over tensor-parallel size 4; use a --tensor-parallel-size that divides 2$"):
+        _prepare(ckpt, "balanced", False, None, 4, "m", "127.0.0.1", 8000, ["--tensor-parallel-size", "4"])
+    # a preset whose GDN/KDA heads split: each CPU worker gets its share of the cores
+    cmd, env = _prepare(ckpt, "balanced", False, None, 4, "m", "127.0.0.1", 8000, ["--tensor-parallel-size=2"])
+    assert "--tensor-parallel-size=2" in cmd
+    if not torch.cuda.is_available() and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        assert len(env["VLLM_CPU_OMP_THREADS_BIND"].split("|")) == 2
+    bad = _supernet("serve", str(ckpt), "--preset", "balanced", "-tp", "4", "--dry-run")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: gdn: 2 q/k heads do not split")
+
+
+def test_cpu_thread_binding_splits_the_cores():
+    from supernet.serving.server import cpu_thread_binding
+
+    assert cpu_thread_binding(2, [0, 1]) == "0|1"
+    assert cpu_thread_binding(2, [4, 5, 6, 7, 8]) == "4,5,6|7,8"
+    assert cpu_thread_binding(1, [0, 1]) == "0,1"
+    with pytest.raises(ValueError, match="--tensor-parallel-size 3 needs at least as many CPU cores; this process may use 2"):
+        cpu_thread_binding(3, [0, 1])
 
 
 def test_step_route_gathers_each_mixers_tokens_once_per_step(monkeypatch):

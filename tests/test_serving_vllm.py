@@ -2,8 +2,9 @@
 
 The checkpoint is a random 4-layer supernet made here (float32, byte tokenizer); the expected
 outputs come from our reference model (`SupernetForCausalLM`, same placement, greedy). Token ids
-are compared exactly. Two servers, one after the other: one switchable (every preset, requests
-choose), one serving `balanced` with self-speculative decoding drafted by `near`.
+are compared exactly. Three servers, one after the other: one switchable (every preset, requests
+choose), one serving `balanced` with self-speculative decoding drafted by `near`, one serving
+`balanced` over two tensor-parallel CPU workers with prefix caching (mamba align mode).
 """
 from __future__ import annotations
 
@@ -306,3 +307,60 @@ class TestSpeculativeServer:
         client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
         with pytest.raises(BadRequestError, match="serves only preset 'balanced'"):
             _complete(client, "supernet", PROMPTS[0], vllm_xargs={"preset": "fast"})
+
+
+LONG_PROMPT = [0] + list(b"Prefix caching keeps the states of a shared prompt, so that the next request skips them. " * 4)
+
+
+@pytest.fixture(scope="class")
+def tp_server(ckpt, tmp_path_factory):
+    """`balanced` (fa, swa, gdn, kda) over two tensor-parallel CPU workers, prefix caching on."""
+    port = free_port()
+    extra = ["--max-model-len", "1024", "--dtype", "float32", "--max-num-seqs", "4", *EAGER,
+             "--tensor-parallel-size", "2", "--enable-prefix-caching", "--enable-prompt-tokens-details"]
+    cmd = vllm_command(ckpt, port=port, preset="balanced", extra=extra)
+    work = tmp_path_factory.mktemp("vllm-tp")
+    server = VllmServer(cmd, cpu_env(work, tensor_parallel_size=2), work / "server.log", "127.0.0.1", port)
+    server.start(timeout=600)
+    yield server
+    server.stop()
+
+
+class TestTensorParallelPrefixCachingServer:
+    """GDN/KDA heads and state pages sharded over two ranks; prefix caching of a hybrid preset
+    through vLLM's mamba "align" mode (a state page per block)."""
+
+    def test_sharded_server_gives_the_reference_tokens(self, tp_server, expected):
+        from openai import OpenAI
+
+        client = OpenAI(base_url=tp_server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+        for i, prompt in enumerate(PROMPTS):
+            assert _complete(client, "supernet", prompt) == expected["balanced"][i], i
+        log = tp_server.log_path.read_text(errors="replace")
+        assert "world_size=2 rank=1" in log  # the second worker really ran
+
+    def test_repeated_long_prompt_hits_the_prefix_cache(self, tp_server, reference):
+        """vLLM's align mode keeps a sequence's GDN/KDA states at the block boundaries where a
+        prefill chunk ended: for a prompt prefilled in one step, its last full block. A repeat,
+        and a prompt that continues differently after that boundary, resume from it."""
+        from openai import OpenAI
+
+        client = OpenAI(base_url=tp_server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+        log = tp_server.log_path.read_text(errors="replace")
+        assert "Mamba cache mode is set to 'align'" in log
+        # vLLM's block for this model (attention and state pages made equal), as it logs it
+        block = int(re.search(r"kv lcm block sizes (\d+)", log).group(1))
+        boundary = len(LONG_PROMPT) // block * block
+        assert boundary >= block, "the prompt must fill a block"
+        other = LONG_PROMPT[: boundary + 7] + list(b" and then the prompt goes somewhere else entirely.")
+        cached = []
+        for prompt in (LONG_PROMPT, LONG_PROMPT, other):
+            body = {"return_token_ids": True, "ignore_eos": True}
+            r = client.completions.create(model="supernet", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+                                          extra_body=body)
+            details = r.usage.prompt_tokens_details
+            cached.append(details.cached_tokens if details is not None else None)
+            # a hit restores GDN/KDA states from the cached block's page: the tokens must not change
+            assert list(r.choices[0].token_ids) == reference("balanced", prompt), (len(prompt), cached)
+        assert cached == [0, boundary, boundary], (block, cached)
+        assert _metric(tp_server.url, "vllm:prefix_cache_hits_total") >= sum(cached)

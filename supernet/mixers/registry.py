@@ -107,6 +107,11 @@ class MixerSpec:
         module, _, cls = self.class_path.partition(":")
         return getattr(importlib.import_module(module), cls)
 
+    def vllm_layer_class(self) -> type:
+        """The serving layer (imports vLLM: call it from supernet.serving only)."""
+        module, _, cls = self.vllm_layer.partition(":")
+        return getattr(importlib.import_module(module), cls)
+
     def window(self, config: Any) -> int | None:
         return None
 
@@ -156,7 +161,20 @@ class AttentionSpec(MixerSpec):
 
 @dataclass(frozen=True)
 class LinearSpec(MixerSpec):
-    """Delta-rule mixers (GDN, KDA): q/k/v short convolutions, a recurrent [HV, K, V] state, gated norm."""
+    """Delta-rule mixers (GDN, KDA): q/k/v short convolutions, a recurrent [HV, K, V] state, gated norm.
+
+    Beyond sizes, what a serving layer needs to build and shard the mixer without knowing its name:
+    `decay` ("head": one log decay per value head; "channel": one per key channel), `gate` (the
+    output gate's activation), `hidden_projections` (the projections that read the hidden state,
+    q/k/v first: the serving layer merges them into one GEMM whose first C columns feed the
+    convolution) and `head_axis` (which axis of each checkpoint tensor runs over heads, so tensor
+    parallelism splits it; None for tensors every head shares).
+    """
+
+    decay: str = "head"
+    gate: str = "silu"
+    hidden_projections: tuple[str, ...] = ()
+    shared_parameters: tuple[str, ...] = ("o_norm.weight",)  # no head axis: replicated across ranks
 
     def dims(self, config: Any) -> dict[str, int]:
         """Head counts and sizes in the spec's names: H, HV, K, V, W and C (conv channels)."""
@@ -180,6 +198,13 @@ class LinearSpec(MixerSpec):
             shapes.update({"f_a_proj.weight": (K, D), "f_b_proj.weight": (H * K, K), "dt_bias": (H * K,),
                            "g_a_proj.weight": (V, D), "g_b_proj.weight": (H * V, V)})
         return shapes
+
+    def head_axis(self, name: str) -> int | None:
+        """Axis of checkpoint tensor `name` that runs over heads (output rows; o_proj's input
+        columns), None for a tensor every head shares."""
+        if name in self.shared_parameters:
+            return None
+        return 1 if name == "o_proj.weight" else 0
 
     def state_shapes(self, config: Any, batch: int, context: int) -> dict[str, StateShape]:
         d = self.dims(config)
@@ -214,8 +239,14 @@ REGISTRY: dict[str, MixerSpec] = {
     "fa": AttentionSpec("fa", "attention", "supernet.mixers.attention:AttentionMixer", _ATTENTION_LAYER),
     "swa": AttentionSpec("swa", "attention", "supernet.mixers.attention:SlidingWindowAttentionMixer",
                          _ATTENTION_LAYER, windowed=True),
-    "gdn": LinearSpec("gdn", "linear", "supernet.mixers.gdn:GatedDeltaNetMixer", _LINEAR_LAYER),
-    "kda": LinearSpec("kda", "linear", "supernet.mixers.kda:KimiDeltaAttentionMixer", _LINEAR_LAYER),
+    "gdn": LinearSpec("gdn", "linear", "supernet.mixers.gdn:GatedDeltaNetMixer", _LINEAR_LAYER,
+                      decay="head", gate="silu",
+                      hidden_projections=("q_proj", "k_proj", "v_proj", "g_proj", "a_proj", "b_proj")),
+    "kda": LinearSpec("kda", "linear", "supernet.mixers.kda:KimiDeltaAttentionMixer", _LINEAR_LAYER,
+                      decay="channel", gate="sigmoid",
+                      hidden_projections=("q_proj", "k_proj", "v_proj", "f_a_proj", "b_proj", "g_a_proj"),
+                      # the low-rank factors that read the hidden state are shared by all heads
+                      shared_parameters=("o_norm.weight", "f_a_proj.weight", "g_a_proj.weight")),
 }
 assert tuple(REGISTRY) == MIXERS, "the registry must list every mixer of supernet.layout.MIXERS, in order"
 
@@ -226,6 +257,11 @@ def spec(name: str) -> MixerSpec:
         return REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown mixer {name!r}; choose one of {', '.join(MIXERS)}") from None
+
+
+def mixers_of_family(family: str) -> tuple[str, ...]:
+    """The mixers of one family ("attention" or "linear"), in MIXERS order."""
+    return tuple(name for name, s in REGISTRY.items() if s.family == family)
 
 
 def shared_parameter_counts(config: Any) -> dict[str, int]:
