@@ -64,6 +64,7 @@ def _child() -> None:
             if hasattr(module, name):
                 setattr(module, name, fn)
 
+    from supernet.mixers.registry import spec
     from supernet.serving import linear_layers as ll
 
     torch.manual_seed(0)
@@ -72,13 +73,14 @@ def _child() -> None:
     tol = dict(rtol=1e-4, atol=1e-5)
     for kind, h, hv in (("gdn", 2, 4), ("kda", 2, 2)):
         K = V = 16
-        layer = types.SimpleNamespace(kind=kind, h=h, hv=hv, scale=K**-0.5)
+        per_channel = spec(kind).decay == "channel"
+        layer = types.SimpleNamespace(kind=kind, per_channel_decay=per_channel, h=h, hv=hv, scale=K**-0.5)
         pages = 9
 
         def inputs(m: int):
             q, k = torch.randn(m, h, K), torch.randn(m, h, K)
             v = torch.randn(m, hv, V)
-            g = -torch.rand(m, hv) * 0.5 if kind == "gdn" else -torch.rand(m, hv, K) * 0.5
+            g = -torch.rand(m, hv, K) * 0.5 if per_channel else -torch.rand(m, hv) * 0.5
             return q, k, v, g, torch.rand(m, hv)
 
         def both(rows, q, k, v, g, beta):
