@@ -1,0 +1,220 @@
+"""`supernet transplant-vocab`: byte keys, matching pursuit, the identity, one-line errors, and the
+real SmolLM2 moved to a tokenizer trained here on the corpus (bits per byte)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from supernet.cli.main import app
+from supernet.vocab_transplant import SPECIAL, _piece_bytes, omp, transplant_matrices, vocabulary
+from tests.conftest import DATA_DIR, eval_texts
+
+
+def _cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _tiny_teacher_dir():
+    from supernet.training.tiny import tiny_teacher_dir
+
+    return tiny_teacher_dir()
+
+
+def _untied_teacher(d: Path) -> Path:
+    """A random tiny Llama with untied lm_head and the byte tokenizer of training/tiny.py."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from supernet.training.tiny import TINY_TEACHER, byte_tokenizer
+
+    tok = byte_tokenizer()
+    torch.manual_seed(1)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                 **TINY_TEACHER)).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def _bpe(texts: list[str], size: int, folder: Path):
+    """A byte-level BPE of `size` tokens trained on `texts`, with ChatML-style specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>")
+    fast.save_pretrained(str(folder))
+    return fast
+
+
+def _state(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_byte_keys_read_each_spelling():
+    assert _piece_bytes("\u0120the", "byte_level") == b" the"  # GPT-2's space marker
+    assert _piece_bytes("\u010a", "byte_level") == b"\n"
+    assert _piece_bytes("\u00c3\u00a9", "byte_level") == "é".encode()
+    assert _piece_bytes("\u2581the", "metaspace") == b" the"  # SentencePiece's space marker
+    assert _piece_bytes("<0x0A>", "metaspace") == b"\n"  # byte fallback
+    from supernet.training.tiny import byte_tokenizer
+
+    v = vocabulary(byte_tokenizer())
+    assert sorted(k for k in v.keys if len(k) == 1) == [bytes([b]) for b in range(256)]
+    assert v.keys[v.roles["eos"]] == SPECIAL + b"<|im_end|>"  # specials live in their own namespace
+
+
+def test_omp_recovers_a_planted_sparse_combination():
+    gen = torch.Generator().manual_seed(0)
+    atoms = torch.randn(200, 64, generator=gen, dtype=torch.float64)  # float64 targets: no float32 rounding
+    support = torch.tensor([[3, 50, 120], [7, 8, 199]])
+    coef = torch.tensor([[1.0, -0.5, 0.25], [2.0, 0.3, -1.0]], dtype=torch.float64)
+    targets = torch.einsum("nk,nkd->nd", coef, atoms[support])
+    idx, got = omp(targets, atoms, k=3)
+    for row in range(2):
+        found = dict(zip(idx[row].tolist(), got[row].tolist()))
+        want = dict(zip(support[row].tolist(), coef[row].tolist()))
+        assert set(found) == set(want)
+        # float64 least squares on a well-conditioned 3-column system: error ~1e-15
+        assert all(abs(found[j] - want[j]) < 1e-9 for j in want)
+
+
+def test_shared_rows_are_copied_and_new_ones_come_from_the_old_pieces():
+    from supernet.training.tiny import byte_tokenizer, synthetic_documents
+
+    old = byte_tokenizer()
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        new = _bpe(synthetic_documents(200, 1), 400, Path(tmp))
+    gen = torch.Generator().manual_seed(0)
+    embed = torch.randn(len(old), 32, generator=gen)
+    head = torch.randn(len(old), 32, generator=gen)
+    e, h, report = transplant_matrices(embed, head, old, new, k=4)
+    assert report.copied + report.approximated + report.mean_init + report.by_role == len(new) == e.shape[0]
+    ov = old.get_vocab()
+    for piece, j in new.get_vocab().items():
+        if piece in ov:  # single bytes and the three specials: copied, both matrices
+            assert torch.equal(e[j], embed[ov[piece]]) and torch.equal(h[j], head[ov[piece]])
+    # a merged token ("Ġthe") is approximated from its bytes' mean through <= 4 shared rows
+    j = new.get_vocab()["\u0120the"]
+    pieces = [ov[c] for c in ["\u0120", "t", "h", "e"]]
+    guess = embed[pieces].mean(0)
+    nearest = min(float((guess - embed[i] * (guess @ embed[i]) / (embed[i] @ embed[i])).norm()) for i in range(256))
+    assert float((e[j] - guess).norm()) < nearest  # better than the best single shared row
+    assert report.approximated > 100 and report.examples
+
+
+@pytest.mark.parametrize("kind", ["supernet-tied", "supernet-untied", "hf"])
+def test_same_tokenizer_is_the_identity(tmp_path, kind):
+    from supernet.convert import convert_teacher
+
+    teacher = _tiny_teacher_dir() if kind != "supernet-untied" else _untied_teacher(tmp_path / "untied")
+    src = teacher if kind == "hf" else convert_teacher(teacher, tmp_path / "ckpt")
+    r = _cli("transplant-vocab", src, "--tokenizer", src, "--out", tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    assert "259 -> 259 tokens: 259 copied" in r.output
+    before, after = _state(Path(src)), _state(tmp_path / "out")
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # bit for bit
+    cfg_a, cfg_b = (json.loads((p / "config.json").read_text()) for p in (Path(src), tmp_path / "out"))
+    for key in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings", "model_type"):
+        assert cfg_a.get(key) == cfg_b.get(key), key
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
+    assert json.loads((tmp_path / "out" / "transplant.json").read_text())["copied"] == 259
+
+
+def test_a_smaller_tokenizer_updates_the_config_and_runs(tmp_path):
+    from supernet.convert import convert_teacher
+    from supernet.training.tiny import synthetic_documents
+
+    src = convert_teacher(_untied_teacher(tmp_path / "untied"), tmp_path / "ckpt")
+    _bpe(synthetic_documents(200, 1), 320, tmp_path / "tok")
+    r = _cli("transplant-vocab", src, "--tokenizer", tmp_path / "tok", "--out", tmp_path / "out", "--pad-to", 64)
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert cfg["vocab_size"] == 320 and len(tok) == 320  # already a multiple of 64
+    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (1, 2, 0)
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (1, 2, 0)
+    from supernet.model import SupernetForCausalLM
+
+    model = SupernetForCausalLM.from_pretrained(tmp_path / "out")
+    assert not cfg["tie_word_embeddings"] and model.lm_head.weight.shape == (320, 64)
+    ids = torch.tensor([tok("the red cat sees the dog.")["input_ids"]])
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+BAD = [
+    (["nowhere", "--tokenizer", "{tok}", "--out", "{out}"], "nowhere"),
+    (["{ckpt}", "--tokenizer", "nowhere", "--out", "{out}"], "--tokenizer nowhere is neither a tokenizer folder"),
+    (["{ckpt}", "--tokenizer", "{tok}", "--out", "{out}", "--k", "-1"], "--k must be >= 0"),
+    (["{ckpt}", "--tokenizer", "{tok}", "--out", "{out}", "--pad-to", "0"], "--pad-to must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD, ids=["ckpt", "tokenizer", "k", "pad"])
+def test_bad_input_is_one_line(tmp_path, args, message):
+    teacher = _tiny_teacher_dir()
+    args = [a.format(ckpt=teacher, tok=teacher, out=tmp_path / "out") for a in args]
+    r = _cli("transplant-vocab", *args)
+    assert r.exit_code == 2, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.teacher
+@pytest.mark.slow
+def test_smollm2_on_a_corpus_tokenizer_keeps_its_bits_per_byte(tmp_path, smollm2_dir):
+    """SmolLM2 (49152 tokens) moved to a 4096-token BPE trained here on the training corpus, scored
+    in bits per byte on held-out text (tokenizers differ, so per-token loss would not compare).
+
+    Bounds: (1) the transplanted model keeps at least half of what the original gains over the
+    random-embedding model, i.e. bpb_t <= b0 + (b_rand - b0) / 2 would be loose (measured ~5.6x
+    margin), so the stated factor is tighter: bpb_t <= 1.5 x the original (measured 1.30 on this
+    text: 0.75 -> 0.98). Why 1.5: the model never saw the new segmentation, ~16% of the new
+    tokens are approximations, and each copied token's context is re-segmented; a loss of 50%
+    over the original is the point where a transplant stops being a useful start for distillation
+    (the random embedding is 16x worse). The bound is on a quality statistic, not a float
+    comparison: rounding changes it by ~1e-6. (2) bpb_t <= b_rand / 4 (measured ratio ~12).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from supernet.bits_per_byte import bits_per_byte
+
+    train = DATA_DIR / "pydocs-train.jsonl"
+    docs = [json.loads(line)["text"] for line in train.read_text().splitlines()[:200]]
+    _bpe(docs, 4096, tmp_path / "tok")
+    r = _cli("transplant-vocab", smollm2_dir, "--tokenizer", tmp_path / "tok", "--out", tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "out" / "transplant.json").read_text())
+    assert report["new_vocab"] == 4096 and report["copied"] > 3000 and report["approximated"] > 300
+    texts = [t[:1500] for t in eval_texts(2, 1500)]
+    torch.manual_seed(0)
+    orig = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    b0 = bits_per_byte(orig, AutoTokenizer.from_pretrained(smollm2_dir), texts)
+    std = float(orig.get_input_embeddings().weight.std())
+    del orig
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    bt = bits_per_byte(model, tok, texts)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(0.0, std, generator=torch.Generator().manual_seed(0))
+    b_rand = bits_per_byte(model, tok, texts)
+    print(f"bits per byte: original {b0:.3f}, transplanted {bt:.3f} ({bt / b0:.2f}x), random embedding {b_rand:.3f}")
+    assert bt <= 1.5 * b0, (b0, bt, b_rand)
+    assert bt <= b_rand / 4, (b0, bt, b_rand)
