@@ -183,14 +183,14 @@ def test_smollm2_on_a_corpus_tokenizer_keeps_its_bits_per_byte(tmp_path, smollm2
     """SmolLM2 (49152 tokens) moved to a 4096-token BPE trained here on the training corpus, scored
     in bits per byte on held-out text (tokenizers differ, so per-token loss would not compare).
 
-    Bounds: (1) the transplanted model keeps at least half of what the original gains over the
-    random-embedding model, i.e. bpb_t <= b0 + (b_rand - b0) / 2 would be loose (measured ~5.6x
-    margin), so the stated factor is tighter: bpb_t <= 1.5 x the original (measured 1.30 on this
-    text: 0.75 -> 0.98). Why 1.5: the model never saw the new segmentation, ~16% of the new
-    tokens are approximations, and each copied token's context is re-segmented; a loss of 50%
-    over the original is the point where a transplant stops being a useful start for distillation
-    (the random embedding is 16x worse). The bound is on a quality statistic, not a float
-    comparison: rounding changes it by ~1e-6. (2) bpb_t <= b_rand / 4 (measured ratio ~12).
+    Stated factor: bpb_transplanted <= 1.5 x bpb_original. Why 1.5: no training happens, ~16% of
+    the new tokens are approximations, and the model reads a segmentation it never saw (4% more
+    tokens per byte here, split at other places), so some loss is expected; a transplant that loses
+    more than half again is no longer a good start for distillation. Measured 1.23x on this text
+    (0.879 -> 1.078; 1.30x on 4 x 3000 characters), so the bound has room for another BPE trainer
+    version; rounding moves the statistic by ~1e-6, so this is a quality bound, not a float one.
+    Against the random embedding (same model, embeddings drawn with the original's std): at
+    least 4x lower (measured ~12x), i.e. the copied and approximated rows carry the model.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -218,3 +218,46 @@ def test_smollm2_on_a_corpus_tokenizer_keeps_its_bits_per_byte(tmp_path, smollm2
     print(f"bits per byte: original {b0:.3f}, transplanted {bt:.3f} ({bt / b0:.2f}x), random embedding {b_rand:.3f}")
     assert bt <= 1.5 * b0, (b0, bt, b_rand)
     assert bt <= b_rand / 4, (b0, bt, b_rand)
+
+
+@pytest.mark.slow
+def test_cross_vocabulary_distillation_end_to_end(tmp_path):
+    """A byte-vocabulary student and a teacher with a BPE vocabulary: distil refuses and names the
+    path; transplant the student, cache the teacher's top-K, distil from the cache: held-out KL drops."""
+    import yaml
+
+    from supernet.training.tiny import TinyWorld, synthetic_documents, train_tiny_teacher
+
+    world = TinyWorld(tmp_path / "world", n_train=60, n_eval=8)
+    bpe = _bpe(synthetic_documents(200, 1), 320, tmp_path / "bpe")
+    teacher = train_tiny_teacher(bpe, steps=60, seed=3)
+    teacher.save_pretrained(tmp_path / "teacher")
+    bpe.save_pretrained(tmp_path / "teacher")
+
+    cfg = world.config(tmp_path / "run", teacher={"source": "online", "path": str(tmp_path / "teacher")},
+                       train={"trainable": "all", "max_steps": 8}, eval={"at_start": True, "at_end": True,
+                                                                         "placements": ["all-fa", "all-gdn"]})
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    r = _cli("distill", path)
+    assert r.exit_code == 2, r.output
+    line = r.output.strip().splitlines()[-1]
+    assert line.startswith("error: the teacher's vocabulary (320 tokens") and "transplant-vocab" in line, r.output
+
+    r = _cli("transplant-vocab", world.student_dir, "--tokenizer", tmp_path / "teacher", "--out", tmp_path / "s2")
+    assert r.exit_code == 0 and "259 -> 320 tokens" in r.output, r.output
+    for split, src in (("train", world.train), ("eval", world.eval)):
+        r = _cli("cache-logits", tmp_path / "teacher", src, tmp_path / f"cache-{split}", "--top-k", "16",
+                 "--seq-len", "32", "--dtype", "float32")
+        assert r.exit_code == 0, r.output
+    data = cfg.to_dict()
+    data["student"] = {"path": str(tmp_path / "s2")}
+    data["teacher"] = {"source": "offline", "cache_dir": str(tmp_path / "cache-train"),
+                       "eval_cache_dir": str(tmp_path / "cache-eval")}
+    path.write_text(yaml.safe_dump(data))
+    r = _cli("distill", path)
+    assert r.exit_code == 0, r.output
+    evals = [json.loads(x)["eval_kl"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if "eval_kl" in x]
+    first, last = evals[0], evals[-1]
+    assert all(last[p] < 0.9 * first[p] for p in first), evals
