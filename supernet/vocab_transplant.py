@@ -284,6 +284,37 @@ def _load_model(ckpt: str | Path) -> tuple[Any, Any, str]:
     return model.eval(), tokenizer, "hf"
 
 
+def transplant_model(model: Any, old_tokenizer: Any, new_tokenizer: Any, k: int = 8,
+                     pad_to_multiple_of: int = 1) -> TransplantReport:
+    """Give `model` (an HF causal LM or a supernet, in memory) the embeddings and lm_head of
+    `new_tokenizer`, tied or untied as it has them, and update its config's vocabulary ids."""
+    emb = model.get_input_embeddings()
+    head_mod = model.get_output_embeddings()
+    if getattr(head_mod, "bias", None) is not None:
+        raise TransplantError("the model's lm_head has a bias; transplanting such heads is not supported")
+    tied = bool(getattr(model.config, "tie_word_embeddings", False)) and head_mod.weight is emb.weight
+    size = -(-len(new_tokenizer) // pad_to_multiple_of) * pad_to_multiple_of
+    with torch.no_grad():
+        new_e, new_h, report = transplant_matrices(emb.weight.detach(), None if tied else head_mod.weight.detach(),
+                                                   old_tokenizer, new_tokenizer, k, size)
+    dtype = emb.weight.dtype
+    model.resize_token_embeddings(size, mean_resizing=False)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.copy_(new_e.to(dtype))
+        if not tied:
+            model.get_output_embeddings().weight.copy_(new_h.to(dtype))
+    config = model.config
+    config.vocab_size = size
+    for role in ("bos", "eos", "pad"):
+        idx = getattr(new_tokenizer, f"{role}_token_id", None)
+        setattr(config, f"{role}_token_id", idx)
+        if getattr(model, "generation_config", None) is not None:
+            setattr(model.generation_config, f"{role}_token_id", idx)
+    if getattr(config, "model_type", None) == "supernet":
+        model.model.embed_tokens.padding_idx = config.pad_token_id
+    return report
+
+
 def transplant_vocab(ckpt: str | Path, tokenizer: str | Path | Any, out: str | Path, k: int = 8,
                      pad_to_multiple_of: int = 1) -> TransplantReport:
     """`supernet transplant-vocab`: write `out`, a copy of `ckpt` that speaks `tokenizer`."""
@@ -296,30 +327,7 @@ def transplant_vocab(ckpt: str | Path, tokenizer: str | Path | Any, out: str | P
         raise TransplantError(f"--pad-to must be >= 1, got {pad_to_multiple_of}")
     new_tok = load_new_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
     model, old_tok, kind = _load_model(ckpt)
-    emb = model.get_input_embeddings()
-    head_mod = model.get_output_embeddings()
-    if getattr(head_mod, "bias", None) is not None:
-        raise TransplantError("the model's lm_head has a bias; transplanting such heads is not supported")
-    tied = bool(getattr(model.config, "tie_word_embeddings", False)) and head_mod.weight is emb.weight
-    size = -(-len(new_tok) // pad_to_multiple_of) * pad_to_multiple_of
-    with torch.no_grad():
-        new_e, new_h, report = transplant_matrices(emb.weight.detach(), None if tied else head_mod.weight.detach(),
-                                                   old_tok, new_tok, k, size)
-    dtype = emb.weight.dtype
-    model.resize_token_embeddings(size, mean_resizing=False)
-    with torch.no_grad():
-        model.get_input_embeddings().weight.copy_(new_e.to(dtype))
-        if not tied:
-            model.get_output_embeddings().weight.copy_(new_h.to(dtype))
-    config = model.config
-    config.vocab_size = size
-    for role in ("bos", "eos", "pad"):
-        idx = getattr(new_tok, f"{role}_token_id", None)
-        setattr(config, f"{role}_token_id", idx)
-        if getattr(model, "generation_config", None) is not None:
-            setattr(model.generation_config, f"{role}_token_id", idx)
-    if kind == "supernet":
-        model.model.embed_tokens.padding_idx = config.pad_token_id
+    report = transplant_model(model, old_tok, new_tok, k, pad_to_multiple_of)
     saved = save_checkpoint(model, out, new_tok)
     atomic_write_text(saved / "transplant.json", json.dumps({"source": str(ckpt), "kind": kind, **asdict(report)},
                                                             indent=1, ensure_ascii=False) + "\n")

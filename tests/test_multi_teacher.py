@@ -93,6 +93,7 @@ def test_merged_topk_is_the_normalised_log_probability_mixture():
     assert torch.allclose(same.tail, a.tail, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow  # six trainers on the tiny world
 def test_one_teacher_listed_twice_gives_the_single_teachers_loss(world, caches, tmp_path):
     t = str(world.teacher_dir)
     single = _step_loss(world, tmp_path / "single", {"source": "online", "path": t})

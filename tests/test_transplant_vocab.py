@@ -40,20 +40,12 @@ def _untied_teacher(d: Path) -> Path:
 
 
 def _bpe(texts: list[str], size: int, folder: Path):
-    """A byte-level BPE of `size` tokens trained on `texts`, with ChatML-style specials."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """A byte-level BPE of `size` tokens trained on `texts`, saved in `folder`."""
+    from supernet.training.tiny import train_byte_level_bpe
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                   pad_token="<|endoftext|>")
-    fast.save_pretrained(str(folder))
-    return fast
+    tok = train_byte_level_bpe(texts, size)
+    tok.save_pretrained(str(folder))
+    return tok
 
 
 def _state(folder: Path) -> dict[str, torch.Tensor]:
@@ -114,6 +106,21 @@ def test_shared_rows_are_copied_and_new_ones_come_from_the_old_pieces():
     nearest = min(float((guess - embed[i] * (guess @ embed[i]) / (embed[i] @ embed[i])).norm()) for i in range(256))
     assert float((e[j] - guess).norm()) < nearest  # better than the best single shared row
     assert report.approximated > 100 and report.examples
+
+
+def test_unmatched_special_tokens_take_the_rows_of_their_roles(tmp_path):
+    from supernet.training.tiny import byte_tokenizer
+    from tests.helpers.checkpoints import save_byte_tokenizer
+    from transformers import AutoTokenizer
+
+    old = byte_tokenizer()  # bos <|im_start|>, eos <|im_end|>, pad <|endoftext|>
+    save_byte_tokenizer(tmp_path)
+    new = AutoTokenizer.from_pretrained(tmp_path)  # bos <s>, eos </s>, pad <pad>: other strings, same roles
+    embed = torch.randn(len(old), 16, generator=torch.Generator().manual_seed(0))
+    e, _, report = transplant_matrices(embed, None, old, new, k=4)
+    assert report.by_role == 3 and report.copied == 256 and report.approximated == report.mean_init == 0
+    for role in ("bos", "eos", "pad"):
+        assert torch.equal(e[getattr(new, f"{role}_token_id")], embed[getattr(old, f"{role}_token_id")])
 
 
 @pytest.mark.parametrize("kind", ["supernet-tied", "supernet-untied", "hf"])
