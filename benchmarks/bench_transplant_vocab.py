@@ -50,7 +50,7 @@ def main() -> None:
     b0 = bits_per_byte(original, old_tok, texts)
     rows.append({"tokenizer": f"original ({len(old_tok)})", "method": "-", "bits_per_byte": b0, "ratio": 1.0})
     print(f"original: {b0:.4f} bits/byte ({time.time() - t0:.0f} s)", flush=True)
-    std = float(original.get_input_embeddings().weight.std())
+    std = float(original.get_input_embeddings().weight.detach().std())
     for size in [int(x) for x in args.sizes.split(",")]:
         new_tok = train_byte_level_bpe(train, size)
         model = None

@@ -214,7 +214,7 @@ def test_smollm2_on_a_corpus_tokenizer_keeps_its_bits_per_byte(tmp_path, smollm2
     torch.manual_seed(0)
     orig = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     b0 = bits_per_byte(orig, AutoTokenizer.from_pretrained(smollm2_dir), texts)
-    std = float(orig.get_input_embeddings().weight.std())
+    std = float(orig.get_input_embeddings().weight.detach().std())
     del orig
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(tmp_path / "out")
