@@ -42,10 +42,14 @@ def _trainer(cfg):
     return Trainer(cfg)
 
 
-def _step_loss(world, out, teacher, **extra):
+def _step_loss(world, out, teacher, held_out=None, **extra):
+    """One training step's record; with `held_out` (a list), also the held-out KL per placement."""
     cfg = world.config(out, teacher=teacher, train={"train_mixers": ["swa", "gdn", "kda"]},
-                       data={"max_documents": 24, "eval": []}, **extra)
-    return _trainer(cfg).train_step(Placement.parse("gdn,swa,kda,fa"))
+                       data={"max_documents": 24, "eval": [str(world.eval)] if held_out is not None else []}, **extra)
+    trainer = _trainer(cfg)
+    if held_out is not None:
+        held_out.append(trainer.evaluate())
+    return trainer.train_step(Placement.parse("gdn,swa,kda,fa"))
 
 
 def test_alternation_follows_the_weights_and_depends_only_on_the_step():
@@ -96,15 +100,18 @@ def test_merged_topk_is_the_normalised_log_probability_mixture():
 @pytest.mark.slow  # six trainers on the tiny world
 def test_one_teacher_listed_twice_gives_the_single_teachers_loss(world, caches, tmp_path):
     t = str(world.teacher_dir)
-    single = _step_loss(world, tmp_path / "single", {"source": "online", "path": t})
+    evals = []
+    single = _step_loss(world, tmp_path / "single", {"source": "online", "path": t}, evals)
     twice = [{"path": t, "weight": 0.3}, {"path": t, "weight": 0.7}]
-    mix = _step_loss(world, tmp_path / "mix", {"path": None, "teachers": twice, "mode": "mix"})
+    mix = _step_loss(world, tmp_path / "mix", {"path": None, "teachers": twice, "mode": "mix"}, evals)
     alt = _step_loss(world, tmp_path / "alt", {"path": None, "teachers": twice, "mode": "alternate"})
     # 0.3 z + 0.7 z rounds each logit by <= 3 u |z| (|z| < 40 here); the KL moves by at most
     # 2 max|dz| per token (its gradient q - p has L1 norm <= 2), and the loss is a mean over tokens
     bound = 2 * 3 * U32 * 40
     assert abs(mix["loss"] - single["loss"]) <= bound and abs(mix["grad_norm"] - single["grad_norm"]) <= 1e-3 * single["grad_norm"]
     assert alt["loss"] == single["loss"] and alt["grad_norm"] == single["grad_norm"]  # the same computation
+    assert evals[0].keys() == evals[1].keys() and len(evals[0]) == 4  # held-out KL: to the mix, per placement
+    assert all(abs(evals[1][p] - evals[0][p]) <= bound for p in evals[0]), evals
     # an online teacher mixed with its own full-vocabulary cache: the dense mixed target
     full = {"source": "offline", "cache_dir": str(caches / "full")}
     both = _step_loss(world, tmp_path / "both", {"path": None, "teachers": [{"path": t, "weight": 1}, {**full, "weight": 3}]})
