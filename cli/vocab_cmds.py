@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
     @app.command("transplant-vocab")
     def transplant_vocab_cmd(
         ckpt: str = typer.Argument(..., help="supernet checkpoint, HF decoder folder, .gguf file or 'smollm2'"),
-        tokenizer: str = typer.Option(..., "--tokenizer", help="the new tokenizer: a folder, or a tokenizer.json"),
+        tokenizer: str = typer.Option(..., "--tokenizer", help="the new tokenizer: a folder (e.g. the teacher's), tokenizer.json, .gguf or smollm2"),
         out: Path = typer.Option(..., "--out", help="output folder (same kind as CKPT, with the new tokenizer)"),
         k: int = typer.Option(8, "--k", help="shared tokens per approximated token (matching pursuit); 0: mean of pieces"),
         pad_to: int = typer.Option(1, "--pad-to", help="round the new vocabulary size up to a multiple of this"),

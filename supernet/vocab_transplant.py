@@ -253,14 +253,24 @@ def transplant_matrices(embed: torch.Tensor, head: torch.Tensor | None, old_toke
 # checkpoints
 # ---------------------------------------------------------------------------------------------
 def load_new_tokenizer(path: str | Path) -> Any:
-    """A tokenizer folder (or model folder with tokenizer files), or a tokenizer.json file."""
+    """A tokenizer folder (or a model folder with tokenizer files), a tokenizer.json file, a .gguf
+    file, or a teacher name the training configs know (`smollm2`, `builtin:tiny-llama`)."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    p = Path(path)
+    from supernet.training.models import teacher_location
+
+    name, _ = teacher_location(str(path), None)
+    if name == "smollm2":
+        from supernet.teacher import smollm2_hf_dir
+
+        name = str(smollm2_hf_dir())
+    p = Path(name)
     if p.is_file() and p.suffix == ".json":
         return PreTrainedTokenizerFast(tokenizer_file=str(p))
+    if p.is_file() and p.suffix == ".gguf":
+        return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
     if not p.is_dir():
-        raise TransplantError(f"--tokenizer {p} is neither a tokenizer folder nor a tokenizer.json file")
+        raise TransplantError(f"--tokenizer {p} is neither a tokenizer folder, a tokenizer.json nor a .gguf file")
     try:
         return AutoTokenizer.from_pretrained(str(p))
     except (OSError, ValueError) as exc:
