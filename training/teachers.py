@@ -20,7 +20,7 @@ online, the target is dense over the vocabulary.
 
 mode `alternate` uses one teacher per optimizer step (all its micro-batches), chosen by
 `alternate_teacher(step, weights)`: a pure function of the step (a golden-ratio Weyl sequence in
-64-bit integers), so a resumed run picks the same teachers, and over any N steps teacher i gets
+64-bit integers), so a resumed run picks the same teachers, and over N consecutive steps teacher i gets
 N w_i steps up to a few (the sequence's discrepancy). That step computes exactly the
 single-teacher loss of the chosen one.
 """
