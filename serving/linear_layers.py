@@ -441,7 +441,8 @@ def _recurrence_torch(layer, rows: RowGroup, row, offset, q, k, v, g, beta, stat
 def _recurrence_fla(layer, rows: RowGroup, q, k, v, g, beta, state0, ssm_cache) -> torch.Tensor:
     """CUDA: vLLM's bundled fla Triton kernels on the flat tokens (`cu_seqlens`), pages in place.
 
-    Written against vllm 0.32's kernels but not run here (no GPU in this session's tests)."""
+    The decode and draft-verification kernels equal the CPU path under Triton's interpreter
+    (tests/test_serving_fla_path.py); the chunked prefill kernels run only on a GPU."""
     from vllm.third_party.flash_linear_attention.ops import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
     from vllm.third_party.flash_linear_attention.ops.kda import chunk_kda, fused_recurrent_kda_fwd
 

@@ -109,7 +109,10 @@ class TransferConfig:
 
 @dataclass
 class TrainConfig:
-    trainable: str = "mixers"  # mixers (shared weights frozen) | all
+    # mixers (shared weights frozen) | all | a selection YAML written by `supernet snr` (Spectrum): exactly
+    # the parameters it lists under `trainable` train, every other one is frozen; a relative path in a
+    # config file is relative to that file
+    trainable: str = "mixers"
     train_mixers: list[str] = field(default_factory=lambda: ["fa", "swa", "gdn", "kda"])
     micro_batch_size: int = 4
     grad_accum: int = 1
@@ -205,7 +208,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sampling.base": ("uniform", "weighted", "full_layout"),
     "loss.compile": ("auto", "true", "false"),
     "sampling.strategy": ("uniform", "weighted", "full_layout", "targeted"),
-    "train.trainable": ("mixers", "all"),
     "train.precision": ("auto", "bf16", "fp32"),
     "train.frozen_bf16": ("auto", "true", "false"),
     "train.fused_adamw": ("auto", "true", "false"),
@@ -339,14 +341,37 @@ def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None =
         data.setdefault("stage", stage)
         if data["stage"] != stage:
             raise ConfigError(f"config {path} says stage '{data['stage']}' but this command runs '{stage}'")
+    train = data.get("train")
+    if isinstance(train, dict) and isinstance(train.get("trainable"), str) and is_selection_file(train["trainable"]):
+        selection = Path(train["trainable"]).expanduser()
+        if not selection.is_absolute():  # a selection file sits beside the config that names it
+            data = {**data, "train": {**train, "trainable": str(path.resolve().parent / selection)}}
     ov = parse_overrides(overrides) if isinstance(overrides, list) else (overrides or {})
     return config_from_dict(data, ov)
+
+
+def is_selection_file(trainable: str) -> bool:
+    """train.trainable names a selection file (anything but the keywords mixers / all)."""
+    return trainable not in TRAINABLE_KEYWORDS
+
+
+TRAINABLE_KEYWORDS = ("mixers", "all")
 
 
 def validate(cfg: RunConfig) -> None:
     """Cross-field checks that a single key's type cannot express."""
     from supernet.layout import MIXERS
 
+    if is_selection_file(cfg.train.trainable) and not Path(cfg.train.trainable).expanduser().is_file():
+        raise ConfigError(f"train.trainable is {cfg.train.trainable!r}: neither mixers, all nor an existing selection "
+                          "file; write one with `supernet snr CKPT --top-percent P --out FILE`")
+    if is_selection_file(cfg.train.trainable):  # its form now, its names once the student is loaded
+        from supernet.snr import SNRError, read_selection
+
+        try:
+            read_selection(Path(cfg.train.trainable).expanduser())
+        except SNRError as exc:
+            raise ConfigError(str(exc)) from None
     for m in cfg.sampling.mixers + cfg.train.train_mixers + list(cfg.sampling.weights) + \
             [k for k in cfg.train.mixer_lr_scale if k != "shared"]:
         if m not in MIXERS:
@@ -487,9 +512,9 @@ def _validate_new_losses(cfg: RunConfig) -> None:
         return
     if "fa" in t.mixers:
         raise ConfigError("transfer.mixers lists fa, the teacher's attention itself; drop it (e.g. [swa, gdn, kda])")
-    if cfg.train.trainable != "mixers":
+    if cfg.train.trainable == "all":
         raise ConfigError("stage transfer trains mixers only (the shared weights get no gradient); "
-                          "set train.trainable: mixers")
+                          "set train.trainable: mixers (or a selection file of mixer parameters)")
     if not set(t.mixers) & set(cfg.train.train_mixers):
         raise ConfigError(f"stage transfer: no mixer of transfer.mixers ({', '.join(t.mixers) or 'none'}) is in "
                           "train.train_mixers, so nothing would train; make them overlap")

@@ -76,7 +76,14 @@ def load_student(path: str | Path) -> nn.Module:
 
 
 def set_trainable(student: nn.Module, trainable: str, train_mixers: list[str]) -> list[str]:
-    """Freeze everything except what trains; return the names of the trainable parameters."""
+    """Freeze everything except what trains; return the names of the trainable parameters.
+
+    `trainable`: "all", "mixers" (the mixers in `train_mixers`), or a selection file (`supernet snr`):
+    exactly the parameters it lists train."""
+    from supernet.training.config import is_selection_file
+
+    if is_selection_file(trainable):
+        return _set_trainable_from_file(student, trainable, train_mixers)
     names = []
     for name, p in student.named_parameters():
         if trainable == "all":
@@ -89,4 +96,34 @@ def set_trainable(student: nn.Module, trainable: str, train_mixers: list[str]) -
             names.append(name)
     if not names:
         raise ValueError("no parameter is trainable; check train.trainable and train.train_mixers")
+    return names
+
+
+def _set_trainable_from_file(student: nn.Module, path: str, train_mixers: list[str]) -> list[str]:
+    """Unfreeze exactly the parameters a selection file lists (tied aliases such as lm_head.weight
+    of a tied model name the embedding they share); one-line ConfigErrors for unknown names."""
+    from supernet.snr import SNRError, read_selection
+    from supernet.training.config import ConfigError
+
+    try:
+        listed = read_selection(Path(path))
+    except SNRError as exc:
+        raise ConfigError(str(exc)) from None
+    by_name = dict(student.named_parameters(remove_duplicate=False))
+    unknown = [n for n in listed if n not in by_name]
+    if unknown:
+        raise ConfigError(f"train.trainable {path} lists {len(unknown)} parameter(s) this student does not have, "
+                          f"e.g. {unknown[0]!r}; write the file from this checkpoint with `supernet snr`")
+    for name in listed:
+        parts = name.split(".")
+        if "mixers" in parts and parts[parts.index("mixers") + 1] not in train_mixers:
+            raise ConfigError(f"train.trainable {path} lists {name}, but its mixer is not in train.train_mixers "
+                              f"({', '.join(train_mixers)}); add it there or drop it from the file")
+    chosen = {id(by_name[n]) for n in listed}
+    names = []
+    for name, p in student.named_parameters():
+        keep = id(p) in chosen
+        p.requires_grad_(keep)
+        if keep:
+            names.append(name)
     return names

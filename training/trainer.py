@@ -121,6 +121,15 @@ class Trainer:
             tokenizer = load_tokenizer(str(student_dir))
         self.tokenizer = tokenizer
         self.trainable_names = set_trainable(student, cfg.train.trainable, cfg.train.train_mixers)
+        # which mixers and whether the shared weights have trainable parameters: a placement trains
+        # something when it runs one of those mixers, or whenever a shared weight trains
+        self.trained_mixers, self.shared_trains = trained_parts(student)
+        if self.shared_trains and (src == "self-fa" or cfg.stage == "transfer"):
+            shared = next(n for n, p in student.named_parameters() if p.requires_grad and ".mixers." not in n)
+            why = "the student's teacher placement is the teacher" if src == "self-fa" else \
+                "stage transfer gives the shared weights no gradient"
+            raise ConfigError(f"train.trainable {cfg.train.trainable} unfreezes shared parameter {shared}, but {why}; "
+                              "select mixer parameters only (`supernet snr CKPT --only mixers ...`)")
         check_models(cfg, student.config, teacher.config if teacher is not None else None)
         if teacher is not None and cfg.student.path is not None:
             check_tokenizers(_student_tokenizer(student_dir), tokenizer, cfg.teacher.path)
@@ -397,10 +406,9 @@ class Trainer:
         A placement made only of frozen mixers (e.g. all-fa when fa is frozen) has nothing to train;
         such draws are skipped. Deterministic, so resumed and distributed runs agree.
         """
-        cfg = self.cfg.train
         for _ in range(1000):
             p = self.sampler.sample()
-            if cfg.trainable == "all" or any(m in cfg.train_mixers for m in p):
+            if self.shared_trains or any(m in self.trained_mixers for m in p):
                 return p
         raise ValueError("the sampler keeps drawing placements without a trainable mixer; "
                          "make sampling.mixers / sampling.presets overlap train.train_mixers")
@@ -737,6 +745,20 @@ def _student_tokenizer(folder: Path) -> Any | None:
         return load_tokenizer(str(folder))
     except (OSError, ValueError, TypeError):
         return None
+
+
+def trained_parts(student: torch.nn.Module) -> tuple[set[str], bool]:
+    """(mixers with a trainable parameter, whether a parameter outside the mixers trains)."""
+    mixers, shared = set(), False
+    for name, p in student.named_parameters():
+        if not p.requires_grad:
+            continue
+        parts = name.split(".")
+        if "mixers" in parts:
+            mixers.add(parts[parts.index("mixers") + 1])
+        else:
+            shared = True
+    return mixers, shared
 
 
 def truncate_metrics(path: Path, step: int) -> int:
