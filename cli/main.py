@@ -4,7 +4,7 @@ from __future__ import annotations
 import typer
 
 from supernet.cli import (demo_cmd, model_cmds, placement_cmds, plot_cmd, serving_cmds, tasks_cmds, training_cmds,
-                          weights_cmds)
+                          vocab_cmds, weights_cmds)
 
 app = typer.Typer(
     name="supernet",
@@ -14,7 +14,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
-for module in (model_cmds, training_cmds, plot_cmd, placement_cmds, serving_cmds, tasks_cmds, weights_cmds):
+for module in (model_cmds, training_cmds, plot_cmd, placement_cmds, serving_cmds, tasks_cmds, weights_cmds, vocab_cmds):
     module.register(app)
 app.command()(demo_cmd.demo)
 

@@ -27,6 +27,18 @@ class StudentConfig:
 
 
 @dataclass
+class TeacherEntry:
+    """One teacher of several (`teacher.teachers`): online or from its own top-K cache."""
+
+    source: str = "online"  # online | offline
+    path: str | None = None  # online: HF folder, .gguf, smollm2 or builtin:tiny-llama
+    gguf_file: str | None = None
+    cache_dir: str | None = None  # offline: its training top-K cache
+    eval_cache_dir: str | None = None  # offline: its top-K cache of the held-out set
+    weight: float = 1.0  # share in the mixture (mode mix) or of the steps (mode alternate)
+
+
+@dataclass
 class TeacherConfig:
     # online: a frozen teacher model runs beside the student on the same micro-batch.
     # self-fa: the student itself under the all-fa placement, no grad (valid only when the shared
@@ -38,6 +50,9 @@ class TeacherConfig:
     gguf_file: str | None = None
     cache_dir: str | None = None  # offline: the training top-K cache
     eval_cache_dir: str | None = None  # offline: a top-K cache of the held-out set (for eval)
+    # several teachers (training/teachers.py): list them here instead of source/path/cache_dir above
+    teachers: list[TeacherEntry] = field(default_factory=list)
+    mode: str = "mix"  # with teachers: mix (log-probability mixture) | alternate (one teacher per step)
 
 
 @dataclass
@@ -185,6 +200,7 @@ class RunConfig:
 CHOICES: dict[str, tuple[str, ...]] = {
     "stage": ("distill", "sft", "transfer"),
     "teacher.source": ("online", "self-fa", "offline"),
+    "teacher.mode": ("mix", "alternate"),
     "data.format": ("auto", "text", "chat"),
     "loss.kind": ("fkl", "rkl", "jsd", "mix"),
     "loss.activation_kind": ("nmse", "mse"),
@@ -301,7 +317,10 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_from_dict(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> RunConfig:
-    cfg = _build(RunConfig, _merge(data or {}, overrides or {}))
+    data = dict(data or {})
+    if isinstance(data.get("teacher"), list):  # `teacher: [..]` is short for `teacher: {teachers: [..]}`
+        data["teacher"] = {"teachers": data["teacher"]}
+    cfg = _build(RunConfig, _merge(data, overrides or {}))
     validate(cfg)
     return cfg
 
@@ -378,24 +397,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("all loss weights are zero; set loss.kl_weight, loss.ce_weight, loss.hidden_weight "
                           "or loss.activation_weight")
     _validate_new_losses(cfg)
-    needs_teacher = cfg.loss.kl_weight > 0 or cfg.loss.hidden_weight > 0 or cfg.loss.activation_weight > 0 \
-        or cfg.stage == "transfer"
-    src = cfg.teacher.source
-    if needs_teacher and src == "online" and not cfg.teacher.path:
-        raise ConfigError("teacher.path is required for an online teacher (or set teacher.source: offline / self-fa)")
-    if needs_teacher and src == "offline" and not cfg.teacher.cache_dir:
-        raise ConfigError("teacher.cache_dir is required with teacher.source: offline (write it with `supernet cache-logits`)")
-    if src == "offline" and cfg.loss.hidden_weight > 0:
-        raise ConfigError("loss.hidden_weight needs teacher hidden states; the offline cache has only logits (use source online)")
-    if src == "offline" and cfg.loss.kind != "fkl":
-        raise ConfigError("the offline top-K cache supports loss.kind fkl only (tail mass is a single bucket)")
-    if src == "self-fa" and (cfg.train.trainable == "all" or "fa" in cfg.train.train_mixers):
-        raise ConfigError("teacher.source self-fa needs frozen fa mixers and shared weights: "
-                          "set train.trainable: mixers and drop fa from train.train_mixers")
-    if cfg.student.path is None and not cfg.teacher.path:
-        raise ConfigError("student.path is not set, so the student is converted from the teacher; set teacher.path")
-    if not cfg.data.train and not (src == "offline" and cfg.teacher.cache_dir):
-        raise ConfigError("data.train lists no files; give at least one jsonl/txt path")
+    if cfg.teacher.teachers:
+        _validate_teachers(cfg)
+    else:
+        _validate_one_teacher(cfg)
     if cfg.loss.chunk_tokens < 1:
         raise ConfigError("loss.chunk_tokens must be >= 1")
     if cfg.train.gc_every < 0:
@@ -419,6 +424,69 @@ def validate(cfg: RunConfig) -> None:
         if importlib.util.find_spec("tensorboard") is None:
             raise ConfigError("log.tensorboard is true but tensorboard is not installed; "
                               "pip install 'supernet[tensorboard]' or set log.tensorboard: false")
+
+
+def _validate_one_teacher(cfg: RunConfig) -> None:
+    """The checks of the single-teacher keys (teacher.source/path/cache_dir)."""
+    needs_teacher = cfg.loss.kl_weight > 0 or cfg.loss.hidden_weight > 0 or cfg.loss.activation_weight > 0 \
+        or cfg.stage == "transfer"
+    src = cfg.teacher.source
+    if needs_teacher and src == "online" and not cfg.teacher.path:
+        raise ConfigError("teacher.path is required for an online teacher (or set teacher.source: offline / self-fa)")
+    if needs_teacher and src == "offline" and not cfg.teacher.cache_dir:
+        raise ConfigError("teacher.cache_dir is required with teacher.source: offline (write it with `supernet cache-logits`)")
+    if src == "offline" and cfg.loss.hidden_weight > 0:
+        raise ConfigError("loss.hidden_weight needs teacher hidden states; the offline cache has only logits (use source online)")
+    if src == "offline" and cfg.loss.kind != "fkl":
+        raise ConfigError("the offline top-K cache supports loss.kind fkl only (tail mass is a single bucket)")
+    if src == "self-fa" and (cfg.train.trainable == "all" or "fa" in cfg.train.train_mixers):
+        raise ConfigError("teacher.source self-fa needs frozen fa mixers and shared weights: "
+                          "set train.trainable: mixers and drop fa from train.train_mixers")
+    if cfg.student.path is None and not cfg.teacher.path:
+        raise ConfigError("student.path is not set, so the student is converted from the teacher; set teacher.path")
+    if not cfg.data.train and not (src == "offline" and cfg.teacher.cache_dir):
+        raise ConfigError("data.train lists no files; give at least one jsonl/txt path")
+
+
+def _validate_teachers(cfg: RunConfig) -> None:
+    """`teacher.teachers`: several teachers, each online or offline, with weights (training/teachers.py)."""
+    import math
+
+    t = cfg.teacher
+    if t.source != "online" or t.path or t.gguf_file or t.cache_dir or t.eval_cache_dir:
+        raise ConfigError("teacher.teachers lists the teachers, so leave teacher.source/path/gguf_file/cache_dir/"
+                          "eval_cache_dir unset and give them per teacher, e.g. teachers: [{path: A, weight: 1}, "
+                          "{source: offline, cache_dir: B, weight: 1}]")
+    weights = [e.weight for e in t.teachers]
+    if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise ConfigError(f"teacher.teachers weights must be >= 0 with a positive sum, got {weights}")
+    for i, e in enumerate(t.teachers):
+        if e.source not in ("online", "offline"):
+            raise ConfigError(f"teacher.teachers[{i}].source is {e.source!r}; choose one of online, offline")
+        if e.source == "online" and not e.path:
+            raise ConfigError(f"teacher.teachers[{i}] is online but has no path; give its HF folder / .gguf / smollm2")
+        if e.source == "offline" and not e.cache_dir:
+            raise ConfigError(f"teacher.teachers[{i}] is offline but has no cache_dir (write it with "
+                              "`supernet cache-logits`)")
+    if cfg.stage == "transfer" or cfg.loss.hidden_weight > 0 or cfg.loss.activation_weight > 0:
+        raise ConfigError("several teachers give logit targets only: stage transfer, loss.hidden_weight and "
+                          "loss.activation_weight need one teacher's hidden states (list one teacher)")
+    if cfg.student.path is None:
+        raise ConfigError("with teacher.teachers, set student.path (a supernet checkpoint with the teachers' "
+                          "vocabulary; `supernet convert` one teacher or `supernet transplant-vocab`)")
+    offline = [e for e in t.teachers if e.source == "offline"]
+    if offline and cfg.loss.kind != "fkl":
+        raise ConfigError("the offline top-K cache supports loss.kind fkl only (tail mass is a single bucket)")
+    if len(offline) < len(t.teachers) and not cfg.data.train:
+        raise ConfigError("data.train lists no files, but an online teacher needs them; give at least one jsonl/txt path")
+    if cfg.data.eval or any(e.eval_cache_dir for e in offline):
+        missing = [i for i, e in enumerate(t.teachers) if e.source == "offline" and not e.eval_cache_dir]
+        if missing:
+            raise ConfigError(f"held-out evaluation scores every teacher, but teacher.teachers[{missing[0]}] (offline) "
+                              "has no eval_cache_dir; add one or leave data.eval empty")
+        if len(offline) < len(t.teachers) and not cfg.data.eval:
+            raise ConfigError("held-out evaluation with an online teacher needs data.eval; add it or drop the "
+                              "offline teachers' eval_cache_dir")
 
 
 def _validate_new_losses(cfg: RunConfig) -> None:
@@ -495,7 +563,8 @@ def _validate_optimizer(t: TrainConfig) -> None:
         raise ConfigError("train.warmup_steps and train.max_steps must be >= 0 and train.max_tokens >= 1 (or null)")
 
 
-def check_models(cfg: RunConfig, student_config: Any, teacher_config: Any | None) -> None:
+def check_models(cfg: RunConfig, student_config: Any, teacher_config: Any | None,
+                 teacher_path: str | None = None) -> None:
     """Checks that need the models' configs (layer count, vocabulary); run once both are known."""
     n = student_config.num_hidden_layers
     bad = [i for i in cfg.loss.hidden_layers or [] if not 0 <= i < n]
@@ -503,15 +572,31 @@ def check_models(cfg: RunConfig, student_config: Any, teacher_config: Any | None
         raise ConfigError(f"loss.hidden_layers lists layer {bad[0]}, but the student has {n} layers "
                           f"(0..{n - 1}); fix the list or set it to null for all layers")
     if teacher_config is not None and teacher_config.vocab_size != student_config.vocab_size:
-        raise ConfigError(f"the teacher's vocabulary ({teacher_config.vocab_size} tokens, teacher.path "
-                          f"{cfg.teacher.path}) differs from the student's ({student_config.vocab_size}); "
-                          "distil from the teacher the student was converted from")
+        raise ConfigError(vocabulary_mismatch(f"{teacher_config.vocab_size} tokens", teacher_path or cfg.teacher.path,
+                                              f"{student_config.vocab_size}"))
+
+
+def check_tokenizers(student_tokenizer: Any, teacher_tokenizer: Any, teacher_path: str | None) -> None:
+    """Same vocabulary size is not enough: the same ids must mean the same tokens."""
+    if student_tokenizer is None or teacher_tokenizer is None:
+        return
+    if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
+        raise ConfigError(vocabulary_mismatch(f"another tokenizer, {len(teacher_tokenizer)} tokens", teacher_path,
+                                              f"{len(student_tokenizer)} tokens"))
+
+
+def vocabulary_mismatch(teacher_has: str, teacher_path: str | None, student_has: str) -> str:
+    """The one-line refusal of a teacher with another vocabulary, naming the way across."""
+    return (f"the teacher's vocabulary ({teacher_has}, teacher {teacher_path}) differs from the student's "
+            f"({student_has}); distilling needs one vocabulary: transplant the student first (`supernet "
+            f"transplant-vocab STUDENT --tokenizer {teacher_path} --out S2`, then student.path: S2), ideally with "
+            "an offline top-K cache (`supernet cache-logits`); see training/README.md, cross-vocabulary distillation")
 
 
 # Keys whose change alters what a resumed run computes (model, data order, loss, sampling, batch).
 # Schedule and bookkeeping keys (max_steps, lr, eval, checkpoint, log, distributed) may change on resume.
 RESUME_KEYS = ("stage", "seed", "student", "teacher.source", "teacher.path", "teacher.gguf_file",
-               "teacher.cache_dir", "data.train", "data.format", "data.seq_len", "data.separator",
+               "teacher.cache_dir", "teacher.teachers", "teacher.mode", "data.train", "data.format", "data.seq_len", "data.separator",
                "data.shuffle", "data.max_documents", "loss.kind", "loss.temperature", "loss.kl_weight",
                "loss.ce_weight", "loss.hidden_weight", "loss.hidden_layers", "loss.kl_mix", "loss.activation_weight",
                "loss.activation_kind", "transfer.mixers", "transfer.loss", "sampling", "train.trainable",

@@ -12,6 +12,8 @@ Teacher modes:
   and the fa mixers stay frozen this *is* the teacher, at no extra memory. It is refused when they
   train (the config check says so).
 * offline: the teacher's top-K log-probabilities come with the batch (no teacher forward).
+* multi: several teachers (`slots`, training/teachers.py), each online (a module of `online`) or
+  offline (its top-K in `topks`); each step names the active ones with their weights.
 """
 from __future__ import annotations
 
@@ -28,8 +30,16 @@ class DistillPair(nn.Module):
     def __init__(self, student: nn.Module, teacher: nn.Module | None, mode: str, spec: LossSpec,
                  hidden_weight: float = 0.0, hidden_layers: list[int] | None = None,
                  compute_dtype: torch.dtype = torch.float32, activation_weight: float = 0.0,
-                 activation_kind: str = "nmse") -> None:
+                 activation_kind: str = "nmse", slots: list[tuple[str, nn.Module | None]] | None = None) -> None:
         super().__init__()
+        # multi: (kind, model) per teacher, kind online | offline; the online models are registered
+        # in `online` (so they move and cast with the pair), `slot_module` maps teacher -> module index
+        self.slot_kinds = [k for k, _ in slots] if slots else None
+        self.online = nn.ModuleList([m for k, m in slots or [] if k == "online"])
+        self.slot_module: dict[int, int] = {}
+        for i, (k, _) in enumerate(slots or []):
+            if k == "online":
+                self.slot_module[i] = len(self.slot_module)
         # stage 1's mixer-output activation loss (training/transfer.py): each layer's sampled mixer
         # output against the teacher attention's output at that layer
         self.activation_weight = activation_weight
@@ -81,19 +91,50 @@ class DistillPair(nn.Module):
             attn_out.extend(captured[1])
         return out.last_hidden_state, out.hidden_states, weight
 
+    def _multi_target(self, input_ids: Tensor, rows: Tensor | None, topks: dict[int, TopKTargets],
+                      active: list[tuple[int, float]],
+                      temperature: float) -> tuple[Tensor | None, Tensor | None, TopKTargets | None, Any]:
+        """(teacher hidden rows, lm_head weight, top-K, mixed) for this step's active teachers: one
+        teacher gives exactly its single-teacher signal; several a mixture (training/teachers.py)."""
+        from supernet.training.teachers import MixedTeacherLogits, merge_topk
+
+        online, offline = [], []
+        for slot, w in active:
+            if self.slot_kinds[slot] == "offline":
+                offline.append((topks[slot], w))
+                continue
+            model = self.online[self.slot_module[slot]]
+            with torch.no_grad():
+                h = model.model(input_ids=input_ids, use_cache=False).last_hidden_state
+            h = h.reshape(-1, h.shape[-1])
+            online.append((h[rows] if rows is not None else h, model.lm_head.weight, w))
+        if len(active) == 1:
+            return (online[0][0], online[0][1], None, None) if online else (None, None, offline[0][0], None)
+        vocab = self.student.config.vocab_size
+        if not online:
+            return None, None, merge_topk(offline, vocab), None
+        return None, None, None, MixedTeacherLogits(online, offline, temperature, vocab)
+
     def forward(self, input_ids: Tensor, token_weight: Tensor, placement: Placement, labels: Tensor | None = None,
                 rows: Tensor | None = None, topk: TopKTargets | None = None,
-                spec: LossSpec | None = None, hidden_weight: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                spec: LossSpec | None = None, hidden_weight: float | None = None,
+                topks: dict[int, TopKTargets] | None = None,
+                active: list[tuple[int, float]] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Loss of one micro-batch, already weighted per token (sum over micro-batches = global mean).
 
         `rows`: flat token positions that carry weight (skip the rest); `topk`: offline teacher
-        signals for those rows. Returns (differentiable loss, detached stats).
+        signals for those rows. Several teachers: `topks` (offline ones, by teacher index) and
+        `active` (teacher index, weight). Returns (differentiable loss, detached stats).
         """
         spec = spec or self.spec
         hw = self.hidden_weight if hidden_weight is None else hidden_weight
         want_layers = hw > 0
         aw = self.activation_weight if spec is self.spec else 0.0  # a training forward only
-        need_teacher = (spec.kl_weight > 0 and topk is None) or want_layers or aw > 0
+        multi_th = multi_tw = mixed = None
+        if self.slot_kinds is not None and spec.kl_weight > 0:
+            multi_th, multi_tw, topk, mixed = self._multi_target(input_ids, rows, topks or {}, active,
+                                                                 spec.temperature)
+        need_teacher = self.slot_kinds is None and ((spec.kl_weight > 0 and topk is None) or want_layers or aw > 0)
         t_final = t_layers = t_weight = None
         t_attn: list | None = [] if aw > 0 else None
         if need_teacher:
@@ -118,11 +159,13 @@ class DistillPair(nn.Module):
             h, tw = h[rows], tw[rows]
             lab = lab[rows] if lab is not None else None
             th = th[rows] if th is not None else None
+        if multi_th is not None:
+            th, t_weight = multi_th, multi_tw
         logit = fused_lm_head_loss(
             h, self.student.lm_head.weight, tw, spec,
-            teacher_hidden=th if spec.kl_weight and topk is None else None,
+            teacher_hidden=th if spec.kl_weight and topk is None and mixed is None else None,
             teacher_weight=t_weight, topk=topk if spec.kl_weight else None, labels=lab,
-            compute_dtype=self.compute_dtype,
+            compute_dtype=self.compute_dtype, mixed=mixed,
         )
         if self.teacher is not None and hasattr(self.teacher, "reshard"):
             self.teacher.reshard()

@@ -216,7 +216,10 @@ class TopKCache:
             raise CacheError(f"cache {self.path} holds log-probs at temperature {self.temperature} but "
                              f"loss.temperature is {temperature}; use the same value or rewrite the cache")
         if tokenizer is not None and tokenizer_fingerprint(tokenizer) != self.index.get("tokenizer"):
-            raise CacheError(f"cache {self.path} was made with another tokenizer than the student's")
+            raise CacheError(f"cache {self.path} was made with another tokenizer than the student's; to distil across "
+                             f"vocabularies, transplant the student first (`supernet transplant-vocab STUDENT --tokenizer "
+                             f"{self.path / 'tokenizer'} --out S2`, then student.path: S2); see training/README.md, "
+                             "cross-vocabulary distillation")
 
     def target_counts(self, indices: Sequence[int]) -> int:
         return int(sum(int(self._read(int(i), "targets").sum()) for i in indices))

@@ -38,9 +38,13 @@ class TopKTargets:
     ids: Tensor  # [N, K] int64
     logprobs: Tensor  # [N, K] float32, at the cache's temperature
     tail: Tensor  # [N] float32, 1 - sum(exp(logprobs)) computed before rounding
+    # [N, K] bool or None: False marks a padding slot (rows of a merged target hold different
+    # numbers of ids); a padding slot repeats a real slot's id and value and is left out of the sums
+    valid: Tensor | None = None
 
     def select(self, rows: Tensor) -> "TopKTargets":
-        return TopKTargets(self.ids[rows], self.logprobs[rows], self.tail[rows])
+        return TopKTargets(self.ids[rows], self.logprobs[rows], self.tail[rows],
+                           None if self.valid is None else self.valid[rows])
 
 
 @dataclass
@@ -99,14 +103,18 @@ def _fkl_kernel(compiled: bool):
 def _fkl_topk(z: Tensor, tk: TopKTargets, tau: float) -> tuple[Tensor, Tensor]:
     q = torch.softmax(z / tau, dim=-1)
     qk = q.gather(1, tk.ids)
-    tail_q = (1.0 - qk.sum(-1)).clamp_min(TAIL_EPS)
     p = tk.logprobs.exp()
+    terms = p * (tk.logprobs - torch.log(qk.clamp_min(1e-30)))
+    if tk.valid is not None:  # padding slots count once, through the real slot they repeat
+        qk, p, terms = qk * tk.valid, p * tk.valid, terms * tk.valid
+    tail_q = (1.0 - qk.sum(-1)).clamp_min(TAIL_EPS)
     tail_p = tk.tail.clamp_min(0.0)
-    kl = (p * (tk.logprobs - torch.log(qk.clamp_min(1e-30)))).sum(-1)
+    kl = terms.sum(-1)
     kl = kl + torch.xlogy(tail_p, tail_p) - tail_p * torch.log(tail_q)
     total_p = p.sum(-1) + tail_p
     r = q * (tail_p / tail_q).unsqueeze(-1)  # tail spread like the student
-    r.scatter_(1, tk.ids, p)
+    # a padding slot writes the same value to the same id as the slot it repeats: deterministic
+    r.scatter_(1, tk.ids, p if tk.valid is None else tk.logprobs.exp())
     grad = (q.mul_(total_p.unsqueeze(-1)) - r).mul_(tau)
     return kl * tau * tau, grad
 
@@ -146,13 +154,16 @@ def _ce(z: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
 class _FusedLMHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, token_weight, teacher_hidden, teacher_weight, topk_ids,
-                topk_logprobs, topk_tail, labels, spec: LossSpec, compute_dtype: torch.dtype, need_grad: bool):
+                topk_logprobs, topk_tail, labels, spec: LossSpec, compute_dtype: torch.dtype, need_grad: bool,
+                topk_valid=None, mixed=None):
         n = hidden.shape[0]
         cd = compute_dtype
         w_c = weight.detach().to(cd)
         tw_c = None
         if teacher_hidden is not None:
             tw_c = w_c if teacher_weight is weight else teacher_weight.detach().to(cd)
+        if mixed is not None:
+            mixed.prepare(cd)
         want_gw = need_grad and ctx.needs_input_grad[1]
         want_gh = need_grad and ctx.needs_input_grad[0]
         grad_h = torch.empty_like(hidden) if want_gh else None
@@ -172,10 +183,11 @@ class _FusedLMHeadLoss(torch.autograd.Function):
             if spec.kl_weight:
                 if topk_ids is not None:
                     kl, g = _fkl_topk(z.float(), TopKTargets(topk_ids[s:e], topk_logprobs[s:e].float(),
-                                                             topk_tail[s:e].float()), tau)
+                                                             topk_tail[s:e].float(),
+                                                             None if topk_valid is None else topk_valid[s:e]), tau)
                     g.mul_((spec.kl_weight * tw)[:, None])
                 else:
-                    zt = teacher_hidden[s:e].to(cd) @ tw_c.t()
+                    zt = mixed.logits(s, e) if mixed is not None else teacher_hidden[s:e].to(cd) @ tw_c.t()
                     if spec.kind == "fkl":
                         out_dtype = torch.float32 if spec.ce_weight else cd
                         kl, g = fkl(z, zt, tau, spec.kl_weight * tw, out_dtype)
@@ -217,7 +229,7 @@ class _FusedLMHeadLoss(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = grad_h * grad_loss.to(grad_h.dtype) if ctx.want_gh else None
         gw = (grad_w * grad_loss).to(ctx.weight_dtype) if ctx.want_gw else None
-        return gh, gw, None, None, None, None, None, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None, None, None, None, None, None, None
 
 
 @dataclass
@@ -238,15 +250,17 @@ def fused_lm_head_loss(
     topk: TopKTargets | None = None,
     labels: Tensor | None = None,
     compute_dtype: torch.dtype = torch.float32,
+    mixed: "MixedTeacherLogits | None" = None,
 ) -> LogitLossOutput:
     """Loss of the student's lm_head on `hidden` [N, D] against the teacher, chunked over tokens.
 
     Give exactly one teacher signal when spec.kl_weight > 0: `teacher_hidden` (final, normed
     hidden states [N, D]) with `teacher_weight` (teacher lm_head [V, D]), or `topk`. `labels` [N]
-    (-100 = ignore) is needed when spec.ce_weight > 0.
+    (-100 = ignore) is needed when spec.ce_weight > 0. `mixed` (several teachers,
+    training/teachers.py) stands in for teacher_hidden: it gives each chunk's target logits.
     """
-    if spec.kl_weight and (teacher_hidden is None) == (topk is None):
-        raise ValueError("give exactly one of teacher_hidden or topk when kl_weight > 0")
+    if spec.kl_weight and sum(x is not None for x in (teacher_hidden, topk, mixed)) != 1:
+        raise ValueError("give exactly one of teacher_hidden, topk or mixed when kl_weight > 0")
     if spec.ce_weight and labels is None:
         raise ValueError("ce_weight > 0 needs labels")
     if topk is not None and spec.kind != "fkl":
@@ -256,9 +270,10 @@ def fused_lm_head_loss(
     ids = topk.ids if topk is not None else None
     lps = topk.logprobs if topk is not None else None
     tail = topk.tail if topk is not None else None
+    valid = topk.valid if topk is not None else None
     loss, kl, ce = _FusedLMHeadLoss.apply(hidden, weight, token_weight, teacher_hidden, teacher_weight,
                                           ids, lps, tail, labels, spec, compute_dtype,
-                                          torch.is_grad_enabled())
+                                          torch.is_grad_enabled(), valid, mixed)
     return LogitLossOutput(loss, kl, ce)
 
 

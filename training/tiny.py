@@ -191,3 +191,22 @@ class TinyWorld:
         for key, value in sections.items():
             base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
         return config_from_dict(base)
+
+
+def train_byte_level_bpe(texts: list[str], size: int) -> Any:
+    """A byte-level BPE of `size` tokens trained on `texts` with the `tokenizers` library (seconds),
+    with the specials of `byte_tokenizer` (bos <|im_start|>, eos <|im_end|>, pad <|endoftext|>):
+    a real tokenizer other than a model's own, for vocabulary-transplant tests and benchmarks."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=list(SPECIALS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                  pad_token="<|endoftext|>")
+    out.chat_template = CHATML
+    return out

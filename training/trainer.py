@@ -28,7 +28,7 @@ import yaml
 from supernet.layout import Placement
 from supernet.training import checkpoint as ckpt
 from supernet.training.compile import compile_stats, eager_region
-from supernet.training.config import ConfigError, RunConfig, check_models, resume_differences
+from supernet.training.config import ConfigError, RunConfig, check_models, check_tokenizers, resume_differences
 from supernet.training.data import GlobalOrder, PackedDataset, build_token_stream, eval_indices
 from supernet.training.distributed import (DistEnv, apply_ddp, apply_fsdp, fsdp_layout, gradient_sync, init_distributed,
                                   resolve_strategy, unwrap)
@@ -106,8 +106,9 @@ class Trainer:
         needs_teacher_signal = cfg.loss.kl_weight > 0 or cfg.loss.hidden_weight > 0 or \
             cfg.loss.activation_weight > 0 or cfg.stage == "transfer"
 
+        self.multi = bool(cfg.teacher.teachers)  # several teachers (training/teachers.py)
         teacher, tokenizer = None, None
-        if (src == "online" and needs_teacher_signal) or cfg.student.path is None:
+        if not self.multi and ((src == "online" and needs_teacher_signal) or cfg.student.path is None):
             teacher, tokenizer = load_teacher_model(cfg.teacher.path, cfg.teacher.gguf_file)
         student_dir = prepare_student(cfg.student.path, self.out, teacher, tokenizer, cfg.student.overrides,
                                       env.is_main, env.barrier)
@@ -130,6 +131,9 @@ class Trainer:
             raise ConfigError(f"train.trainable {cfg.train.trainable} unfreezes shared parameter {shared}, but {why}; "
                               "select mixer parameters only (`supernet snr CKPT --only mixers ...`)")
         check_models(cfg, student.config, teacher.config if teacher is not None else None)
+        if teacher is not None and cfg.student.path is not None:
+            check_tokenizers(_student_tokenizer(student_dir), tokenizer, cfg.teacher.path)
+        slots = self._load_teachers(student, dev) if self.multi and needs_teacher_signal else None
         if teacher is not None:
             frozen_bf16 = cfg.train.frozen_bf16 == "true" or (cfg.train.frozen_bf16 == "auto" and self.bf16)
             cast_params(teacher, torch.bfloat16 if frozen_bf16 else torch.float32).to(dev)
@@ -139,7 +143,9 @@ class Trainer:
         # data
         seq = cfg.data.seq_len
         data_cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.out / "data-cache"
-        if src == "offline" and needs_teacher_signal:
+        if slots is not None:
+            self.train_ds, self.eval_ds = self._multi_data(tokenizer, data_cache)
+        elif src == "offline" and needs_teacher_signal:
             from supernet.training.logit_cache import TopKCache
 
             self.train_ds = TopKCache(cfg.teacher.cache_dir)
@@ -177,8 +183,9 @@ class Trainer:
             pair = TransferPair(student, teacher, mode, spec, t.mixers, t.loss, t.layers_per_chunk, t.checkpoint,
                                 self.compute_dtype)
         else:
-            pair = DistillPair(student, teacher, mode, spec, cfg.loss.hidden_weight, cfg.loss.hidden_layers,
-                               self.compute_dtype, cfg.loss.activation_weight, cfg.loss.activation_kind)
+            pair = DistillPair(student, teacher, "multi" if slots else mode, spec, cfg.loss.hidden_weight,
+                               cfg.loss.hidden_layers, self.compute_dtype, cfg.loss.activation_weight,
+                               cfg.loss.activation_kind, slots)
         if cfg.train.activation_checkpointing:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.compiled_layers = bool(cfg.train.compile)
@@ -190,6 +197,9 @@ class Trainer:
             else:
                 compile_layers(student, teacher)
         self.strategy = resolve_strategy(cfg.distributed.strategy, env)
+        if slots and self.strategy == "fsdp":
+            raise ConfigError("several teachers (teacher.teachers) do not run under FSDP2 yet; set "
+                              "distributed.strategy: ddp (each rank holds the teachers) or none")
         if self.strategy == "fsdp":
             self.module = apply_fsdp(pair, student.model.layers, teacher, env, cfg.distributed.shard_teacher,
                                      cfg.distributed.layers_per_unit)
@@ -239,6 +249,68 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(self.out / "tensorboard"))
+
+    def _load_teachers(self, student: torch.nn.Module, dev: torch.device) -> list[tuple[str, Any]]:
+        """(kind, frozen model or None) per entry of teacher.teachers; offline caches are opened by
+        `_multi_data`. Every teacher must have the student's vocabulary (one-line error otherwise)."""
+        cfg = self.cfg
+        student_tok = _student_tokenizer(self.student_dir)
+        frozen_bf16 = cfg.train.frozen_bf16 == "true" or (cfg.train.frozen_bf16 == "auto" and self.bf16)
+        slots: list[tuple[str, Any]] = []
+        for entry in cfg.teacher.teachers:
+            if entry.source == "offline":
+                slots.append(("offline", None))
+                continue
+            model, tok = load_teacher_model(entry.path, entry.gguf_file)
+            check_models(cfg, student.config, model.config, entry.path)
+            check_tokenizers(student_tok, tok, entry.path)
+            cast_params(model, torch.bfloat16 if frozen_bf16 else torch.float32).to(dev)
+            slots.append(("online", model))
+        return slots
+
+    def _multi_data(self, tokenizer: Any, data_cache: Path) -> tuple[Any, Any]:
+        """(train, eval) datasets of a several-teacher run: the windows plus each offline teacher's top-K."""
+        from supernet.training.logit_cache import CacheError, TopKCache
+        from supernet.training.teachers import MultiTeacherData
+
+        cfg, env = self.cfg, self.env
+        entries = cfg.teacher.teachers
+        train_caches, eval_caches = {}, {}
+        for i, e in enumerate(entries):
+            if e.source != "offline":
+                continue
+            train_caches[i] = TopKCache(e.cache_dir)
+            train_caches[i].check_compatible(cfg.data.seq_len, cfg.loss.temperature, tokenizer)
+            if e.eval_cache_dir:
+                eval_caches[i] = TopKCache(e.eval_cache_dir)
+                eval_caches[i].check_compatible(cfg.data.seq_len, cfg.loss.temperature, tokenizer)
+        any_online = len(train_caches) < len(entries)
+
+        def packed(files: list[str], progress: bool) -> PackedDataset:
+            stream = build_token_stream(files, tokenizer, data_cache, cfg.data.format, cfg.data.separator,
+                                        cfg.data.max_documents, env.is_main, env.barrier, progress)
+            return PackedDataset(stream, cfg.data.seq_len)
+
+        base = packed(cfg.data.train, cfg.log.progress and env.is_main) if any_online else next(iter(train_caches.values()))
+        train = MultiTeacherData(base, train_caches)
+        if len(train) == 0:
+            raise CacheError("the several teachers' data share no window; check data.train and the caches")
+        evaluation = None
+        if any_online and cfg.data.eval:
+            evaluation = MultiTeacherData(packed(cfg.data.eval, False), eval_caches)
+        elif not any_online and eval_caches:
+            evaluation = MultiTeacherData(next(iter(eval_caches.values())), eval_caches)
+        return train, evaluation
+
+    def _teacher_args(self, step: int | None) -> dict[str, Any]:
+        """The forward's teacher arguments: {} for one teacher; else this step's active teachers
+        (mix: all; alternate: the step's one; step None = evaluation: the mix of all)."""
+        if not self.multi:
+            return {}
+        from supernet.training.teachers import active_teachers
+
+        weights = [e.weight for e in self.cfg.teacher.teachers]
+        return {"active": active_teachers(self.cfg.teacher.mode if step is not None else "mix", step or 0, weights)}
 
     def _param_groups(self, student: torch.nn.Module) -> list[dict[str, Any]]:
         """AdamW groups: per mixer (its LR scale) x decay (matrices) / no decay (norms, gates, biases)."""
@@ -353,7 +425,7 @@ class Trainer:
         names = list(self.student.model.layers[0].mixers)
         n = self.num_layers
         batch = self.train_ds.get(self.order.micro_indices(self.step, 0))
-        inputs = self._micro_inputs(batch, float(max(1, int(batch.mask.sum()))))
+        inputs = {**self._micro_inputs(batch, float(max(1, int(batch.mask.sum())))), **self._teacher_args(self.step)}
         for offset in range(0, len(names), n):
             placement = Placement.parse([names[(offset + i) % len(names)] for i in range(n)], n)
             with self._autocast():
@@ -384,6 +456,17 @@ class Trainer:
         if float(flat.mean()) < 0.9:
             rows = flat.nonzero().squeeze(1)
         topk = None
+        if batch.extras and "topks" in batch.extras:  # several teachers: one top-K per offline teacher
+            topks = {}
+            for slot, ex in batch.extras["topks"].items():
+                ids = ex["topk_ids"].reshape(-1, ex["topk_ids"].shape[-1])
+                lps, tail = ex["topk_logprobs"].reshape(ids.shape), ex["topk_tail"].reshape(-1)
+                if rows is not None:
+                    ids, lps, tail = ids[rows], lps[rows], tail[rows]
+                topks[slot] = TopKTargets(self._to_device(ids), self._to_device(lps), self._to_device(tail))
+            return dict(input_ids=self._to_device(batch.input_ids),
+                        token_weight=self._to_device(batch.mask / normaliser), labels=self._to_device(batch.labels),
+                        rows=self._to_device(rows) if rows is not None else None, topks=topks)
         if batch.extras:
             ids = batch.extras["topk_ids"].reshape(-1, batch.extras["topk_ids"].shape[-1])
             lps = batch.extras["topk_logprobs"].reshape(ids.shape)
@@ -401,9 +484,10 @@ class Trainer:
         if count == 0:
             raise ValueError(f"step {self.step}: the global batch has no target tokens (check the data masks)")
         sums = torch.zeros(6, device=env.device)  # loss, kl, ce, hidden, act, stop requests (summed over ranks)
+        teacher_args = self._teacher_args(self.step)
         for m in range(cfg.train.grad_accum):
             batch = self.train_ds.get(self.order.micro_indices(self.step, m))
-            inputs = self._micro_inputs(batch, float(count))
+            inputs = {**self._micro_inputs(batch, float(count)), **teacher_args}
             with gradient_sync(self.module, m == cfg.train.grad_accum - 1), self._autocast():
                 loss, stats = self.module(placement=placement, **inputs)
             # token weights already normalise by the global batch, so rank gradients must be
@@ -448,7 +532,10 @@ class Trainer:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss_v, "kl": kl_v, "ce": ce_v, "hidden": hid_v, "act": act_v, "grad_norm": gn_v, "lr": lr}
+        rec = {"loss": loss_v, "kl": kl_v, "ce": ce_v, "hidden": hid_v, "act": act_v, "grad_norm": gn_v, "lr": lr}
+        if self.multi and cfg.teacher.mode == "alternate":
+            rec["teacher"] = teacher_args["active"][0][0]
+        return rec
 
     def _step_unless_nonfinite(self, stats: torch.Tensor) -> bool:
         """Enqueue the fused AdamW step before the host reads the step's statistics.
@@ -489,8 +576,11 @@ class Trainer:
         mine = list(range(n))[env.rank::env.world_size]
         count = self.eval_ds.target_counts(range(n))
         offline = hasattr(self.eval_ds, "top_k")
+        if self.multi:  # offline teachers' caches hold log-probs at loss.temperature (checked)
+            offline = any(e.source == "offline" for e in cfg.teacher.teachers)
         if self.has_teacher:
-            spec = LossSpec("fkl", self.eval_ds.temperature if offline else 1.0, 1.0, 0.0, cfg.loss.chunk_tokens,
+            tau = (cfg.loss.temperature if self.multi else self.eval_ds.temperature) if offline else 1.0
+            spec = LossSpec("fkl", tau, 1.0, 0.0, cfg.loss.chunk_tokens,
                             self.loss_spec.compiled)
         else:  # no teacher (e.g. SFT without distillation): held-out cross-entropy instead
             spec = LossSpec("fkl", 1.0, 0.0, 1.0, cfg.loss.chunk_tokens)
@@ -506,7 +596,7 @@ class Trainer:
         total = torch.zeros((), device=env.device)
         for s in range(0, len(mine), cfg.eval.batch_size):
             batch = self.eval_ds.get(mine[s: s + cfg.eval.batch_size])
-            inputs = self._micro_inputs(batch, float(count))
+            inputs = {**self._micro_inputs(batch, float(count)), **self._teacher_args(None)}
             with self._autocast():
                 _, stats = self.module(placement=p, spec=spec, hidden_weight=0.0, **inputs)
             total += stats[key].float()
@@ -647,6 +737,14 @@ class Trainer:
         result.steps = self.step
         result.tokens_per_s = timed_tokens / timed_s if timed_s else 0.0
         return result
+
+
+def _student_tokenizer(folder: Path) -> Any | None:
+    """The tokenizer saved with the student, or None where the folder has none."""
+    try:
+        return load_tokenizer(str(folder))
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def trained_parts(student: torch.nn.Module) -> tuple[set[str], bool]:
