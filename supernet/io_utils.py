@@ -48,6 +48,20 @@ def read_json(path: Path, what: str, how_to_make: str, error: type[Exception] = 
         raise error(f"{what} {path} is not valid JSON (line {exc.lineno}): {exc.msg}") from None
 
 
+def read_yaml(path: Path, what: str, how_to_make: str, error: type[Exception] = ValueError):
+    """Parse a YAML file, with read_json's one-line errors (a directory counts as missing)."""
+    import yaml
+
+    path = Path(path)
+    if path.is_dir():
+        raise error(f"{what} {path} is a folder, not a file; {how_to_make}")
+    text = _read_text(path, what, how_to_make, error)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise error(f"{what} {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+
+
 def read_jsonl(path: Path, what: str, how_to_make: str, error: type[Exception] = ValueError) -> list[tuple[int, object]]:
     """(line number, parsed value) of each non-blank line of a JSONL file, with read_json's one-line errors."""
     import json

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from supernet import merge_methods
+from supernet.io_utils import read_yaml
 
 METHODS = ("linear", "ties", "slerp")
 TOP_KEYS = {"out", "method", "base_model", "models", "parameters", "filters", "dtype"}
@@ -133,15 +134,8 @@ def _checkpoint(path: Path, what: str) -> Path:
 
 def load_merge_spec(path: str | Path) -> MergeSpec:
     """Read and check a merge YAML (one-line MergeErrors); the checkpoints are checked to exist."""
-    import yaml
-
     path = Path(path)
-    if not path.is_file():
-        raise MergeError(f"merge file {path} does not exist; see `supernet merge --help` for its keys")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise MergeError(f"merge file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    doc = read_yaml(path, "merge file", "see `supernet merge --help` for its keys", MergeError)
     if not isinstance(doc, dict):
         raise MergeError(f"merge file {path} must hold a mapping (out, method, models, ...)")
     _unknown(doc, TOP_KEYS, f"merge file {path}")

@@ -31,6 +31,7 @@ from typing import Iterable, Iterator
 
 import torch
 
+from supernet.io_utils import read_yaml
 from supernet.layout import MIXERS as MIXER_KINDS
 
 IQR_OF_UNIT_GAUSSIAN = 1.349
@@ -262,15 +263,8 @@ def write_selection(path: Path, document: dict) -> None:
 
 def read_selection(path: Path) -> list[str]:
     """The parameter names a selection file lists under `trainable`, with one-line errors."""
-    import yaml
-
     path = Path(path)
-    if not path.is_file():
-        raise SNRError(f"selection file {path} does not exist; write one with `supernet snr CKPT --out {path}`")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise SNRError(f"selection file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    doc = read_yaml(path, "selection file", f"write one with `supernet snr CKPT --out {path}`", SNRError)
     names = doc.get("trainable") if isinstance(doc, dict) else None
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise SNRError(f"selection file {path} has no `trainable:` list of parameter names; "
