@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from supernet.serving.plan import serving_plan
-from supernet.serving.speculative import greedy_generate, restore, snapshot, speculative_generate
+from supernet.generation import greedy_tokens, speculative_tokens
 from tests.helpers.checkpoints import default_presets, make_checkpoint
 from tests.helpers.configs import vllm_config
 from supernet.layout import PlacementError
@@ -77,8 +77,8 @@ def test_plan_draft_only_mixers():
 ])
 def test_speculative_equals_target_greedy(model, target, draft, k):
     prompt = torch.tensor([[0] + list(b"The supernet drafts with a fast preset")])
-    expected = greedy_generate(model, prompt, target, 24)
-    tokens, stats = speculative_generate(model, prompt, draft, target, k=k, max_new_tokens=24)
+    expected = greedy_tokens(model, prompt, target, 24)
+    tokens, stats = speculative_tokens(model, prompt, draft, target, k=k, max_new_tokens=24)
     assert tokens == expected
     assert stats.drafted >= stats.accepted >= 0 and stats.rounds > 0
 
@@ -86,32 +86,17 @@ def test_speculative_equals_target_greedy(model, target, draft, k):
 def test_speculative_exercises_partial_acceptance(model):
     """balanced vs near differ only in the SWA layer: some drafts pass, some fail (both paths run)."""
     prompt = torch.tensor([[0] + list(b"Sliding windows forget; full attention remembers everything")])
-    tokens, stats = speculative_generate(model, prompt, "near", "balanced", k=3, max_new_tokens=32)
-    assert tokens == greedy_generate(model, prompt, "balanced", 32)
+    tokens, stats = speculative_tokens(model, prompt, "near", "balanced", k=3, max_new_tokens=32)
+    assert tokens == greedy_tokens(model, prompt, "balanced", 32)
     assert 0 < stats.accepted < stats.drafted
 
 
 def test_speculative_stops_at_eos(model):
     prompt = torch.tensor([[0] + list(b"abc")])
-    free = greedy_generate(model, prompt, "balanced", 30)
+    free = greedy_tokens(model, prompt, "balanced", 30)
     eos = free[5]
-    tokens, _ = speculative_generate(model, prompt, "near", "balanced", k=3, max_new_tokens=30, eos_token_id=eos)
+    tokens, _ = speculative_tokens(model, prompt, "near", "balanced", k=3, max_new_tokens=30, eos_token_id=eos)
     assert tokens == free[: free.index(eos) + 1]
-
-
-def test_snapshot_restore_undoes_tokens(model):
-    from supernet.cache import SupernetCache
-
-    placement = model.config.resolve("balanced")
-    cache = SupernetCache(4)
-    ids = torch.tensor([[0] + list(b"0123456789abcdef")])
-    model(input_ids=ids, past_key_values=cache, use_cache=True, placement=placement)
-    snap = snapshot(cache)
-    before = model(input_ids=torch.tensor([[5]]), past_key_values=cache.clone(), use_cache=True, placement=placement).logits
-    model(input_ids=torch.tensor([[7, 8, 9]]), past_key_values=cache, use_cache=True, placement=placement)
-    restore(cache, snap)
-    after = model(input_ids=torch.tensor([[5]]), past_key_values=cache, use_cache=True, placement=placement).logits
-    torch.testing.assert_close(after, before, rtol=0, atol=0)
 
 
 def _supernet(*args):

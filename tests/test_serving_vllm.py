@@ -18,8 +18,9 @@ import urllib.request
 import pytest
 import torch
 
+from supernet.serving.drafter import STATS_ENV
 from supernet.serving.server import VllmServer, cpu_env, free_port, vllm_command
-from supernet.serving.speculative import greedy_generate
+from supernet.generation import greedy_tokens
 from tests.helpers.checkpoints import make_checkpoint
 from tests.helpers.configs import vllm_config
 
@@ -34,6 +35,7 @@ PROMPTS = [
 ]
 VLLM_ARGS = ["--max-model-len", "256", "--dtype", "float32", "--max-num-seqs", "16"]
 EAGER = ["--enforce-eager"]
+SPEC_K = 3
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +51,8 @@ def expected(ckpt):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     model = SupernetForCausalLM.from_pretrained(str(ckpt)).eval()
-    out = {p: [greedy_generate(model, torch.tensor([ids]), p, MAX_TOKENS) for ids in PROMPTS] for p in PRESETS}
-    out["default"] = [greedy_generate(model, torch.tensor([ids]), model.config.placement, MAX_TOKENS) for ids in PROMPTS]
+    out = {p: [greedy_tokens(model, torch.tensor([ids]), p, MAX_TOKENS) for ids in PROMPTS] for p in PRESETS}
+    out["default"] = [greedy_tokens(model, torch.tensor([ids]), model.config.placement, MAX_TOKENS) for ids in PROMPTS]
     torch.set_num_threads(threads)
     # the presets must disagree somewhere, or switching would prove nothing
     assert len({tuple(out[p][0]) for p in PRESETS}) >= 4
@@ -73,18 +75,18 @@ def reference(ckpt):
                 threads = torch.get_num_threads()
                 torch.set_num_threads(1)
                 placement = model.config.placement if preset == "default" else preset
-                cache[key] = greedy_generate(model, torch.tensor([prompt]), placement, MAX_TOKENS)
+                cache[key] = greedy_tokens(model, torch.tensor([prompt]), placement, MAX_TOKENS)
                 torch.set_num_threads(threads)
             return cache[key]
 
     return generate
 
 
-def _server(ckpt, tmp_path_factory, extra=(), **kw) -> VllmServer:
+def _server(ckpt, tmp_path_factory, extra=(), env=None, **kw) -> VllmServer:
     port = free_port()
     cmd = vllm_command(ckpt, port=port, extra=VLLM_ARGS + list(extra), **kw)
     work = tmp_path_factory.mktemp("vllm")
-    server = VllmServer(cmd, cpu_env(work), work / "server.log", "127.0.0.1", port).start(timeout=600)
+    server = VllmServer(cmd, {**cpu_env(work), **(env or {})}, work / "server.log", "127.0.0.1", port).start(timeout=600)
     server.work_dir = work
     return server
 
@@ -118,7 +120,10 @@ def client(switch_server):
 @pytest.fixture(scope="class")
 def spec_server(ckpt, tmp_path_factory):
     # compiled (no --enforce-eager): vLLM traces the model with torch.compile, GDN/KDA as our op
-    server = _server(ckpt, tmp_path_factory, preset="balanced", draft_preset="near", num_draft_tokens=3)
+    stats = tmp_path_factory.mktemp("drafter") / "steps.jsonl"
+    server = _server(ckpt, tmp_path_factory, preset="balanced", draft_preset="near", num_draft_tokens=SPEC_K,
+                     env={STATS_ENV: str(stats)})
+    server.drafter_stats = stats
     yield server
     server.stop()
 
@@ -298,6 +303,34 @@ class TestSpeculativeServer:
         drafted = _metric(server.url, "vllm:spec_decode_num_draft_tokens_total")
         accepted = _metric(server.url, "vllm:spec_decode_num_accepted_tokens_total")
         assert drafted > 0 and 0 < accepted < drafted  # both accepted and rejected drafts happened
+
+    def test_drafting_is_batched_with_ragged_acceptance(self, spec_server, expected):
+        """Eight concurrent requests: identical greedy output, and every drafting step runs k draft
+        forwards however many rows draft in it, with rows that kept different numbers of drafts."""
+        from openai import OpenAI
+
+        client = OpenAI(base_url=spec_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        spec_server.drafter_stats.write_text("")
+        jobs = [i % len(PROMPTS) for i in range(8)]
+        barrier = threading.Barrier(len(jobs))
+
+        def request(i: int) -> list[int]:
+            barrier.wait()  # all requests reach the server together, so they share steps
+            return _complete(client, "supernet", PROMPTS[i])
+
+        with cf.ThreadPoolExecutor(len(jobs)) as pool:
+            results = list(pool.map(request, jobs))
+        for i, tokens in zip(jobs, results):
+            assert tokens == expected["balanced"][i], i
+        steps = [json.loads(line) for line in spec_server.drafter_stats.read_text().splitlines()]
+        drafting = [s for s in steps if s["rows"]]
+        assert drafting and all(s["draft_forwards"] == SPEC_K for s in drafting)
+        assert max(s["rows"] for s in drafting) >= 4  # one forward per draft position served >= 4 rows
+        ragged = [s for s in drafting if len(set(s["accepted"])) > 1]
+        assert ragged, "no step had rows that kept different numbers of drafts"
+        assert all(0 <= a <= SPEC_K for s in drafting for a in s["accepted"])
+        # rows keep their caches across steps: only new requests are read by a prefill
+        assert sum(s["prefills"] for s in drafting) <= len(jobs)
 
     def test_only_one_preset_is_served(self, spec_server):
         server = spec_server
