@@ -42,17 +42,20 @@ def measure_acceptance(model, prompts: torch.Tensor, target: PlacementLike, draf
 
 
 def choose_draft(model, target: PlacementLike, alphas: dict[str, float], *, batch: int, context: int,
-                 table: CostTable | None = None, ks=range(1, 9),
-                 token_fraction: float | None = None) -> tuple[Prediction | None, list[Prediction]]:
+                 table: CostTable | None = None, ks=range(1, 9), token_fraction: float | None = None,
+                 new_tokens: int | None = None) -> tuple[Prediction | None, list[Prediction]]:
     """(best prediction or None if nothing beats the target alone, every prediction ranked).
 
     Without a `table` the analytic decode costs at (batch, context) are used (memory-bound GPU
-    decoding, see placement/cost.py)."""
+    decoding, see placement/cost.py). With `batch` > 1 and `new_tokens` (per row), a round's yield is
+    what the slowest of the rows sets (`speculative_cost.expected_rounds`), not one row's E(k): a
+    larger k then gains less, since the rows drift further apart."""
     t = model.config.resolve(target)
     table = table or analytic_costs(model.config, context, batch)
     drafts = {name: (model.config.resolve(name), a) for name, a in alphas.items()
               if tuple(model.config.resolve(name)) != tuple(t)}
-    ranked = rank(table, t, drafts, ks, config=model.config, token_fraction=token_fraction)
+    slowest_row = dict(batch=batch, new_tokens=new_tokens) if batch > 1 and new_tokens else {}
+    ranked = rank(table, t, drafts, ks, config=model.config, token_fraction=token_fraction, **slowest_row)
     best = ranked[0] if ranked and ranked[0].speedup > 1.0 else None
     return best, ranked
 

@@ -3,12 +3,22 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from supernet.config import SupernetConfig
 from supernet.layout import Placement
 from supernet.placement.cost import analytic_costs
-from supernet.placement.speculative_cost import expected_tokens, predict, predict_from_costs, token_cost
+from supernet.placement.speculative_cost import (
+    batch_tokens_per_round,
+    expected_rounds,
+    expected_rounds_of_rows,
+    expected_tokens,
+    predict,
+    predict_from_costs,
+    token_cost,
+    tokens_per_round_distribution,
+)
 
 
 def smollm2_shape() -> SupernetConfig:
@@ -69,3 +79,49 @@ def test_choose_draft_picks_the_best_pair_or_none(tmp_path):
     assert recorded_acceptance(path, "other") == {}
     with pytest.raises(ValueError, match="no preset named"):
         record_acceptance(path, "nope", {}, "test")
+
+
+# -- the slowest row sets the rounds ---------------------------------------------------------------
+def _simulated_rounds(alphas: list[float], k: int, n: int, trials: int, seed: int) -> np.ndarray:
+    """Monte Carlo of max over rows of R_N: rows gain X ~ tokens_per_round_distribution per round."""
+    rng = np.random.default_rng(seed)
+    worst = np.zeros(trials)
+    for alpha in alphas:
+        w = tokens_per_round_distribution(alpha, k)
+        gains = rng.choice(len(w), size=(trials, n), p=w)  # X >= 1, so n rounds always suffice
+        rounds = np.argmax(np.cumsum(gains, axis=1) >= n, axis=1) + 1
+        worst = np.maximum(worst, rounds)
+    return worst
+
+
+@pytest.mark.parametrize("alphas,k,n", [([0.75] * 8, 4, 63), ([0.55] * 64, 2, 40), ([0.9, 0.8, 0.5, 0.7], 3, 50),
+                                        ([0.6], 4, 30)])
+def test_expected_rounds_matches_monte_carlo(alphas, k, n):
+    trials = 20000
+    sim = _simulated_rounds(alphas, k, n, trials, seed=len(alphas) * 100 + k)
+    exact = expected_rounds_of_rows(alphas, k, n)
+    se = sim.std(ddof=1) / np.sqrt(trials)
+    # 4 standard errors: a correct formula fails this with probability ~6e-5 (and the seed is fixed)
+    assert abs(sim.mean() - exact) <= 4 * se, (sim.mean(), exact, se)
+    if len(set(alphas)) == 1:
+        assert expected_rounds(alphas[0], k, n, len(alphas)) == pytest.approx(exact, rel=1e-12)
+
+
+def test_expected_rounds_exact_cases_and_bounds():
+    assert expected_rounds(1.0, 4, 63, 8) == pytest.approx(13)  # always k + 1 tokens: ceil(63 / 5)
+    assert expected_rounds(0.0, 4, 63, 8) == pytest.approx(63)  # always 1 token
+    # Wald: E[S_R] = mu E[R] with N <= S_R <= N + k, so N / mu <= E[R] <= (N + k) / mu for one row
+    for alpha, k, n in [(0.8, 4, 64), (0.5, 2, 200), (0.95, 8, 1000)]:
+        mu = expected_tokens(alpha, k)
+        assert n / mu <= expected_rounds(alpha, k, n) <= (n + k) / mu
+    # more rows never need fewer rounds; the batch's yield falls below E(k)
+    rounds = [expected_rounds(0.75, 4, 63, b) for b in (1, 2, 8, 64)]
+    assert rounds == sorted(rounds) and rounds[-1] > rounds[0] + 3
+    assert batch_tokens_per_round(0.75, 4, 63, 64) < expected_tokens(0.75, 4)
+
+
+def test_prediction_charges_the_slowest_row():
+    one = predict_from_costs(10.0, 4.0, 1.0, 0.5, alpha=0.8, k=4)
+    batch = predict_from_costs(10.0, 4.0, 1.0, 0.5, alpha=0.8, k=4, batch=64, new_tokens=63)
+    assert batch.tokens_per_round == pytest.approx(63 / expected_rounds(0.8, 4, 63, 64))
+    assert batch.speedup < one.speedup and batch.as_dict()["batch"] == 64
