@@ -54,9 +54,6 @@ import torch
 from supernet.cache import SupernetCache
 from supernet.layout import Placement
 from supernet.static_decode import static_rows
-from vllm.logger import init_logger
-
-logger = init_logger(__name__)  # vLLM's logger: the line lands in the server log
 STATS_ENV = "SUPERNET_DRAFTER_STATS"  # a file: one JSON line per drafting step (tests count forwards)
 
 
@@ -334,7 +331,9 @@ class SupernetDrafter:
             template = self.runner.prefill(torch.zeros(1, dtype=torch.long, device=device), self.capacity,
                                            self.k + 1, self.history_slots)
         self.pool = DraftPool(template, self.num_slots)
-        logger.info("supernet drafter: draft caches for %d sequences x %d tokens, %.1f MiB, allocated at load",
+        from vllm.logger import init_logger  # vLLM's logger: the line lands in the server log
+
+        init_logger(__name__).info("supernet drafter: draft caches for %d sequences x %d tokens, %.1f MiB, allocated at load",
                     self.num_slots, self.capacity, self.pool.nbytes / 2**20)
 
     # -- which cache continues each row ----------------------------------------------------------

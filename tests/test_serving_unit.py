@@ -154,3 +154,64 @@ def test_step_route_gathers_each_mixers_tokens_once_per_step(monkeypatch):
     monkeypatch.setattr(routing, "_ACTIVE_ROUTER", SimpleNamespace(row_presets={0: "linear", 1: "linear", 2: "linear"}))
     route = router.route(SimpleNamespace(attn_metadata={"layer": meta}), num_tokens=6, device=torch.device("cpu"))
     assert all(route.layer_plan(i) == [("gdn" if i % 2 == 0 else "kda", None)] for i in range(4))
+
+
+# -- the vLLM drafter's bookkeeping (no server: its pool and which cache continues a row) ----------
+def _pool_template():
+    from supernet.cache import SupernetCache
+
+    cache = SupernetCache(2)
+    cache.states[0]["swa"] = {"k": torch.randn(1, 2, 5, 3), "slot_pos": torch.arange(5)[None], "len": 3}
+    cache.states[1]["gdn"] = {"recurrent": torch.randn(1, 2, 4, 4), "hist_recurrent": torch.randn(1, 3, 2, 4, 4)}
+    return cache
+
+
+@pytest.mark.parametrize("slots", [[1, 2, 3], [4, 0, 2]])  # consecutive slots are views, others gathered
+def test_draft_pool_rows_round_trip(slots):
+    from supernet.serving.drafter import DraftPool
+
+    pool = DraftPool(_pool_template(), size=6)
+    assert pool.tensors[(0, "swa", "k")].shape == (6, 2, 5, 3) and pool.scalars[(0, "swa")] == {"len": 3}
+    assert pool.nbytes == sum(t.numel() * 4 for t in pool.tensors.values()) + 6 * 5 * 4  # slot_pos is int64
+    for slot in range(6):
+        pool.reset(slot)
+    assert bool((pool.tensors[(0, "swa", "slot_pos")] == -1).all())  # an empty SWA ring
+    one = _pool_template()
+    pool.store(slots[1], one)
+    cache, index = pool.rows(slots)
+    assert (index is None) == (slots == [1, 2, 3])
+    torch.testing.assert_close(cache.states[0]["swa"]["k"][1], one.states[0]["swa"]["k"][0])
+    cache.states[0]["swa"]["k"][0].fill_(7.0)  # changed in place
+    cache.states[1]["gdn"]["recurrent"] = torch.full((3, 2, 4, 4), 5.0)  # replaced, as a step does
+    pool.write_back(cache, slots, index)
+    assert bool((pool.tensors[(0, "swa", "k")][slots[0]] == 7).all())
+    assert bool((pool.tensors[(1, "gdn", "recurrent")][slots] == 5).all())
+    others = [s for s in range(6) if s not in slots]
+    assert bool((pool.tensors[(1, "gdn", "recurrent")][others] == 0).all())  # other slots untouched
+
+
+def test_drafter_finds_the_cache_that_continues_a_row():
+    import numpy as np
+
+    from supernet.serving.drafter import SupernetDrafter, _Record
+
+    drafter = object.__new__(SupernetDrafter)  # the matching logic only: no vLLM model
+    drafter.k, drafter.history_slots = 3, 5
+    committed = np.arange(10, 20)  # 10 tokens; last round read 8 of them, then fed 18, 19 and drafts 7, 8
+    fed = np.concatenate([committed, [7, 8]])
+    row = lambda: {0: _Record(slot=4, fed=fed, base=8)}  # noqa: E731
+
+    # kept one draft (7) and the target's token 9: n = 12, read n - 2 = 10 -> history slot 2 (kept + 1)
+    found = drafter._find(0, np.concatenate([committed, [7, 9]]), row())
+    assert found is not None and found[0].slot == 4 and found[1] == 2
+    # kept none: n = 11, read 9 -> slot 1; all three kept (7, 8, d3) and a bonus: n = 14, read 12 -> slot 4
+    assert drafter._find(0, np.concatenate([committed, [5]]), row())[1] == 1
+    assert drafter._find(0, np.concatenate([committed, [7, 8, 6, 2]]), row())[1] == 4
+    # history that ran further than the round fed (or differs in a committed token): no cache, a prefill
+    assert drafter._find(0, np.concatenate([committed, [7, 8, 6, 2, 3]]), row()) is None
+    other = committed.copy()
+    other[3] = 0
+    assert drafter._find(0, np.concatenate([other, [7, 9]]), row()) is None
+    # a row that moved: found by content under another row index; each cache continues one row only
+    free = {5: _Record(slot=2, fed=fed, base=8)}
+    assert drafter._find(1, np.concatenate([committed, [7, 9]]), free)[0].slot == 2 and free == {}
