@@ -21,10 +21,11 @@ run twice. A row new to the drafter (or one vLLM did not let draft the whole rou
 by an ordinary prefill forward of its own.
 
 Which cache is whose: vLLM's proposer API hands `propose` each row's token history, not request
-ids, so a row continues the stored draft cache whose fed tokens agree longest with its history
-(checking the cache the same row used last step first). A cache is a function of the tokens it
-read, so this is exact even when rows move or two requests are identical. Caches not continued
-in a step are dropped (finished or preempted requests; a preempted one is re-read).
+ids, so a row continues a stored draft cache whose fed tokens agree with its history far enough
+(`_assign`). A cache is a function of the tokens it read, so this is exact even when rows move or
+two requests are identical. A cache no row continued waits IDLE_STEPS steps (a request that sat
+out a step comes back to it), its slot given away first if one is needed, and is then dropped
+(finished requests; a preempted one is re-read).
 
 Memory. The draft caches live in one pool of fixed-size rows (`DraftPool`), one row per sequence
 vLLM may run at once (`max_num_seqs`), each sized for `max_model_len + k` tokens, allocated in
@@ -54,6 +55,7 @@ import torch
 from supernet.cache import SupernetCache
 from supernet.layout import Placement
 from supernet.static_decode import static_rows
+IDLE_STEPS = 4  # a cache no row continued is kept this many steps (its slot given away first if needed)
 STATS_ENV = "SUPERNET_DRAFTER_STATS"  # a file: one JSON line per drafting step (tests count forwards)
 
 
@@ -299,6 +301,7 @@ class _Record:
     slot: int
     fed: np.ndarray  # committed tokens, then the drafts fed last round
     base: int  # tokens read before the last round (the history slot 0 state)
+    idle: int = 0  # steps since a row last continued it
 
 
 class SupernetDrafter:
@@ -333,8 +336,8 @@ class SupernetDrafter:
         self.pool = DraftPool(template, self.num_slots)
         from vllm.logger import init_logger  # vLLM's logger: the line lands in the server log
 
-        init_logger(__name__).info("supernet drafter: draft caches for %d sequences x %d tokens, %.1f MiB, allocated at load",
-                    self.num_slots, self.capacity, self.pool.nbytes / 2**20)
+        init_logger(__name__).info("supernet drafter: draft caches for %d sequences x %d tokens, %.1f MiB, "
+                                   "allocated at load", self.num_slots, self.capacity, self.pool.nbytes / 2**20)
 
     # -- which cache continues each row ----------------------------------------------------------
     @staticmethod
@@ -347,17 +350,31 @@ class SupernetDrafter:
         diff = np.flatnonzero(fed[base:upto] != history[base:upto])
         return base + (int(diff[0]) if diff.size else upto - base)
 
-    def _find(self, row: int, history: np.ndarray, free: dict[int, _Record]) -> tuple[_Record, int] | None:
-        """The stored cache that can continue this row to n - 2 read tokens, and its history slot."""
-        want = len(history) - 2
-        hint = free.get(row)
-        order = ([row] if hint is not None else []) + [r for r in free if r != row]
-        for r in order:
-            rec = free[r]
-            if rec.base <= want <= rec.base + self.history_slots - 1 and self._reach(rec, history) >= want:
-                del free[r]
-                return rec, want - rec.base
-        return None
+    def _assign(self, rows: list[int], histories: list[np.ndarray],
+                free: dict[int, _Record]) -> list[tuple[_Record, int] | None]:
+        """For each row, the stored cache that continues it to n - 2 read tokens and its history slot
+        (None: read the row afresh); each cache continues one row.
+
+        Identical requests have identical caches, so a row may continue any cache whose fed tokens
+        agree with its history far enough. Rows are matched most advanced first, each to the valid
+        cache that had read the most (then: the one its row index held last step): two identical
+        requests a round apart then keep their own caches even after vLLM moved their rows."""
+        out: list[tuple[_Record, int] | None] = [None] * len(rows)
+        for i in sorted(range(len(rows)), key=lambda i: -len(histories[i])):
+            row, history = rows[i], histories[i]
+            want = len(history) - 2
+            best, best_key = None, None
+            for r, rec in free.items():
+                key = (rec.base, r == row)
+                if not rec.base <= want <= rec.base + self.history_slots - 1 or (best_key is not None and key <= best_key):
+                    continue
+                tail = slice(max(0, rec.base - 8), rec.base)  # a cheap look at the last committed tokens first
+                if np.array_equal(rec.fed[tail], history[tail]) and self._reach(rec, history) >= want:
+                    best, best_key = r, key
+            if best is not None:
+                rec = free.pop(best)
+                out[i] = (rec, want - rec.base)
+        return out
 
     @torch.no_grad()
     def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None, **kwargs):
@@ -365,7 +382,7 @@ class SupernetDrafter:
         device = runner.device
         free = dict(self.records)
         drafts: list[list[int]] = [[] for _ in sampled_token_ids]
-        rows, histories, rooms, plan = [], [], [], []
+        rows, histories, rooms = [], [], []
         for row, sampled in enumerate(sampled_token_ids):
             n = int(num_tokens_no_spec[row])
             room = min(k, self.max_model_len - n - 1)
@@ -375,10 +392,12 @@ class SupernetDrafter:
             rows.append(row)
             histories.append(history)
             rooms.append(room)
-            plan.append(self._find(row, history, free))
-        # slots of caches nobody continued are free again
-        kept = {rec.slot for found in plan if found for rec in [found[0]]}
-        spare = sorted(set(range(pool.size)) - kept)
+        plan = self._assign(rows, histories, free)
+        # Caches nobody continued (a request that finished, was preempted, or sat out this step) wait
+        # IDLE_STEPS steps in case their request comes back, unless their slot is needed first.
+        waiting = {key: rec for key, rec in free.items() if rec.idle < IDLE_STEPS}
+        taken = {found[0].slot for found in plan if found is not None}
+        spare = sorted(set(range(pool.size)) - taken - {rec.slot for rec in waiting.values()})
         prefills = 0
         slots, index = [], []
         for history, found in zip(histories, plan):
@@ -386,16 +405,21 @@ class SupernetDrafter:
                 slots.append(found[0].slot)
                 index.append(found[1])
                 continue
+            if not spare:  # evict the longest-waiting cache
+                key = max(waiting, key=lambda key: waiting[key].idle)
+                spare.append(waiting.pop(key).slot)
             slot = spare.pop(0)
-            pool.reset(slot)
             if len(history) > 2:  # a new row: read all of it but the last two tokens
                 cache = runner.prefill(torch.as_tensor(history[:-2], device=device), self.capacity, k + 1,
                                        self.history_slots)
-                pool.store(slot, cache)
+                pool.store(slot, cache)  # every tensor of the slot, so nothing of its last user is left
                 prefills += 1
+            else:
+                pool.reset(slot)  # nothing read yet
             slots.append(slot)
             index.append(0)
-        self.records = {}
+        # waiting caches are kept under keys no row index takes (-1 - slot)
+        self.records = {-1 - rec.slot: _Record(rec.slot, rec.fed, rec.base, rec.idle + 1) for rec in waiting.values()}
         if rows:
             proposals = self._draft(slots, histories, index)
             for row, history, slot, room, proposal in zip(rows, histories, slots, rooms, proposals):

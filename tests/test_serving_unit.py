@@ -199,19 +199,84 @@ def test_drafter_finds_the_cache_that_continues_a_row():
     drafter.k, drafter.history_slots = 3, 5
     committed = np.arange(10, 20)  # 10 tokens; last round read 8 of them, then fed 18, 19 and drafts 7, 8
     fed = np.concatenate([committed, [7, 8]])
-    row = lambda: {0: _Record(slot=4, fed=fed, base=8)}  # noqa: E731
+
+    def slot_of(history, free=None):
+        free = {0: _Record(slot=4, fed=fed, base=8)} if free is None else free
+        found = drafter._assign([0], [np.asarray(history)], free)[0]
+        return None if found is None else found[1]
 
     # kept one draft (7) and the target's token 9: n = 12, read n - 2 = 10 -> history slot 2 (kept + 1)
-    found = drafter._find(0, np.concatenate([committed, [7, 9]]), row())
-    assert found is not None and found[0].slot == 4 and found[1] == 2
-    # kept none: n = 11, read 9 -> slot 1; all three kept (7, 8, d3) and a bonus: n = 14, read 12 -> slot 4
-    assert drafter._find(0, np.concatenate([committed, [5]]), row())[1] == 1
-    assert drafter._find(0, np.concatenate([committed, [7, 8, 6, 2]]), row())[1] == 4
-    # history that ran further than the round fed (or differs in a committed token): no cache, a prefill
-    assert drafter._find(0, np.concatenate([committed, [7, 8, 6, 2, 3]]), row()) is None
+    assert slot_of(np.concatenate([committed, [7, 9]])) == 2
+    assert slot_of(np.concatenate([committed, [5]])) == 1  # kept none: n = 11, read 9
+    assert slot_of(np.concatenate([committed, [7, 8, 6, 2]])) == 4  # kept all three and a bonus: read 12
+    assert slot_of(committed) == 0  # vLLM verified nothing for this row: back to the round's start
+    # history that ran further than the round fed, or differs in a committed token: read afresh
+    assert slot_of(np.concatenate([committed, [7, 8, 6, 2, 3]])) is None
     other = committed.copy()
     other[3] = 0
-    assert drafter._find(0, np.concatenate([other, [7, 9]]), row()) is None
-    # a row that moved: found by content under another row index; each cache continues one row only
+    assert slot_of(np.concatenate([other, [7, 9]])) is None
+    # a row that moved: found by content under another row index, and then taken
     free = {5: _Record(slot=2, fed=fed, base=8)}
-    assert drafter._find(1, np.concatenate([committed, [7, 9]]), free)[0].slot == 2 and free == {}
+    assert slot_of(np.concatenate([committed, [7, 9]]), free) == 2 and free == {}
+
+
+def test_identical_requests_keep_their_own_caches_when_rows_move():
+    """Two requests with one prompt, a round apart, whose rows vLLM swapped: each continues its own
+    cache, none is read afresh (the one behind could also continue the other's, which would leave
+    the one ahead without any)."""
+    import numpy as np
+
+    from supernet.serving.drafter import SupernetDrafter, _Record
+
+    drafter = object.__new__(SupernetDrafter)
+    drafter.k, drafter.history_slots = 2, 4
+    text = np.arange(100, 130)
+    ahead = _Record(slot=7, fed=text[:22], base=19)  # had committed 21 tokens, fed one draft
+    behind = _Record(slot=3, fed=text[:19], base=16)  # had committed 18
+    free = {0: ahead, 1: behind}
+    # row 0 now holds the one behind (kept both drafts: 21 tokens), row 1 the one ahead (23 tokens)
+    plan = drafter._assign([0, 1], [text[:21], text[:23]], free)
+    assert [(p[0].slot, p[1]) for p in plan] == [(3, 3), (7, 2)] and free == {}
+
+
+def test_a_cache_waits_for_a_row_that_sat_out_a_step():
+    """propose's bookkeeping without a model: a row absent from one step keeps its cache (no
+    prefill when it returns); a cache left alone longer than IDLE_STEPS is dropped."""
+    import numpy as np
+
+    from supernet.serving.drafter import IDLE_STEPS, SupernetDrafter, _Record
+
+    class Runner:  # records what propose asks of the model
+        device = torch.device("cpu")
+        prefills = 0
+
+        def prefill(self, tokens, *args):
+            Runner.prefills += 1
+            return None
+
+    class Pool:
+        size = 4
+
+        def store(self, slot, cache):
+            pass
+
+        def reset(self, slot):
+            pass
+
+    drafter = object.__new__(SupernetDrafter)
+    drafter.k, drafter.history_slots, drafter.max_model_len, drafter.capacity = 2, 4, 64, 68
+    drafter.runner, drafter.pool, drafter.stats_path, drafter.records = Runner(), Pool(), None, {}
+    drafter._draft = lambda slots, histories, index: [[5, 6] for _ in slots]  # the batched forwards
+    tokens = np.zeros((2, 64), dtype=np.int64)
+    tokens[:, :10] = np.arange(10) + np.array([[0], [100]])
+    drafter.propose([[1], [1]], np.array([10, 10]), tokens)  # two new rows: two prefills
+    assert Runner.prefills == 2
+    tokens[0, 10:12] = [5, 9]  # row 0 kept draft 5, then 9; row 1 sits this step out
+    drafter.propose([[9], []], np.array([12, 10]), tokens)
+    tokens[1, 10:11] = [3]
+    drafter.propose([[9], [3]], np.array([12, 11]), tokens)  # row 1 is back: continues its cache
+    assert Runner.prefills == 2
+    assert len(drafter.records) == 2 and all(rec.idle == 0 for rec in drafter.records.values())
+    for _ in range(IDLE_STEPS + 1):  # row 1 gone for good
+        drafter.propose([[9], []], np.array([12, 11]), tokens)
+    assert sorted(drafter.records) == [0]

@@ -12,6 +12,7 @@ import json
 import random
 import re
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -91,9 +92,9 @@ def _server(ckpt, tmp_path_factory, extra=(), env=None, **kw) -> VllmServer:
     return server
 
 
-def _complete(client, model, prompt, **extra):
+def _complete(client, model, prompt, max_tokens=MAX_TOKENS, **extra):
     body = {"return_token_ids": True, "ignore_eos": True, **extra}
-    r = client.completions.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, extra_body=body)
+    r = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, extra_body=body)
     return list(r.choices[0].token_ids)
 
 
@@ -305,32 +306,41 @@ class TestSpeculativeServer:
         assert drafted > 0 and 0 < accepted < drafted  # both accepted and rejected drafts happened
 
     def test_drafting_is_batched_with_ragged_acceptance(self, spec_server, expected):
-        """Eight concurrent requests: identical greedy output, and every drafting step runs k draft
-        forwards however many rows draft in it, with rows that kept different numbers of drafts."""
+        """Eight requests at once, then four more while they run, of different lengths (rows leave
+        and join, so draft caches move between pool slots): identical greedy output, and every
+        drafting step runs k draft forwards however many rows draft in it, with rows that kept
+        different numbers of drafts."""
         from openai import OpenAI
 
         client = OpenAI(base_url=spec_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
         spec_server.drafter_stats.write_text("")
-        jobs = [i % len(PROMPTS) for i in range(8)]
-        barrier = threading.Barrier(len(jobs))
+        first = [(i % len(PROMPTS), n) for i, n in enumerate([16, 5, 16, 9, 16, 3, 12, 16])]
+        later = [(i % len(PROMPTS), n) for i, n in enumerate([16, 7, 16, 10])]
+        barrier = threading.Barrier(len(first))
 
-        def request(i: int) -> list[int]:
-            barrier.wait()  # all requests reach the server together, so they share steps
-            return _complete(client, "supernet", PROMPTS[i])
+        def together(job):
+            barrier.wait()  # these reach the server at once, so they share steps
+            return _complete(client, "supernet", PROMPTS[job[0]], max_tokens=job[1])
 
-        with cf.ThreadPoolExecutor(len(jobs)) as pool:
-            results = list(pool.map(request, jobs))
-        for i, tokens in zip(jobs, results):
-            assert tokens == expected["balanced"][i], i
+        def after_a_while(job):
+            time.sleep(1.0)
+            return _complete(client, "supernet", PROMPTS[job[0]], max_tokens=job[1])
+
+        with cf.ThreadPoolExecutor(len(first) + len(later)) as pool:
+            runs = [pool.submit(together, j) for j in first] + [pool.submit(after_a_while, j) for j in later]
+            results = [r.result() for r in runs]
+        for (i, n), tokens in zip(first + later, results):
+            assert tokens == expected["balanced"][i][:n], (i, n)
         steps = [json.loads(line) for line in spec_server.drafter_stats.read_text().splitlines()]
         drafting = [s for s in steps if s["rows"]]
         assert drafting and all(s["draft_forwards"] == SPEC_K for s in drafting)
         assert max(s["rows"] for s in drafting) >= 4  # one forward per draft position served >= 4 rows
         ragged = [s for s in drafting if len(set(s["accepted"])) > 1]
         assert ragged, "no step had rows that kept different numbers of drafts"
+        # every row that drafted before continues its own cache: it gained a verified token (kept >= 0),
+        # and only new requests are read by a prefill
         assert all(0 <= a <= SPEC_K for s in drafting for a in s["accepted"])
-        # rows keep their caches across steps: only new requests are read by a prefill
-        assert sum(s["prefills"] for s in drafting) <= len(jobs)
+        assert sum(s["prefills"] for s in drafting) <= len(first) + len(later)
 
     def test_only_one_preset_is_served(self, spec_server):
         server = spec_server
