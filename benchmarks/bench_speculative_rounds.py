@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS, print_table, write_results  # noqa: E402
 
+PARTIAL = Path(tempfile.gettempdir()) / "speculative_rounds.partial.json"
 COLUMNS = ["source", "batch", "context", "draft", "k", "alpha", "rounds", "row_mean_rounds", "predicted_one_row",
            "predicted_iid_max", "predicted_per_row_max"]
 
@@ -83,6 +85,7 @@ def fresh_rows(args) -> list[dict]:
                        "predicted_per_row_max": expected_rounds_of_rows(stats.row_alphas, k, n),
                        "row_alphas": stats.row_alphas, "row_rounds_needed": stats.row_rounds_needed}
                 out.append(row)
+                PARTIAL.write_text(json.dumps(out, indent=1))  # a long run keeps what it measured
                 print(f"[{time.time() - t0:.0f}s] batch {batch} {name} k={k}: alpha {alpha:.3f}, rounds {stats.rounds} "
                       f"(row mean {row['row_mean_rounds']:.1f}); predicted max {row['predicted_iid_max']:.1f} i.i.d., "
                       f"{row['predicted_per_row_max']:.1f} per-row alphas", flush=True)
