@@ -8,7 +8,9 @@ Predictions (placement/speculative_cost.py), beside the measurement:
 - `predicted`: the formula with this device's costs: a CostTable measured here
   (supernet.measure.costs.measure_costs: per-layer mixer step costs plus the shared part) for C_t and C_d,
   the token cost from timing the target's (k+1)-token step against its 1-token step, and the
-  per-token acceptance alpha measured in the run.
+  per-token acceptance alpha measured in the run; the rounds are the slowest row's
+  (`expected_rounds`, N = new_tokens - 1 per row), recorded as `predicted_rounds` beside the measured
+  `rounds` (and `predicted_rounds_per_row_alpha`, with each row's own alpha).
 - `analytic`: the same alpha with the analytic memory-bound (GPU) bytes table at this batch and
   context, and `analytic_b64_8k` at batch 64, context 8192 (the issue's GPU goal).
 
