@@ -259,7 +259,9 @@ def main() -> None:
         mine = [r for r in rows if r["draft"] == name]
         accepted = sum(r["stats"]["accepted"] for r in mine)
         acceptance[name] = {"alpha": accepted / max(1, accepted + sum(r["stats"]["rejections"] for r in mine)),
-                            "drafted": sum(r["stats"]["drafted"] for r in mine)}
+                            "drafted": sum(r["stats"]["drafted"] for r in mine),
+                            # rows differ (prompts do): the draft choice draws rows from these at batch > 1
+                            "row_alphas": [a for r in mine for a in r["stats"]["row_alphas"]]}
     if args.record:
         from supernet.draft_choice import record_acceptance
 

@@ -30,7 +30,9 @@ milliseconds when measured); every cost below is per row.
       E[M] = sum_{r >= 0} (1 - (1 - P(R_N > r))^B),   P(R_N > r) = P(X_1 + ... + X_r < N),
 
   exact, by convolving X's distribution r times below N (`expected_rounds`, O(N k) per round,
-  r < N since X >= 1). The batch then yields N / E[M] tokens per round and row, below E(k) for
+  r < N since X >= 1). Rows differ in acceptance (prompts differ), which the one-alpha form does
+  not see: with per-row alphas measured on held-out prompts, a row's alpha is drawn from them
+  (`expected_rounds_mixed`: P(R_N <= r) averaged over the alphas, then raised to the power B). The batch then yields N / E[M] tokens per round and row, below E(k) for
   B > 1 (and, by the last round's overshoot, slightly below it at B = 1 for short N).
 - Speedup = tokens per round * C_t / R(k). Large batches and long contexts make C_t large through FA's cache
   reads while a GDN/KDA draft stays cheap, which is where speculation pays; at batch 1 and short
@@ -109,6 +111,26 @@ def expected_rounds_of_rows(alphas: Iterable[float], k: int, n_tokens: int) -> f
     return float(np.sum(-np.expm1(log_done)))  # 1 - prod(...) without cancellation for tiny survivals
 
 
+def expected_rounds_mixed(alphas: Iterable[float], k: int, n_tokens: int, batch: int) -> float:
+    """E[max of `batch` rows' R_N] when each row's acceptance is drawn from the measured per-row
+    `alphas` (their empirical distribution: prompts differ, so rows do): P(R_N <= r) is the mean over
+    `alphas` of P(R_N(alpha) <= r), and E[max] = sum_r 1 - P(R_N <= r)^B. One alpha: `expected_rounds`."""
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    counts = _counts(alphas)
+    total = sum(counts.values())
+    if total == 0:
+        raise ValueError("expected_rounds_mixed needs at least one measured alpha")
+    done = np.zeros(n_tokens)  # P(R_N <= r) of a row drawn from the alphas
+    for alpha, rows in counts.items():
+        survive = np.zeros(n_tokens)
+        q = rounds_survival(alpha, k, n_tokens)
+        survive[: len(q)] = np.clip(q, 0.0, 1.0)
+        done += rows / total * (1.0 - survive)
+    with np.errstate(divide="ignore"):
+        return float(np.sum(-np.expm1(batch * np.log(np.clip(done, 0.0, 1.0)))))
+
+
 def _counts(alphas: Iterable[float]) -> dict[float, int]:
     out: dict[float, int] = {}
     for a in alphas:
@@ -116,9 +138,13 @@ def _counts(alphas: Iterable[float]) -> dict[float, int]:
     return out
 
 
-def batch_tokens_per_round(alpha: float, k: int, n_tokens: int, batch: int) -> float:
-    """Tokens per round and row when the slowest of `batch` rows sets the number of rounds."""
-    return n_tokens / expected_rounds(alpha, k, n_tokens, batch)
+def batch_tokens_per_round(alpha: float, k: int, n_tokens: int, batch: int,
+                           row_alphas: Iterable[float] | None = None) -> float:
+    """Tokens per round and row when the slowest of `batch` rows sets the number of rounds; with
+    measured `row_alphas`, rows drawn from them (`expected_rounds_mixed`), else all at `alpha`."""
+    rows = list(row_alphas or [])
+    rounds = expected_rounds_mixed(rows, k, n_tokens, batch) if rows else expected_rounds(alpha, k, n_tokens, batch)
+    return n_tokens / rounds
 
 
 def token_write_bytes(config: Any, mixer: str, dtype_bytes: int = 2, state_bytes: int = 4) -> float:
@@ -170,29 +196,35 @@ class Prediction:
 
 def predict(table: CostTable, target: Placement, draft: Placement, alpha: float, k: int, *, name: str = "draft",
             config: Any | None = None, token_fraction: float | None = None, batch: int = 1,
-            new_tokens: int | None = None) -> Prediction:
+            new_tokens: int | None = None, row_alphas: Iterable[float] | None = None) -> Prediction:
     """The speedup of drafting with `draft` (k per round) over the target alone (module docstring).
 
     With `new_tokens` (tokens per row after the first), the rounds are the slowest of `batch` rows'
-    (`expected_rounds`); without it, the long-run E(k) of one row."""
+    (`expected_rounds`, or `expected_rounds_mixed` over measured `row_alphas`); without it, the
+    long-run E(k) of one row."""
     return predict_from_costs(table.cost(target), table.cost(draft), token_cost(table, target, config, token_fraction),
                               token_cost(table, draft, config, token_fraction), alpha, k, name=name, batch=batch,
-                              new_tokens=new_tokens)
+                              new_tokens=new_tokens, row_alphas=row_alphas)
 
 
 def predict_from_costs(c_t: float, c_d: float, extra_t: float, extra_d: float, alpha: float, k: int, *,
-                       name: str = "draft", batch: int = 1, new_tokens: int | None = None) -> Prediction:
+                       name: str = "draft", batch: int = 1, new_tokens: int | None = None,
+                       row_alphas: Iterable[float] | None = None) -> Prediction:
     """The formula itself, from step costs (C_t, C_d) and token costs (c_t, c_d) in one unit."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     round_cost = k * c_d + extra_d + c_t + k * extra_t
-    tokens = expected_tokens(alpha, k) if new_tokens is None else batch_tokens_per_round(alpha, k, new_tokens, batch)
+    tokens = expected_tokens(alpha, k) if new_tokens is None else \
+        batch_tokens_per_round(alpha, k, new_tokens, batch, row_alphas)
     return Prediction(name, k, alpha, tokens, round_cost, c_t, batch, new_tokens)
 
 
 def rank(table: CostTable, target: Placement, drafts: dict[str, tuple[Placement, float]],
-         ks: Iterable[int] = range(1, 9), **kwargs: Any) -> list[Prediction]:
-    """Every (draft, k), best predicted speedup first; `drafts` maps name -> (placement, alpha)."""
-    out = [predict(table, target, p, alpha, k, name=name, **kwargs)
+         ks: Iterable[int] = range(1, 9), row_alphas: dict[str, list[float]] | None = None,
+         **kwargs: Any) -> list[Prediction]:
+    """Every (draft, k), best predicted speedup first; `drafts` maps name -> (placement, alpha),
+    `row_alphas` (optional) name -> measured per-row alphas."""
+    row_alphas = row_alphas or {}
+    out = [predict(table, target, p, alpha, k, name=name, row_alphas=row_alphas.get(name), **kwargs)
            for name, (p, alpha) in drafts.items() for k in ks]
     return sorted(out, key=lambda r: -r.speedup)

@@ -12,6 +12,7 @@ from supernet.placement.cost import analytic_costs
 from supernet.placement.speculative_cost import (
     batch_tokens_per_round,
     expected_rounds,
+    expected_rounds_mixed,
     expected_rounds_of_rows,
     expected_tokens,
     predict,
@@ -59,7 +60,7 @@ def test_memory_bound_verification_costs_about_one_step_and_where_drafts_pay():
 def test_choose_draft_picks_the_best_pair_or_none(tmp_path):
     import torch
 
-    from supernet.draft_choice import choose_draft, record_acceptance, recorded_acceptance
+    from supernet.draft_choice import choose_draft, record_acceptance, recorded_acceptance, recorded_row_alphas
     from supernet.model import SupernetForCausalLM
     from tests.helpers.configs import tiny_config
 
@@ -74,9 +75,18 @@ def test_choose_draft_picks_the_best_pair_or_none(tmp_path):
     # acceptances recorded in presets.json come back per target
     path = tmp_path / "presets.json"
     path.write_text(json.dumps({"num_layers": 4, "presets": [{"name": "all-fa", "placement": ["fa"] * 4}]}))
-    record_acceptance(path, "all-fa", {"lin": {"alpha": 0.7}}, "test")
-    assert recorded_acceptance(path, "all-fa") == {"lin": 0.7}
+    record_acceptance(path, "all-fa", {"lin": {"alpha": 0.7, "row_alphas": [0.5, 0.9]}, "half": {"alpha": 0.8}}, "test")
+    assert recorded_acceptance(path, "all-fa") == {"lin": 0.7, "half": 0.8}
     assert recorded_acceptance(path, "other") == {}
+    assert recorded_row_alphas(path, "all-fa") == {"lin": [0.5, 0.9]}  # "half" recorded none
+    # at batch > 1 the slowest row is charged; rows that differ in acceptance cost more rounds still
+    at = dict(batch=64, context=8192, ks=[4], table=analytic_costs(model.config, 8192, 64))
+    one_alpha, _ = choose_draft(model, "all-fa", {"lin": 0.7}, new_tokens=63, **at)
+    spread, _ = choose_draft(model, "all-fa", {"lin": 0.7}, new_tokens=63, row_alphas={"lin": [0.5, 0.9]}, **at)
+    per_row = choose_draft(model, "all-fa", {"lin": 0.7}, **at)[1][0]
+    assert one_alpha.tokens_per_round == pytest.approx(63 / expected_rounds(0.7, 4, 63, 64))
+    assert spread.tokens_per_round == pytest.approx(63 / expected_rounds_mixed([0.5, 0.9], 4, 63, 64))
+    assert spread.speedup < one_alpha.speedup < per_row.speedup
     with pytest.raises(ValueError, match="no preset named"):
         record_acceptance(path, "nope", {}, "test")
 
@@ -97,7 +107,7 @@ def _simulated_rounds(alphas: list[float], k: int, n: int, trials: int, seed: in
 @pytest.mark.parametrize("alphas,k,n", [([0.75] * 8, 4, 63), ([0.55] * 64, 2, 40), ([0.9, 0.8, 0.5, 0.7], 3, 50),
                                         ([0.6], 4, 30)])
 def test_expected_rounds_matches_monte_carlo(alphas, k, n):
-    trials = 20000
+    trials = 8000
     sim = _simulated_rounds(alphas, k, n, trials, seed=len(alphas) * 100 + k)
     exact = expected_rounds_of_rows(alphas, k, n)
     se = sim.std(ddof=1) / np.sqrt(trials)
@@ -105,6 +115,24 @@ def test_expected_rounds_matches_monte_carlo(alphas, k, n):
     assert abs(sim.mean() - exact) <= 4 * se, (sim.mean(), exact, se)
     if len(set(alphas)) == 1:
         assert expected_rounds(alphas[0], k, n, len(alphas)) == pytest.approx(exact, rel=1e-12)
+
+
+def test_mixed_rows_match_monte_carlo():
+    """Rows whose alpha is drawn from measured per-row alphas (prompts differ)."""
+    measured, k, n, batch, trials = [0.45, 0.6, 0.8, 0.9], 4, 63, 8, 6000
+    rng = np.random.default_rng(7)
+    draws = rng.choice(measured, size=(trials, batch))
+    worst = np.zeros(trials)
+    for alpha in measured:  # simulate every row at every alpha, keep the rows that drew it
+        w = tokens_per_round_distribution(alpha, k)
+        gains = rng.choice(len(w), size=(trials, batch, n), p=w)
+        rounds = np.argmax(np.cumsum(gains, axis=2) >= n, axis=2) + 1
+        worst = np.maximum(worst, np.where(draws == alpha, rounds, 0).max(axis=1))
+    exact = expected_rounds_mixed(measured, k, n, batch)
+    se = worst.std(ddof=1) / np.sqrt(trials)
+    assert abs(worst.mean() - exact) <= 4 * se, (worst.mean(), exact, se)
+    assert exact > expected_rounds(float(np.mean(measured)), k, n, batch)  # spread costs rounds
+    assert expected_rounds_mixed([0.7], k, n, batch) == pytest.approx(expected_rounds(0.7, k, n, batch), rel=1e-12)
 
 
 def test_expected_rounds_exact_cases_and_bounds():
