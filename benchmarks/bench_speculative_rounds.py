@@ -3,7 +3,8 @@
 With B rows drafting together a batch runs until its slowest row is done, so the rounds are more
 than a row's average N / tokens_per_round. placement/speculative_cost.py predicts
 E[max over rows of R_N] (`expected_rounds`: rows i.i.d. with one alpha; `expected_rounds_of_rows`:
-each row with its own measured alpha). This script prints both beside the measured rounds:
+each row with its own measured alpha; `expected_rounds_mixed`: rows drawn from measured per-row
+alphas, what the draft choice uses). This script prints them beside the measured rounds:
 
 1. `archived`: the committed runs (benchmarks/results/speculative_cuda.json, H200, and
    speculative_cpu.json) — they record rounds, alpha and the row average, not per-row alphas;
@@ -29,7 +30,7 @@ from benchmarks.common import RESULTS, print_table, write_results  # noqa: E402
 
 PARTIAL = Path(tempfile.gettempdir()) / "speculative_rounds.partial.json"
 COLUMNS = ["source", "batch", "context", "draft", "k", "alpha", "rounds", "row_mean_rounds", "predicted_one_row",
-           "predicted_iid_max", "predicted_per_row_max"]
+           "predicted_iid_max", "predicted_per_row_max", "predicted_mixed"]
 
 
 def archived_rows() -> list[dict]:
@@ -53,7 +54,8 @@ def archived_rows() -> list[dict]:
             out.append({"source": source, "batch": b, "context": r["context"], "draft": r["draft"], "k": k,
                         "alpha": alpha, "rounds": r["stats"]["rounds"], "row_mean_rounds": n / r["tokens_per_round"],
                         "predicted_one_row": expected_rounds(alpha, k, n, 1),
-                        "predicted_iid_max": expected_rounds(alpha, k, n, b), "predicted_per_row_max": None})
+                        "predicted_iid_max": expected_rounds(alpha, k, n, b), "predicted_per_row_max": None,
+                        "predicted_mixed": None})
     return out
 
 
@@ -61,7 +63,7 @@ def fresh_rows(args) -> list[dict]:
     from transformers import AutoTokenizer
 
     from benchmarks.bench_speculative import checkpoint, corpus_prompts, load_model
-    from supernet.placement.speculative_cost import expected_rounds, expected_rounds_of_rows
+    from supernet.placement.speculative_cost import expected_rounds, expected_rounds_mixed, expected_rounds_of_rows
     from supernet.speculative import speculative_generate
 
     path, source = checkpoint(args)
@@ -83,6 +85,7 @@ def fresh_rows(args) -> list[dict]:
                        "predicted_one_row": expected_rounds(alpha, k, n, 1),
                        "predicted_iid_max": expected_rounds(alpha, k, n, batch),
                        "predicted_per_row_max": expected_rounds_of_rows(stats.row_alphas, k, n),
+                       "predicted_mixed": expected_rounds_mixed(stats.row_alphas, k, n, batch),
                        "row_alphas": stats.row_alphas, "row_rounds_needed": stats.row_rounds_needed}
                 out.append(row)
                 PARTIAL.write_text(json.dumps(out, indent=1))  # a long run keeps what it measured
@@ -116,7 +119,8 @@ def main() -> None:
     write_results("speculative_rounds", {
         "notes": ("rounds = measured rounds of the batch; row_mean_rounds = a row's average; predicted_one_row = "
                   "E[R_N] of one row; predicted_iid_max = E[max of B rows] with the run's alpha for every row; "
-                  "predicted_per_row_max = the same with each row's own alpha; N = new_tokens - 1"),
+                  "predicted_per_row_max = the same with each row's own alpha; predicted_mixed = rows drawn "
+                  "from the run's per-row alphas (what the draft choice uses); N = new_tokens - 1"),
         "new_tokens": args.new_tokens, "archived": rows, "fresh": fresh}, args.out)
 
 
