@@ -334,10 +334,11 @@ class SupernetDrafter:
             template = self.runner.prefill(torch.zeros(1, dtype=torch.long, device=device), self.capacity,
                                            self.k + 1, self.history_slots)
         self.pool = DraftPool(template, self.num_slots)
-        from vllm.logger import init_logger  # vLLM's logger: the line lands in the server log
+        from vllm.logger import init_logger  # under "vllm.": vLLM configures only its own loggers
 
-        init_logger(__name__).info("supernet drafter: draft caches for %d sequences x %d tokens, %.1f MiB, "
-                                   "allocated at load", self.num_slots, self.capacity, self.pool.nbytes / 2**20)
+        log = init_logger("vllm.supernet.drafter")
+        log.info("supernet drafter: draft caches for %d sequences x %d tokens, %.1f MiB, allocated at load",
+                 self.num_slots, self.capacity, self.pool.nbytes / 2**20)
 
     # -- which cache continues each row ----------------------------------------------------------
     @staticmethod
