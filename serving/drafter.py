@@ -429,10 +429,11 @@ class SupernetDrafter:
                 self.records[row] = _Record(slot, fed, len(history) - 2)
         if self.stats_path:
             with open(self.stats_path, "a") as f:
-                # accepted: drafts kept last round by each row that continued its cache (history slot - 1)
-                accepted = [i - 1 for i, found in zip(index, plan) if found is not None]
+                # history slot each continued cache resumed from: 1 + the drafts its row kept (0: the cache
+                # of an identical request that was one round ahead, e.g. one that finished)
+                resumed = [i for i, found in zip(index, plan) if found is not None]
                 f.write(json.dumps({"rows": len(rows), "draft_forwards": k if rows else 0, "prefills": prefills,
-                                    "accepted": accepted, "slots": slots}) + "\n")
+                                    "history_slots": resumed, "slots": slots}) + "\n")
         return drafts
 
     def _draft(self, slots: list[int], histories: list[np.ndarray], index: list[int]) -> list[list[int]]:
