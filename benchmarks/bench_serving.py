@@ -8,8 +8,8 @@ Two engines:
                        concurrency") per preset, and a speculative server (target + draft) vs
                        the target alone at batch 1.
   --engine reference   our model (`SupernetForCausalLM`) with its own caches, CPU or CUDA: batched
-                       greedy decode tokens/s per preset, and `speculative_generate` vs
-                       `greedy_generate` (batch 1).
+                       greedy decode tokens/s per preset, and `speculative_tokens` vs
+                       `greedy_tokens` (batch 1).
 
 The model is SmolLM2-135M converted to a supernet (30 layers; linear mixers initialised from the
 teacher's attention, not trained, so acceptance rates with GDN/KDA drafts are not meaningful;
@@ -240,7 +240,7 @@ def reference_decode_rate(model, prompts: torch.Tensor, placement, steps: int) -
 
 def run_reference(args, ckpt: Path, prompts: list[list[int]]) -> dict:
     from supernet.measure.timer import Stopwatch
-    from supernet.serving.speculative import greedy_generate, speculative_generate
+    from supernet.generation import greedy_tokens, speculative_tokens
     from supernet.model import SupernetForCausalLM
 
     device = torch.device(args.device)
@@ -258,12 +258,12 @@ def run_reference(args, ckpt: Path, prompts: list[list[int]]) -> dict:
     spec = {}
     if args.spec_draft:
         prompt = torch.tensor([prompts[args.batch]], device=device)
-        greedy_generate(model, prompt[:, :64], args.spec_target, 4)  # warm-up
+        greedy_tokens(model, prompt[:, :64], args.spec_target, 4)  # warm-up
         with Stopwatch(device) as watch:
-            plain = greedy_generate(model, prompt, args.spec_target, args.decode_tokens)
+            plain = greedy_tokens(model, prompt, args.spec_target, args.decode_tokens)
         t_plain = watch.seconds
         with Stopwatch(device) as watch:
-            tokens, stats = speculative_generate(model, prompt, args.spec_draft, args.spec_target, k=args.k,
+            tokens, stats = speculative_tokens(model, prompt, args.spec_draft, args.spec_target, k=args.k,
                                                  max_new_tokens=args.decode_tokens)
         t_spec = watch.seconds
         spec = {"target": args.spec_target, "draft": args.spec_draft, "k": args.k, "batch": 1,

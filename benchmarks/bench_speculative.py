@@ -8,7 +8,9 @@ Predictions (placement/speculative_cost.py), beside the measurement:
 - `predicted`: the formula with this device's costs: a CostTable measured here
   (supernet.measure.costs.measure_costs: per-layer mixer step costs plus the shared part) for C_t and C_d,
   the token cost from timing the target's (k+1)-token step against its 1-token step, and the
-  per-token acceptance alpha measured in the run.
+  per-token acceptance alpha measured in the run; the rounds are the slowest row's
+  (`expected_rounds`, N = new_tokens - 1 per row), recorded as `predicted_rounds` beside the measured
+  `rounds` (and `predicted_rounds_per_row_alpha`, with each row's own alpha).
 - `analytic`: the same alpha with the analytic memory-bound (GPU) bytes table at this batch and
   context, and `analytic_b64_8k` at batch 64, context 8192 (the issue's GPU goal).
 
@@ -189,7 +191,7 @@ def main() -> None:
 
     from supernet.measure.costs import measure_costs
     from supernet.placement.cost import analytic_costs
-    from supernet.placement.speculative_cost import predict, predict_from_costs
+    from supernet.placement.speculative_cost import expected_rounds, expected_rounds_of_rows, predict, predict_from_costs
     from supernet.speculative import speculative_generate
 
     path, source = checkpoint(args)
@@ -218,8 +220,10 @@ def main() -> None:
                     measured = t_step / (stats.decode_seconds / (tokens / batch))  # per token of a row
                     alpha = stats.per_token_acceptance
                     fr = fractions[k]
+                    # the slowest of the rows sets the rounds: the first token comes from the prefill
                     mine = predict_from_costs(table.cost(target), table.cost(draft), fr * table.cost(target),
-                                              fr * table.cost(draft), alpha, k, name=name)
+                                              fr * table.cost(draft), alpha, k, name=name, batch=batch,
+                                              new_tokens=args.new_tokens - 1)
                     analytic = predict(analytic_costs(model.config, context, batch), target, draft, alpha, k,
                                        name=name, config=model.config)
                     gpu_goal = predict(analytic_costs(model.config, 8192, 64), target, draft, alpha, k,
@@ -234,6 +238,10 @@ def main() -> None:
                            "target_ms_per_step": t_step * 1e3,
                            "spec_ms_per_token": stats.decode_seconds / (tokens / batch) * 1e3,
                            "token_fraction": fr, "cost_target": table.cost(target), "cost_draft": table.cost(draft),
+                           "rounds": stats.rounds,
+                           "predicted_rounds": expected_rounds(alpha, k, args.new_tokens - 1, batch),
+                           "predicted_rounds_per_row_alpha": expected_rounds_of_rows(stats.row_alphas, k,
+                                                                                     args.new_tokens - 1),
                            "stats": stats.as_dict()}
                     rows.append(row)
                     print(f"  {name} k={k}: acceptance {stats.acceptance_rate:.2f}, x{measured:.2f} measured, "
@@ -242,15 +250,18 @@ def main() -> None:
                     partial = out_path(args)
                     partial.parent.mkdir(parents=True, exist_ok=True)
                     partial.with_suffix(".partial.json").write_text(json.dumps(rows, indent=1))
-    columns = ["batch", "context", "draft", "k", "acceptance", "alpha", "tokens_per_round", "measured_speedup",
-               "predicted", "analytic", "analytic_b64_8k", "lossless"]
+    columns = ["batch", "context", "draft", "k", "acceptance", "alpha", "tokens_per_round", "rounds",
+               "predicted_rounds", "predicted_rounds_per_row_alpha", "measured_speedup", "predicted", "analytic",
+               "analytic_b64_8k", "lossless"]
     print_table(rows, columns, f"self-speculative decoding, target {args.target}, {device_name()}")
     acceptance = {}
     for name in drafts:
         mine = [r for r in rows if r["draft"] == name]
         accepted = sum(r["stats"]["accepted"] for r in mine)
         acceptance[name] = {"alpha": accepted / max(1, accepted + sum(r["stats"]["rejections"] for r in mine)),
-                            "drafted": sum(r["stats"]["drafted"] for r in mine)}
+                            "drafted": sum(r["stats"]["drafted"] for r in mine),
+                            # rows differ (prompts do): the draft choice draws rows from these at batch > 1
+                            "row_alphas": [a for r in mine for a in r["stats"]["row_alphas"]]}
     if args.record:
         from supernet.draft_choice import record_acceptance
 

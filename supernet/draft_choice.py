@@ -37,22 +37,28 @@ def measure_acceptance(model, prompts: torch.Tensor, target: PlacementLike, draf
     for name, draft in drafts.items():
         _, stats = speculative_generate(model, prompts, draft, target, k=k, max_new_tokens=new_tokens)
         out[name] = {"alpha": stats.per_token_acceptance, "acceptance_rate": stats.acceptance_rate,
-                     "tokens_per_round": stats.tokens_per_round, "k": k, "drafted": stats.drafted}
+                     "tokens_per_round": stats.tokens_per_round, "k": k, "drafted": stats.drafted,
+                     "row_alphas": stats.row_alphas}
     return out
 
 
 def choose_draft(model, target: PlacementLike, alphas: dict[str, float], *, batch: int, context: int,
-                 table: CostTable | None = None, ks=range(1, 9),
-                 token_fraction: float | None = None) -> tuple[Prediction | None, list[Prediction]]:
+                 table: CostTable | None = None, ks=range(1, 9), token_fraction: float | None = None,
+                 new_tokens: int | None = None,
+                 row_alphas: dict[str, list[float]] | None = None) -> tuple[Prediction | None, list[Prediction]]:
     """(best prediction or None if nothing beats the target alone, every prediction ranked).
 
     Without a `table` the analytic decode costs at (batch, context) are used (memory-bound GPU
-    decoding, see placement/cost.py)."""
+    decoding, see placement/cost.py). With `batch` > 1 and `new_tokens` (per row), a round's yield is
+    what the slowest of the rows sets (`speculative_cost.expected_rounds`), not one row's E(k): a
+    larger k then gains less, since the rows drift further apart. `row_alphas` (name -> per-row
+    alphas measured on held-out prompts) lets rows differ in acceptance as those prompts did."""
     t = model.config.resolve(target)
     table = table or analytic_costs(model.config, context, batch)
     drafts = {name: (model.config.resolve(name), a) for name, a in alphas.items()
               if tuple(model.config.resolve(name)) != tuple(t)}
-    ranked = rank(table, t, drafts, ks, config=model.config, token_fraction=token_fraction)
+    slowest_row = dict(batch=batch, new_tokens=new_tokens, row_alphas=row_alphas) if batch > 1 and new_tokens else {}
+    ranked = rank(table, t, drafts, ks, config=model.config, token_fraction=token_fraction, **slowest_row)
     best = ranked[0] if ranked and ranked[0].speedup > 1.0 else None
     return best, ranked
 
@@ -79,7 +85,17 @@ def record_acceptance(presets_path: str | Path, target: str, acceptance: dict[st
 
 def recorded_acceptance(presets_path: str | Path, target: str) -> dict[str, float]:
     """draft name -> alpha recorded for `target` in presets.json ({} when none)."""
+    return {name: float(v["alpha"]) for name, v in _recorded_drafts(presets_path, target).items()}
+
+
+def recorded_row_alphas(presets_path: str | Path, target: str) -> dict[str, list[float]]:
+    """draft name -> the per-row alphas recorded for `target` (drafts recorded without them are left out)."""
+    return {name: [float(a) for a in v["row_alphas"]] for name, v in _recorded_drafts(presets_path, target).items()
+            if v.get("row_alphas")}
+
+
+def _recorded_drafts(presets_path: str | Path, target: str) -> dict[str, dict]:
     for entry in _entries(Path(presets_path)).get("presets", []):
         if entry.get("name") == target:
-            return {name: float(v["alpha"]) for name, v in entry.get("drafts", {}).items()}
+            return entry.get("drafts", {})
     return {}

@@ -11,7 +11,9 @@ Three engines, one contract (rows of new token ids, each cut after its first end
   output is the target's own; with `temperature > 0` the rejection step keeps the target's
   distribution.
 
-`generate` picks one of them; `greedy_generate` and `speculative_generate` are the engines.
+`generate` picks one of them; `greedy_generate` and `speculative_generate` are the engines;
+`greedy_tokens` and `speculative_tokens` are their one-sequence forms (token lists out), which the
+tests, the benchmarks and the measurement code compare against.
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ from supernet.layout import PlacementLike
 from supernet.speculative import SpecStats, check_draft_settings, pick, speculative_generate
 from supernet.static_decode import StaticDecoder
 
-__all__ = ["generate", "greedy_generate", "speculative_generate", "check_draft_settings", "SpecStats"]
+__all__ = ["generate", "greedy_generate", "speculative_generate", "greedy_tokens", "speculative_tokens",
+           "check_draft_settings", "SpecStats"]
 
 
 def _cut_at_eos(rows: torch.Tensor, eos_token_id: int | None) -> list[list[int]]:
@@ -85,3 +88,26 @@ def generate(model, input_ids: torch.Tensor, placement: PlacementLike, max_new_t
                                cuda_graph=cuda_graph, temperature=temperature, generator=generator), None
     return speculative_generate(model, input_ids, draft, placement, k, max_new_tokens, eos_token_id,
                                 temperature=temperature, generator=generator, cuda_graph=cuda_graph)
+
+
+def _one_row(input_ids: torch.Tensor, name: str) -> None:
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"{name} takes one sequence, input_ids [1, T]; got {tuple(input_ids.shape)} "
+                         "(greedy_generate / speculative_generate take batches)")
+
+
+def greedy_tokens(model, input_ids: torch.Tensor, placement: PlacementLike, max_new_tokens: int,
+                  eos_token_id: int | None = None) -> list[int]:
+    """The placement's greedy continuation of one sequence input_ids [1, T] (eager cached decoding)."""
+    _one_row(input_ids, "greedy_tokens")
+    return greedy_generate(model, input_ids, placement, max_new_tokens, eos_token_id, static=False)[0]
+
+
+def speculative_tokens(model, input_ids: torch.Tensor, draft_placement: PlacementLike,
+                       target_placement: PlacementLike, k: int = 4, max_new_tokens: int = 64,
+                       eos_token_id: int | None = None) -> tuple[list[int], SpecStats]:
+    """Greedy self-speculative decoding of one sequence: the target's own greedy continuation, and the stats."""
+    _one_row(input_ids, "speculative_tokens")
+    rows, stats = speculative_generate(model, input_ids, draft_placement, target_placement, k, max_new_tokens,
+                                       eos_token_id)
+    return rows[0], stats

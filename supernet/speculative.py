@@ -67,6 +67,15 @@ class SpecStats:
     verify_seconds: float = 0.0
     decode_seconds: float = 0.0  # every round, end to end (drafting, verification, commits)
     accepted_per_round: list[float] = field(default_factory=list)
+    row_accepted: list[int] = field(default_factory=list)  # per row: drafts kept over the run
+    row_rejections: list[int] = field(default_factory=list)  # per row: rounds that ended at a rejection
+    row_rounds_needed: list[int] = field(default_factory=list)  # per row: rounds until it was done
+
+    @property
+    def row_alphas(self) -> list[float]:
+        """Each row's per-token acceptance (as `per_token_acceptance`, row by row): rows differ, and
+        the slowest sets the number of rounds (placement/speculative_cost.expected_rounds_of_rows)."""
+        return [a / (a + r) if a + r else 0.0 for a, r in zip(self.row_accepted, self.row_rejections)]
 
     @property
     def acceptance_rate(self) -> float:
@@ -92,7 +101,8 @@ class SpecStats:
                 "per_token_acceptance": self.per_token_acceptance, "tokens_per_round": self.tokens_per_round,
                 "target_forwards": self.target_forwards, "draft_forwards": self.draft_forwards,
                 "prefill_seconds": self.prefill_seconds, "draft_seconds": self.draft_seconds,
-                "verify_seconds": self.verify_seconds, "decode_seconds": self.decode_seconds}
+                "verify_seconds": self.verify_seconds, "decode_seconds": self.decode_seconds,
+                "row_alphas": self.row_alphas, "row_rounds_needed": self.row_rounds_needed}
 
 
 # -- the acceptance rule ---------------------------------------------------------------------------
@@ -268,6 +278,7 @@ def speculative_generate(
     decode.start()
 
     out: list[list[int]] = [[int(x)] for x in first.tolist()]
+    stats.row_accepted, stats.row_rejections, stats.row_rounds_needed = [0] * batch, [0] * batch, [0] * batch
     done = torch.tensor([max_new_tokens <= 1 or int(x) == eos_token_id for x in first.tolist()], device=device)
     while not bool(done.all()):
         active = ~done
@@ -314,6 +325,9 @@ def speculative_generate(
             if not active_host[b]:
                 finished.append(True)
                 continue
+            stats.row_accepted[b] += n_host[b]
+            stats.row_rejections[b] += n_host[b] < k
+            stats.row_rounds_needed[b] += 1
             for tok in drafted_host[b][: n_host[b]] + [token_host[b]]:
                 out[b].append(tok)
                 if tok == eos_token_id or len(out[b]) >= max_new_tokens:

@@ -98,14 +98,14 @@ def test_rolling_loglikelihood_scores_every_token_once(tiny_lm):
 
 def test_generate_until_is_greedy_decoding_cut_at_the_stop_string(tiny_lm):
     from supernet.measure.lm_eval_model import SupernetLM
-    from supernet.serving.speculative import greedy_generate
+    from supernet.generation import greedy_tokens
 
     model, tok = tiny_lm
     lm = SupernetLM(model, tok, "fa,swa,gdn,kda", progress=False)
     prompt = "def add(a, b):\n"
     (text,) = lm.generate_until([_req(prompt, {"until": [], "max_gen_toks": 12})], True)
     ids = torch.tensor([tok.encode(prompt, add_special_tokens=False)])
-    ref = tok.decode(greedy_generate(model, ids, "fa,swa,gdn,kda", 12))
+    ref = tok.decode(greedy_tokens(model, ids, "fa,swa,gdn,kda", 12))
     assert text == ref.split(tok.decode([tok.eos_token_id]))[0]
     stop = text[3:5] if len(text) >= 5 else text[-1:]
     (cut,) = lm.generate_until([_req(prompt, {"until": [stop], "max_gen_toks": 12})], True)

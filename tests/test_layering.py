@@ -40,6 +40,20 @@ def test_no_placement_module_imports_torch_even_inside_a_function():
     assert not offenders, offenders
 
 
+def test_serving_holds_no_reference_engine():
+    """serving/ is vLLM only: greedy and speculative generation of our own engine (and their one-row
+    forms) live in supernet.generation / supernet.speculative, measuring in supernet.measure."""
+    engine = ("supernet.generation", "supernet.speculative", "supernet.measure", "supernet.draft_choice")
+    offenders = []
+    for path in sorted((REPO / "serving").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{path.relative_to(REPO)}:{node.lineno} {n}" for n in names
+                          if any(n == s or n.startswith(s + ".") for s in engine)]
+    assert not offenders, offenders
+
+
 def test_no_test_imports_a_benchmark_script():
     """Reusable measuring code lives in supernet.measure; benchmarks/ holds scripts, run as scripts."""
     offenders = []

@@ -69,11 +69,11 @@ def test_convert_distill_evaluate_optimize_install_and_serve(tmp_path, tmp_path_
 
     # the reference: our model, the installed preset, greedy
     from supernet.model import SupernetForCausalLM
-    from supernet.serving.speculative import greedy_generate
+    from supernet.generation import greedy_tokens
 
     model = SupernetForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
     prompt = [1] + list(b"the quick cat sees the")
-    expected = greedy_generate(model, torch.tensor([prompt]), name, 8)
+    expected = greedy_tokens(model, torch.tensor([prompt]), name, 8)
 
     port = free_port()
     serve_dir = tmp_path_factory.mktemp("vllm")  # short: vLLM's IPC socket paths live under TMPDIR

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from supernet.serving.server import VllmServer, cpu_env, free_port, vllm_command
-from supernet.serving.speculative import greedy_generate
+from supernet.generation import greedy_tokens
 from tests.helpers.checkpoints import save_byte_tokenizer
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
@@ -72,8 +72,8 @@ def served(tmp_path_factory):
     with torch.no_grad():
         ids = torch.tensor([PROMPTS[0]])
         assert (teacher(ids).logits - model(ids, placement="teacher").logits).abs().max() <= 1e-4
-        expected = [greedy_generate(model, torch.tensor([p]), HYBRID, MAX_TOKENS) for p in PROMPTS]
-        teacher_tokens = greedy_generate(model, torch.tensor([PROMPTS[0]]), "teacher", MAX_TOKENS)
+        expected = [greedy_tokens(model, torch.tensor([p]), HYBRID, MAX_TOKENS) for p in PROMPTS]
+        teacher_tokens = greedy_tokens(model, torch.tensor([PROMPTS[0]]), "teacher", MAX_TOKENS)
     torch.set_num_threads(threads)
     assert expected[0] != teacher_tokens  # the hybrid is not the teacher: the test can tell them apart
     port = free_port()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from supernet.serving.plan import serving_plan
-from supernet.serving.speculative import greedy_generate, restore, snapshot, speculative_generate
+from supernet.generation import greedy_tokens, speculative_tokens
 from tests.helpers.checkpoints import default_presets, make_checkpoint
 from tests.helpers.configs import vllm_config
 from supernet.layout import PlacementError
@@ -78,8 +78,8 @@ def test_plan_draft_only_mixers():
 ])
 def test_speculative_equals_target_greedy(model, target, draft, k):
     prompt = torch.tensor([[0] + list(b"The supernet drafts with a fast preset")])
-    expected = greedy_generate(model, prompt, target, 24)
-    tokens, stats = speculative_generate(model, prompt, draft, target, k=k, max_new_tokens=24)
+    expected = greedy_tokens(model, prompt, target, 24)
+    tokens, stats = speculative_tokens(model, prompt, draft, target, k=k, max_new_tokens=24)
     assert tokens == expected
     assert stats.drafted >= stats.accepted >= 0 and stats.rounds > 0
 
@@ -87,32 +87,17 @@ def test_speculative_equals_target_greedy(model, target, draft, k):
 def test_speculative_exercises_partial_acceptance(model):
     """balanced vs near differ only in the SWA layer: some drafts pass, some fail (both paths run)."""
     prompt = torch.tensor([[0] + list(b"Sliding windows forget; full attention remembers everything")])
-    tokens, stats = speculative_generate(model, prompt, "near", "balanced", k=3, max_new_tokens=32)
-    assert tokens == greedy_generate(model, prompt, "balanced", 32)
+    tokens, stats = speculative_tokens(model, prompt, "near", "balanced", k=3, max_new_tokens=32)
+    assert tokens == greedy_tokens(model, prompt, "balanced", 32)
     assert 0 < stats.accepted < stats.drafted
 
 
 def test_speculative_stops_at_eos(model):
     prompt = torch.tensor([[0] + list(b"abc")])
-    free = greedy_generate(model, prompt, "balanced", 30)
+    free = greedy_tokens(model, prompt, "balanced", 30)
     eos = free[5]
-    tokens, _ = speculative_generate(model, prompt, "near", "balanced", k=3, max_new_tokens=30, eos_token_id=eos)
+    tokens, _ = speculative_tokens(model, prompt, "near", "balanced", k=3, max_new_tokens=30, eos_token_id=eos)
     assert tokens == free[: free.index(eos) + 1]
-
-
-def test_snapshot_restore_undoes_tokens(model):
-    from supernet.cache import SupernetCache
-
-    placement = model.config.resolve("balanced")
-    cache = SupernetCache(4)
-    ids = torch.tensor([[0] + list(b"0123456789abcdef")])
-    model(input_ids=ids, past_key_values=cache, use_cache=True, placement=placement)
-    snap = snapshot(cache)
-    before = model(input_ids=torch.tensor([[5]]), past_key_values=cache.clone(), use_cache=True, placement=placement).logits
-    model(input_ids=torch.tensor([[7, 8, 9]]), past_key_values=cache, use_cache=True, placement=placement)
-    restore(cache, snap)
-    after = model(input_ids=torch.tensor([[5]]), past_key_values=cache, use_cache=True, placement=placement).logits
-    torch.testing.assert_close(after, before, rtol=0, atol=0)
 
 
 def _supernet(*args):
@@ -197,3 +182,129 @@ def test_step_route_gathers_each_mixers_tokens_once_per_step(monkeypatch):
     monkeypatch.setattr(routing, "_ACTIVE_ROUTER", SimpleNamespace(row_presets={0: "linear", 1: "linear", 2: "linear"}))
     route = router.route(SimpleNamespace(attn_metadata={"layer": meta}), num_tokens=6, device=torch.device("cpu"))
     assert all(route.layer_plan(i) == [("gdn" if i % 2 == 0 else "kda", None)] for i in range(4))
+
+
+# -- the vLLM drafter's bookkeeping (no server: its pool and which cache continues a row) ----------
+def _pool_template():
+    from supernet.cache import SupernetCache
+
+    cache = SupernetCache(2)
+    cache.states[0]["swa"] = {"k": torch.randn(1, 2, 5, 3), "slot_pos": torch.arange(5)[None], "len": 3}
+    cache.states[1]["gdn"] = {"recurrent": torch.randn(1, 2, 4, 4), "hist_recurrent": torch.randn(1, 3, 2, 4, 4)}
+    return cache
+
+
+@pytest.mark.parametrize("slots", [[1, 2, 3], [4, 0, 2]])  # consecutive slots are views, others gathered
+def test_draft_pool_rows_round_trip(slots):
+    from supernet.serving.drafter import DraftPool
+
+    pool = DraftPool(_pool_template(), size=6)
+    assert pool.tensors[(0, "swa", "k")].shape == (6, 2, 5, 3) and pool.scalars[(0, "swa")] == {"len": 3}
+    assert pool.nbytes == sum(t.numel() * 4 for t in pool.tensors.values()) + 6 * 5 * 4  # slot_pos is int64
+    for slot in range(6):
+        pool.reset(slot)
+    assert bool((pool.tensors[(0, "swa", "slot_pos")] == -1).all())  # an empty SWA ring
+    one = _pool_template()
+    pool.store(slots[1], one)
+    cache, index = pool.rows(slots)
+    assert (index is None) == (slots == [1, 2, 3])
+    torch.testing.assert_close(cache.states[0]["swa"]["k"][1], one.states[0]["swa"]["k"][0])
+    cache.states[0]["swa"]["k"][0].fill_(7.0)  # changed in place
+    cache.states[1]["gdn"]["recurrent"] = torch.full((3, 2, 4, 4), 5.0)  # replaced, as a step does
+    pool.write_back(cache, slots, index)
+    assert bool((pool.tensors[(0, "swa", "k")][slots[0]] == 7).all())
+    assert bool((pool.tensors[(1, "gdn", "recurrent")][slots] == 5).all())
+    others = [s for s in range(6) if s not in slots]
+    assert bool((pool.tensors[(1, "gdn", "recurrent")][others] == 0).all())  # other slots untouched
+
+
+def test_drafter_finds_the_cache_that_continues_a_row():
+    import numpy as np
+
+    from supernet.serving.drafter import SupernetDrafter, _Record
+
+    drafter = object.__new__(SupernetDrafter)  # the matching logic only: no vLLM model
+    drafter.k, drafter.history_slots = 3, 5
+    committed = np.arange(10, 20)  # 10 tokens; last round read 8 of them, then fed 18, 19 and drafts 7, 8
+    fed = np.concatenate([committed, [7, 8]])
+
+    def slot_of(history, free=None):
+        free = {0: _Record(slot=4, fed=fed, base=8)} if free is None else free
+        found = drafter._assign([0], [np.asarray(history)], free)[0]
+        return None if found is None else found[1]
+
+    # kept one draft (7) and the target's token 9: n = 12, read n - 2 = 10 -> history slot 2 (kept + 1)
+    assert slot_of(np.concatenate([committed, [7, 9]])) == 2
+    assert slot_of(np.concatenate([committed, [5]])) == 1  # kept none: n = 11, read 9
+    assert slot_of(np.concatenate([committed, [7, 8, 6, 2]])) == 4  # kept all three and a bonus: read 12
+    assert slot_of(committed) == 0  # vLLM verified nothing for this row: back to the round's start
+    # history that ran further than the round fed, or differs in a committed token: read afresh
+    assert slot_of(np.concatenate([committed, [7, 8, 6, 2, 3]])) is None
+    other = committed.copy()
+    other[3] = 0
+    assert slot_of(np.concatenate([other, [7, 9]])) is None
+    # a row that moved: found by content under another row index, and then taken
+    free = {5: _Record(slot=2, fed=fed, base=8)}
+    assert slot_of(np.concatenate([committed, [7, 9]]), free) == 2 and free == {}
+
+
+def test_identical_requests_keep_their_own_caches_when_rows_move():
+    """Two requests with one prompt, a round apart, whose rows vLLM swapped: each continues its own
+    cache, none is read afresh (the one behind could also continue the other's, which would leave
+    the one ahead without any)."""
+    import numpy as np
+
+    from supernet.serving.drafter import SupernetDrafter, _Record
+
+    drafter = object.__new__(SupernetDrafter)
+    drafter.k, drafter.history_slots = 2, 4
+    text = np.arange(100, 130)
+    ahead = _Record(slot=7, fed=text[:22], base=19)  # had committed 21 tokens, fed one draft
+    behind = _Record(slot=3, fed=text[:19], base=16)  # had committed 18
+    free = {0: ahead, 1: behind}
+    # row 0 now holds the one behind (kept both drafts: 21 tokens), row 1 the one ahead (23 tokens)
+    plan = drafter._assign([0, 1], [text[:21], text[:23]], free)
+    assert [(p[0].slot, p[1]) for p in plan] == [(3, 3), (7, 2)] and free == {}
+
+
+def test_a_cache_waits_for_a_row_that_sat_out_a_step():
+    """propose's bookkeeping without a model: a row absent from one step keeps its cache (no
+    prefill when it returns); a cache left alone longer than IDLE_STEPS is dropped."""
+    import numpy as np
+
+    from supernet.serving.drafter import IDLE_STEPS, SupernetDrafter, _Record
+
+    class Runner:  # records what propose asks of the model
+        device = torch.device("cpu")
+        prefills = 0
+
+        def prefill(self, tokens, *args):
+            Runner.prefills += 1
+            return None
+
+    class Pool:
+        size = 4
+
+        def store(self, slot, cache):
+            pass
+
+        def reset(self, slot):
+            pass
+
+    drafter = object.__new__(SupernetDrafter)
+    drafter.k, drafter.history_slots, drafter.max_model_len, drafter.capacity = 2, 4, 64, 68
+    drafter.runner, drafter.pool, drafter.stats_path, drafter.records = Runner(), Pool(), None, {}
+    drafter._draft = lambda slots, histories, index: [[5, 6] for _ in slots]  # the batched forwards
+    tokens = np.zeros((2, 64), dtype=np.int64)
+    tokens[:, :10] = np.arange(10) + np.array([[0], [100]])
+    drafter.propose([[1], [1]], np.array([10, 10]), tokens)  # two new rows: two prefills
+    assert Runner.prefills == 2
+    tokens[0, 10:12] = [5, 9]  # row 0 kept draft 5, then 9; row 1 sits this step out
+    drafter.propose([[9], []], np.array([12, 10]), tokens)
+    tokens[1, 10:11] = [3]
+    drafter.propose([[9], [3]], np.array([12, 11]), tokens)  # row 1 is back: continues its cache
+    assert Runner.prefills == 2
+    assert len(drafter.records) == 2 and all(rec.idle == 0 for rec in drafter.records.values())
+    for _ in range(IDLE_STEPS + 1):  # row 1 gone for good
+        drafter.propose([[9], []], np.array([12, 11]), tokens)
+    assert sorted(drafter.records) == [0]

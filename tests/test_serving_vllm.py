@@ -13,14 +13,16 @@ import json
 import random
 import re
 import threading
+import time
 import urllib.error
 import urllib.request
 
 import pytest
 import torch
 
+from supernet.serving.drafter import STATS_ENV
 from supernet.serving.server import VllmServer, cpu_env, free_port, vllm_command
-from supernet.serving.speculative import greedy_generate
+from supernet.generation import greedy_tokens
 from tests.helpers.checkpoints import make_checkpoint
 from tests.helpers.configs import vllm_config
 
@@ -35,6 +37,7 @@ PROMPTS = [
 ]
 VLLM_ARGS = ["--max-model-len", "256", "--dtype", "float32", "--max-num-seqs", "16"]
 EAGER = ["--enforce-eager"]
+SPEC_K = 3
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +53,8 @@ def expected(ckpt):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     model = SupernetForCausalLM.from_pretrained(str(ckpt)).eval()
-    out = {p: [greedy_generate(model, torch.tensor([ids]), p, MAX_TOKENS) for ids in PROMPTS] for p in PRESETS}
-    out["default"] = [greedy_generate(model, torch.tensor([ids]), model.config.placement, MAX_TOKENS) for ids in PROMPTS]
+    out = {p: [greedy_tokens(model, torch.tensor([ids]), p, MAX_TOKENS) for ids in PROMPTS] for p in PRESETS}
+    out["default"] = [greedy_tokens(model, torch.tensor([ids]), model.config.placement, MAX_TOKENS) for ids in PROMPTS]
     torch.set_num_threads(threads)
     # the presets must disagree somewhere, or switching would prove nothing
     assert len({tuple(out[p][0]) for p in PRESETS}) >= 4
@@ -74,25 +77,25 @@ def reference(ckpt):
                 threads = torch.get_num_threads()
                 torch.set_num_threads(1)
                 placement = model.config.placement if preset == "default" else preset
-                cache[key] = greedy_generate(model, torch.tensor([prompt]), placement, MAX_TOKENS)
+                cache[key] = greedy_tokens(model, torch.tensor([prompt]), placement, MAX_TOKENS)
                 torch.set_num_threads(threads)
             return cache[key]
 
     return generate
 
 
-def _server(ckpt, tmp_path_factory, extra=(), **kw) -> VllmServer:
+def _server(ckpt, tmp_path_factory, extra=(), env=None, **kw) -> VllmServer:
     port = free_port()
     cmd = vllm_command(ckpt, port=port, extra=VLLM_ARGS + list(extra), **kw)
     work = tmp_path_factory.mktemp("vllm")
-    server = VllmServer(cmd, cpu_env(work), work / "server.log", "127.0.0.1", port).start(timeout=600)
+    server = VllmServer(cmd, {**cpu_env(work), **(env or {})}, work / "server.log", "127.0.0.1", port).start(timeout=600)
     server.work_dir = work
     return server
 
 
-def _complete(client, model, prompt, **extra):
+def _complete(client, model, prompt, max_tokens=MAX_TOKENS, **extra):
     body = {"return_token_ids": True, "ignore_eos": True, **extra}
-    r = client.completions.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, extra_body=body)
+    r = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, extra_body=body)
     return list(r.choices[0].token_ids)
 
 
@@ -119,7 +122,10 @@ def client(switch_server):
 @pytest.fixture(scope="class")
 def spec_server(ckpt, tmp_path_factory):
     # compiled (no --enforce-eager): vLLM traces the model with torch.compile, GDN/KDA as our op
-    server = _server(ckpt, tmp_path_factory, preset="balanced", draft_preset="near", num_draft_tokens=3)
+    stats = tmp_path_factory.mktemp("drafter") / "steps.jsonl"
+    server = _server(ckpt, tmp_path_factory, preset="balanced", draft_preset="near", num_draft_tokens=SPEC_K,
+                     env={STATS_ENV: str(stats)})
+    server.drafter_stats = stats
     yield server
     server.stop()
 
@@ -299,6 +305,43 @@ class TestSpeculativeServer:
         drafted = _metric(server.url, "vllm:spec_decode_num_draft_tokens_total")
         accepted = _metric(server.url, "vllm:spec_decode_num_accepted_tokens_total")
         assert drafted > 0 and 0 < accepted < drafted  # both accepted and rejected drafts happened
+
+    def test_drafting_is_batched_with_ragged_acceptance(self, spec_server, expected):
+        """Eight requests at once, then four more while they run, of different lengths (rows leave
+        and join, so draft caches move between pool slots): identical greedy output, and every
+        drafting step runs k draft forwards however many rows draft in it, with rows that kept
+        different numbers of drafts."""
+        from openai import OpenAI
+
+        client = OpenAI(base_url=spec_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        spec_server.drafter_stats.write_text("")
+        first = [(i % len(PROMPTS), n) for i, n in enumerate([16, 5, 16, 9, 16, 3, 12, 16])]
+        later = [(i % len(PROMPTS), n) for i, n in enumerate([16, 7, 16, 10])]
+        barrier = threading.Barrier(len(first))
+
+        def together(job):
+            barrier.wait()  # these reach the server at once, so they share steps
+            return _complete(client, "supernet", PROMPTS[job[0]], max_tokens=job[1])
+
+        def after_a_while(job):
+            time.sleep(1.0)
+            return _complete(client, "supernet", PROMPTS[job[0]], max_tokens=job[1])
+
+        with cf.ThreadPoolExecutor(len(first) + len(later)) as pool:
+            runs = [pool.submit(together, j) for j in first] + [pool.submit(after_a_while, j) for j in later]
+            results = [r.result() for r in runs]
+        for (i, n), tokens in zip(first + later, results):
+            assert tokens == expected["balanced"][i][:n], (i, n)
+        steps = [json.loads(line) for line in spec_server.drafter_stats.read_text().splitlines()]
+        drafting = [s for s in steps if s["rows"]]
+        assert drafting and all(s["draft_forwards"] == SPEC_K for s in drafting)
+        assert max(s["rows"] for s in drafting) >= 4  # one forward per draft position served >= 4 rows
+        # a continued cache resumes from history slot 1 + (drafts its row kept), in 0 .. k + 1
+        assert all(0 <= h <= SPEC_K + 1 for s in drafting for h in s["history_slots"])
+        ragged = [s for s in drafting if len({h for h in s["history_slots"] if h > 0}) > 1]
+        assert ragged, "no step had rows that kept different numbers of drafts"
+        # caches are continued across steps: only new requests are read by a prefill
+        assert sum(s["prefills"] for s in drafting) <= len(first) + len(later)
 
     def test_only_one_preset_is_served(self, spec_server):
         server = spec_server

@@ -16,23 +16,23 @@ def measure_speculative(model: Any, tokenizer: Any, haystack: Sequence[str], row
 
     Targets: all-fa and the best-quality preset; drafts: presets measured >= 1.5x faster than the target.
     """
-    from supernet.serving.speculative import greedy_generate, speculative_generate
+    from supernet.generation import greedy_tokens, speculative_tokens
 
     device = next(model.parameters()).device
     ids = [torch.tensor(tokenizer(t[:1500]).input_ids[:256])[None].to(device) for t in haystack[:prompts]]
     by_quality = sorted(rows[1:], key=lambda r: -r["quality"])
     targets = [rows[0]] + by_quality[:1]
     for row in rows:  # warm-up: kernels compiled and caches allocated before anything is timed
-        greedy_generate(model, ids[0], row["placement"], 4)
+        greedy_tokens(model, ids[0], row["placement"], 4)
     pairs = []
     for target in targets:
         with Stopwatch(device) as plain:
-            reference = [greedy_generate(model, p, target["placement"], new_tokens) for p in ids]
+            reference = [greedy_tokens(model, p, target["placement"], new_tokens) for p in ids]
         for draft in [r for r in rows if r["decode_speedup"] >= 1.5 * target["decode_speedup"]]:
             outs, accepted, drafted = [], 0, 0
             with Stopwatch(device) as spec:
                 for p in ids:
-                    tokens, stats = speculative_generate(model, p, draft["placement"], target["placement"],
+                    tokens, stats = speculative_tokens(model, p, draft["placement"], target["placement"],
                                                          k=k, max_new_tokens=new_tokens)
                     outs.append(tokens)
                     accepted += stats.accepted

@@ -153,6 +153,51 @@ class _SlidingKV:
         return torch.roll(k, shifts=-shift, dims=2), torch.roll(v, shifts=-shift, dims=2)
 
 
+def static_rows_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: dict, cache: SupernetCache,
+                          window: int | None, scale: float) -> torch.Tensor:
+    """Static step of `t` tokens per row (q [B, Hq, t, D], k/v [B, Hkv, t, D]), row b starting at
+    position `cache.static_position[b]`: writes k/v into the fixed-address cache `state` (FA: slot =
+    position; SWA: the position ring) and returns the attention output [B, Hq, t, D]. Shared by the
+    reference mixer and serving's drafter, which feeds it q/k/v from vLLM's projections."""
+    b, _, t, d = q.shape
+    positions = (cache.static_position.view(-1, 1) + torch.arange(t, device=q.device)).expand(b, t)
+    size = state["k"].shape[2]
+    slots = positions if window is None else torch.remainder(positions, size)
+    index = slots[:, None, :, None].expand(b, k.shape[1], t, d)
+    state["k"].scatter_(2, index, k)
+    state["v"].scatter_(2, index, v)
+    if window is None:
+        key_pos = torch.arange(size, device=q.device).expand(b, size)
+    else:
+        if t > size - window + 1:
+            raise ValueError(f"a static SWA step of {t} tokens needs a ring of {window + t - 1} slots, "
+                             f"this one has {size}; prepare with a larger lookahead")
+        state["slot_pos"].scatter_(1, slots, positions)
+        key_pos = state["slot_pos"]
+
+    hq, hkv = q.shape[1], k.shape[1]
+    group = hq // hkv
+
+    def bias() -> torch.Tensor:
+        kp, qp = key_pos[:, None, :], positions[:, :, None]  # [B, 1, S], [B, t, 1]
+        live = (kp <= qp) & (kp >= 0)
+        if window is not None:
+            live &= kp > qp - window
+        mask = torch.zeros(live.shape, dtype=q.dtype, device=q.device).masked_fill_(~live, float("-inf"))
+        return mask.repeat(1, group, 1)[:, None]  # [B, 1, group * t, S]: rows (query head in group, token)
+
+    # The query heads of each KV group are folded into the query-length axis (as in one-token
+    # decoding, ops.attention.masked_decode_attention): SDPA with a mask and enable_gqa takes its
+    # math path on CUDA, which expands the whole cache to every query head and made a
+    # (k+1)-token verify step at batch 64, context 8k cost 5x a one-token step on an H200.
+    # Every layer of a kind writes the same positions, so one mask serves them all.
+    mask = cache.shared(("rows_bias", window, size, t, group, q.dtype), bias, source=cache.static_position)
+    folded = q.reshape(b, hkv, group * t, d)
+    out = torch.nn.functional.scaled_dot_product_attention(folded, state["k"], state["v"], attn_mask=mask,
+                                                           scale=scale)
+    return out.reshape(b, hq, t, d)
+
+
 class AttentionMixer(nn.Module):
     """Causal GQA attention with RoPE; `window=None` is FA, an integer window is SWA.
 
@@ -234,43 +279,8 @@ class AttentionMixer(nn.Module):
 
     def _static_rows(self, q, k, v, state: dict, cache: SupernetCache) -> torch.Tensor:
         """Static step of `t` tokens per row, row b starting at position `cache.static_position[b]`."""
-        b, _, t, d = q.shape
-        positions = (cache.static_position.view(-1, 1) + torch.arange(t, device=q.device)).expand(b, t)
-        size = state["k"].shape[2]
-        slots = positions if self.window is None else torch.remainder(positions, size)
-        index = slots[:, None, :, None].expand(b, k.shape[1], t, d)
-        state["k"].scatter_(2, index, k)
-        state["v"].scatter_(2, index, v)
-        if self.window is None:
-            key_pos = torch.arange(size, device=q.device).expand(b, size)
-        else:
-            if t > size - self.window + 1:
-                raise ValueError(f"a static SWA step of {t} tokens needs a ring of {self.window + t - 1} slots, "
-                                 f"this one has {size}; prepare with a larger lookahead")
-            state["slot_pos"].scatter_(1, slots, positions)
-            key_pos = state["slot_pos"]
-
-        hq, hkv = q.shape[1], k.shape[1]
-        group = hq // hkv
-
-        def bias() -> torch.Tensor:
-            kp, qp = key_pos[:, None, :], positions[:, :, None]  # [B, 1, S], [B, t, 1]
-            live = (kp <= qp) & (kp >= 0)
-            if self.window is not None:
-                live &= kp > qp - self.window
-            mask = torch.zeros(live.shape, dtype=q.dtype, device=q.device).masked_fill_(~live, float("-inf"))
-            return mask.repeat(1, group, 1)[:, None]  # [B, 1, group * t, S]: rows (query head in group, token)
-
-        # The query heads of each KV group are folded into the query-length axis (as in one-token
-        # decoding, ops.attention.masked_decode_attention): SDPA with a mask and enable_gqa takes its
-        # math path on CUDA, which expands the whole cache to every query head and made a
-        # (k+1)-token verify step at batch 64, context 8k cost 5x a one-token step on an H200.
-        # Every layer of a kind writes the same positions, so one mask serves them all.
-        mask = cache.shared(("rows_bias", self.window, size, t, group, q.dtype), bias, source=cache.static_position)
-        folded = q.reshape(b, hkv, group * t, d)
-        out = torch.nn.functional.scaled_dot_product_attention(folded, state["k"], state["v"], attn_mask=mask,
-                                                               scale=self.scale)
-        out = out.reshape(b, hq, t, d)
+        b, _, t, _ = q.shape
+        out = static_rows_attention(q, k, v, state, cache, self.window, self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
     def _update_cache(self, state: dict, k: torch.Tensor, v: torch.Tensor, t: int):
