@@ -54,7 +54,9 @@ import torch
 
 from supernet.cache import SupernetCache
 from supernet.layout import Placement
+from supernet.mixers.registry import spec
 from supernet.static_decode import static_rows
+
 IDLE_STEPS = 4  # a cache no row continued is kept this many steps (its slot given away first if needed)
 STATS_ENV = "SUPERNET_DRAFTER_STATS"  # a file: one JSON line per drafting step (tests count forwards)
 
@@ -68,7 +70,7 @@ class _ServedAttention:
 
     def __init__(self, mixer, layer_idx: int, name: str, config) -> None:
         self.mixer, self.layer_idx, self.name = mixer, layer_idx, name
-        self.window = config.swa_window if name == "swa" else None
+        self.window = spec(name).window(config)
         self.scale = mixer.head_dim**-0.5
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor, cache: SupernetCache) -> torch.Tensor:
@@ -154,7 +156,7 @@ class _Reference:
         self.module, self.rotary, self.name = module, rotary, name
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor, cache: SupernetCache) -> torch.Tensor:
-        rope = self.rotary(x, positions) if self.name in ("fa", "swa") else None
+        rope = self.rotary(x, positions) if spec(self.name).family == "attention" else None
         return self.module(x, rope, cache)
 
     def prepare_static(self, state: dict, capacity: int, lookahead: int) -> None:
