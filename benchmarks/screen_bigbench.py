@@ -82,7 +82,7 @@ def main() -> None:
     lm = SupernetLM(model, tok, placement=None, progress=False)
     payload = {"teacher": "SmolLM2-135M-Instruct", "command": "python " + " ".join(map(shlex.quote, sys.argv)),
                "limit": args.limit, "confirm": args.confirm, "z": args.z, "threads": args.threads,
-               "not_json_multiple_choice": [n for n in names if n not in found], "rows": []}
+               "candidates": names, "not_json_multiple_choice": [n for n in names if n not in found], "rows": []}
     for task in names:
         if task not in found:
             continue
