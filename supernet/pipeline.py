@@ -213,7 +213,8 @@ def step_presets(s: PipelineSettings) -> None:
 
 def add_constrained_preset(s: PipelineSettings, presets_json: Path, speedups: list[float]) -> None:
     """One more preset, optimised for quality under `s.constrained_require` (e.g. retrieval >= 0.9 x the
-    teacher), at the middle speedup target (lower ones if that one is infeasible), appended to
+    teacher), at the middle speedup target, else the fastest feasible of the lower targets and of points
+    between the lowest and 1x (where a CPU's few reachable speedups all lose retrieval), appended to
     presets.json as `<name>-<metric>` with its requirement and predicted metrics."""
     from supernet.io_utils import atomic_write_text
     from supernet.placement.multimetric import parse_requirement
@@ -222,7 +223,8 @@ def add_constrained_preset(s: PipelineSettings, presets_json: Path, speedups: li
     side = s.workdir / "presets-constrained.json"
     order = sorted(speedups)
     middle = len(order) // 2
-    for x in [order[middle]] + order[:middle][::-1]:
+    below = [round(1 + (order[0] - 1) * f, 3) for f in (0.75, 0.5, 0.25)] if order and order[0] > 1.01 else []
+    for x in [order[middle]] + order[:middle][::-1] + below:
         cmd = [sys.executable, "-m", "supernet.cli.placement_cli", "optimize", "--evaluations",
                str(s.workdir / "evaluations.jsonl"), "--costs", str(s.workdir / "costs.json"), "--out", str(side),
                "--objective", "quality", "--require", s.constrained_require, "--speedup", str(x)]
