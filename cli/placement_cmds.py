@@ -50,7 +50,10 @@ def eval_placements(
                                             "groups of `supernet eval-tasks`, e.g. retrieval_2k."),
     dev_tasks: Optional[str] = typer.Option(None, "--dev-tasks", help="Also record a development-task score, "
                                             "e.g. dev (held-out tasks are refused)."),
-    task_limit: int = typer.Option(4, "--task-limit", help="Documents per task for --retrieval/--dev-tasks."),
+    task_limit: Optional[int] = typer.Option(None, "--task-limit", help="Documents per task for --retrieval/--dev-tasks "
+                                             "(default 4, or the task set's)."),
+    task_set: Optional[str] = typer.Option(None, "--task-set", help="Retrieval and development tasks of a named set "
+                                           "(supernet/measure/task_sets.py: demo, e2e) instead of --retrieval/--dev-tasks."),
 ) -> None:
     """Measure the quality of sampled placements against the teacher (resumable)."""
     with friendly_errors(ValueError, OSError):
@@ -69,16 +72,29 @@ def eval_placements(
                       f"reference {evaluator.reference}")
         probe = {"metric": evaluator.metric, "reference": evaluator.reference, "data_id": evaluator.data_id}
         evaluate = evaluator
-        if retrieval or dev_tasks:  # task metrics per placement (supernet/measure/placement_metrics.py)
+        if task_set is not None and (retrieval or dev_tasks):
+            raise UserError("give --task-set or --retrieval/--dev-tasks, not both")
+        if retrieval or dev_tasks or task_set:  # task metrics per placement (supernet/measure/placement_metrics.py)
             from supernet.measure import tasks as T
             from supernet.measure.placement_metrics import TaskMetrics, with_task_metrics
 
-            if task_limit < 1:
+            if task_set is not None:
+                from supernet.measure.task_sets import task_set as named_set
+
+                chosen = named_set(task_set)
+                retrieval_names = chosen.retrieval_tasks()
+                dev_names = chosen.dev_tasks() if chosen.optimise_dev else []
+                limit = chosen.placement_limit if task_limit is None else task_limit
+            else:
+                retrieval_names = T.expand(retrieval) if retrieval else []
+                dev_names = T.expand(dev_tasks) if dev_tasks else []
+                limit = 4 if task_limit is None else task_limit
+            if limit < 1:
                 raise UserError("--task-limit must be >= 1")
             from transformers import AutoTokenizer
 
-            metrics = TaskMetrics(model, AutoTokenizer.from_pretrained(str(ckpt)), T.expand(retrieval) if retrieval else [],
-                                  T.expand(dev_tasks) if dev_tasks else [], task_limit, log=console.print)
+            metrics = TaskMetrics(model, AutoTokenizer.from_pretrained(str(ckpt)), retrieval_names, dev_names, limit,
+                                  log=console.print)
             evaluate = with_task_metrics(evaluator, metrics)
             probe["tasks_spec"] = metrics.spec
             console.print(f"task metrics per placement: {metrics.spec}")

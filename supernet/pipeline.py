@@ -1,5 +1,5 @@
 """The whole pipeline, step by step: convert -> distill -> evaluate placements -> costs -> presets ->
-measure each preset (speed, quality, retrieval) -> self-speculative decoding.
+measure each preset (speed, quality, retrieval, benchmark tasks) -> self-speculative decoding.
 
 A library module at the top of the package, not under cli/ or measure/: it is the workflow that
 strings the commands together (convert, distill, eval-placements, costs and optimize run as the
@@ -60,6 +60,11 @@ class PipelineSettings:
     spec_k: int = 4
     spec_tokens: int = 128
     spec_prompts: int = 4
+    # benchmark tasks (supernet/measure/task_sets.py): retrieval and development tasks per evaluated placement,
+    # and per preset retrieval, development and held-out task accuracy in the report; None: no tasks
+    task_set: str | None = None
+    # with a task set: one more preset optimised under this requirement, beside the unconstrained ones
+    constrained_require: str | None = "retrieval>=0.9*teacher"
     device: str = "auto"
 
     @property
@@ -99,7 +104,11 @@ def demo_settings(workdir: Path, train_data: str, eval_data: str) -> PipelineSet
         # adds what the same presets would give on the H200 profile at batch 64, context 8192
         cost_context=256, cost_batch=1, measure_costs=True, calibrate_costs=True, speedups=[1.5, 2.0, 3.0],
         quality_seq_len=128, quality_sequences=8, throughput_batch=1, throughput_context=256,
-        throughput_tokens=16, needle_contexts=[256, 512], spec_k=4, spec_tokens=24, spec_prompts=1, device="cpu",
+        # the needle test at 256/512 is left to the task set's RULER niah at the same lengths (more documents)
+        throughput_tokens=16, needle_contexts=[], spec_k=4, spec_tokens=24, spec_prompts=1,
+        # benchmark tasks at the demo's scale (retrieval at 256 and 512 tokens, see task_sets.py), and one preset
+        # optimised under retrieval >= 0.9 x the teacher beside the unconstrained ones
+        task_set="demo", constrained_require="retrieval>=0.9*teacher", device="cpu",
     )
 
 
@@ -160,7 +169,7 @@ def step_evaluate(s: PipelineSettings) -> None:
         "eval-placements", str(s.trained), "--data", s.eval_data, "--n", str(s.eval_n), "--out", str(out),
         "--seq-len", str(s.eval_seq_len), "--sequences", str(s.eval_sequences), "--batch-size", str(s.eval_batch),
         "--context", str(s.cost_context), "--batch", str(s.cost_batch), "--device", _device(s),
-    ], s.workdir / "log.txt")
+    ] + (["--task-set", s.task_set] if s.task_set else []), s.workdir / "log.txt")
 
 
 def step_costs(s: PipelineSettings) -> None:
@@ -197,7 +206,46 @@ def step_presets(s: PipelineSettings) -> None:
     for x in speedups:
         cmd += ["--speedup", str(x)]
     _run(cmd, s.workdir / "log.txt")
+    if s.task_set and s.constrained_require:
+        add_constrained_preset(s, out, speedups)
     install_presets(s.trained, out, s.final)
+
+
+def add_constrained_preset(s: PipelineSettings, presets_json: Path, speedups: list[float]) -> None:
+    """One more preset, optimised for quality under `s.constrained_require` (e.g. retrieval >= 0.9 x the
+    teacher), at the middle speedup target, else the fastest feasible of the lower targets and of points
+    between the lowest and 1x (where a CPU's few reachable speedups all lose retrieval), appended to
+    presets.json as `<name>-<metric>` with its requirement and predicted metrics."""
+    from supernet.io_utils import atomic_write_text
+    from supernet.placement.multimetric import parse_requirement
+
+    requirement = parse_requirement(s.constrained_require)
+    side = s.workdir / "presets-constrained.json"
+    order = sorted(speedups)
+    middle = len(order) // 2
+    below = [round(1 + (order[0] - 1) * f, 3) for f in (0.75, 0.5, 0.25)] if order and order[0] > 1.01 else []
+    for x in [order[middle]] + order[:middle][::-1] + below:
+        cmd = [sys.executable, "-m", "supernet.cli.placement_cli", "optimize", "--evaluations",
+               str(s.workdir / "evaluations.jsonl"), "--costs", str(s.workdir / "costs.json"), "--out", str(side),
+               "--objective", "quality", "--require", s.constrained_require, "--speedup", str(x)]
+        try:
+            _run(cmd, s.workdir / "log.txt")
+            break
+        except RuntimeError:
+            console.print(f"[yellow]no preset at {x}x meets {s.constrained_require}; trying a lower speedup[/]")
+    else:
+        console.print(f"[yellow]no speedup target admits {s.constrained_require}: no constrained preset[/]")
+        return
+    data, extra = json.loads(presets_json.read_text()), json.loads(side.read_text())
+    taken = {p["name"] for p in data["presets"]}
+    for row in extra["presets"]:
+        row = {**row, "name": f"{row['name']}-{requirement.metric}", "requirements": [requirement.text],
+               "objective": extra["multi_metric"]["objective"], "teacher": extra["multi_metric"]["teacher"]}
+        if row["name"] not in taken:
+            data["presets"].append(row)
+    data["constrained"] = {"requirements": [requirement.text], "file": side.name,
+                           "multi_metric": extra["multi_metric"]}
+    atomic_write_text(presets_json, json.dumps(data, indent=2) + "\n")
 
 
 def install_presets(ckpt: Path, presets_json: Path, out: Path) -> None:
@@ -242,20 +290,32 @@ def step_measure(s: PipelineSettings) -> None:
     speeds = compare_decode(model, presets, batch=s.throughput_batch, context=s.throughput_context,
                             new_tokens=s.throughput_tokens, rounds=s.throughput_rounds, windows=s.throughput_windows,
                             clock=s.throughput_clock)
+    tasks = _preset_task_scorer(s, model, tokenizer)
+    scored: dict[tuple, dict] = {}  # identical placements (all-fa and a non-sliding `teacher`) are scored once
     rows = []
     for name, placement in presets.items():
         console.print(f"[bold]measuring {name}[/] ({placement.summary()})")
         quality = evaluator(placement)
         speed = speeds[name]
         needle = needle_score(model, tokenizer, placement, haystack, contexts=s.needle_contexts)
+        info_row = predicted.get(name, {})
         rows.append({"preset": name, "placement": placement.to_list(), "counts": placement.counts(),
-                     "predicted_speedup": predicted.get(name, {}).get("speedup", 1.0),
-                     "predicted_quality": predicted.get(name, {}).get("predicted_quality"),
+                     "predicted_speedup": info_row.get("speedup", 1.0),
+                     "predicted_quality": info_row.get("predicted_quality"),
+                     "predicted": info_row.get("predicted"), "requirements": info_row.get("requirements", []),
                      "quality": quality["quality"], "kl": quality["kl"], "top1_agreement": quality["top1_agreement"],
                      "tokens_per_s": speed["tokens_per_s"], "ms_per_step": speed["ms_per_step"],
                      "ms_per_step_min": speed["ms_per_step_min"], "ms_per_step_max": speed["ms_per_step_max"],
                      "ms_per_step_windows": speed["ms_per_step_windows"],
                      "needle": needle})
+        if tasks is not None:
+            key = tuple(placement.to_list())
+            if key not in scored:
+                t0 = time.perf_counter()
+                scored[key] = tasks(placement)
+                console.print(f"  tasks in {time.perf_counter() - t0:.1f}s: " + ", ".join(
+                    f"{k} {scored[key][k]:.3f}" for k in ("retrieval", "dev_tasks", "heldout_tasks") if k in scored[key]))
+            rows[-1]["tasks"] = dict(scored[key])
         if device == "cuda":
             torch.cuda.empty_cache()
     base = rows[0]
@@ -264,11 +324,35 @@ def step_measure(s: PipelineSettings) -> None:
         # the spread: this preset's slowest and fastest window against all-fa's median
         r["decode_speedup_range"] = [base["ms_per_step"] / r["ms_per_step_max"], base["ms_per_step"] / r["ms_per_step_min"]]
         r["quality_retention"] = r["quality"] / base["quality"] if base["quality"] else None
+        if tasks is not None:
+            from supernet.measure.report import task_retention
+
+            r["tasks"].update(task_retention(r, base, tasks.lengths))
     spec = measure_speculative(model, tokenizer, haystack, rows, k=s.spec_k, new_tokens=s.spec_tokens,
                                prompts=s.spec_prompts, log=console.print)
     payload = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()},
                "quality_metric": evaluator.metric, "presets": rows, "speculative": spec}
+    if tasks is not None:
+        from supernet.measure.task_sets import task_set
+
+        chosen = task_set(s.task_set)
+        payload["task_set"] = {"name": chosen.name, "note": chosen.note, "limits": chosen.report_limits(),
+                               "retrieval": tasks.retrieval, "dev": tasks.dev, "heldout": tasks.heldout,
+                               "retrieval_lengths": {str(k): v for k, v in chosen.retrieval_lengths().items()},
+                               "chance": tasks.chance, "reference": "all-fa"}
     out.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def _preset_task_scorer(s: PipelineSettings, model, tokenizer):
+    """The task set's retrieval, development and held-out tasks, loaded once, scored per preset."""
+    if not s.task_set:
+        return None
+    from supernet.measure.placement_metrics import TaskMetrics
+    from supernet.measure.task_sets import task_set
+
+    chosen = task_set(s.task_set)
+    return TaskMetrics(model, tokenizer, chosen.retrieval_tasks(), chosen.dev_tasks(), chosen.report_limits(),
+                       corpus=s.eval_data, log=console.print, heldout=chosen.heldout_tasks())
 
 
 def step_report(s: PipelineSettings) -> None:

@@ -209,3 +209,24 @@ def test_eval_placements_records_retrieval_and_dev_task_scores(tiny_ckpt, tmp_pa
                                                 + r["task_scores"]["ruler_vartrack_2k"]) / 2)
     held = runner.invoke(app, [*args[:-6], "--dev-tasks", "heldout", "--n", "4"])
     assert held.exit_code == 2 and "held-out tasks (only reported)" in held.stderr
+
+
+def test_eval_placements_task_set_names_the_tasks(tiny_ckpt, tmp_path):
+    """`--task-set demo` scores the set's retrieval tasks (task_sets.py) on its per-placement documents."""
+    from supernet.measure.task_sets import task_set
+    from tests.conftest import DATA_DIR
+
+    out = tmp_path / "evaluations.jsonl"
+    args = ["eval-placements", str(tiny_ckpt), "--data", str(DATA_DIR / "pydocs-eval.jsonl"), "--out", str(out),
+            "--n", "2", "--seq-len", "16", "--sequences", "2", "--top-k", "8", "--active-fraction", "0"]
+    res = runner.invoke(app, [*args, "--task-set", "demo"])
+    assert res.exit_code == 0, res.output
+    demo = task_set("demo")
+    for r in (json.loads(line) for line in out.read_text().splitlines()):
+        assert set(r["task_scores"]) == set(demo.retrieval_tasks())  # the demo set optimises on retrieval only
+        assert "dev_tasks" not in r and r["retrieval"] == pytest.approx(sum(r["task_scores"].values()) / 4)
+        assert f"limit={demo.placement_limit}" in r["tasks_spec"]
+    both = runner.invoke(app, [*args, "--task-set", "demo", "--retrieval", "retrieval_2k"])
+    assert both.exit_code == 2 and "give --task-set or --retrieval/--dev-tasks, not both" in both.stderr
+    unknown = runner.invoke(app, [*args, "--task-set", "nope"])
+    assert unknown.exit_code == 2 and "unknown task set 'nope'" in unknown.stderr

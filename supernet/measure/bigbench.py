@@ -34,8 +34,11 @@ def task_json_path(name: str) -> Path:
     return bigbench_dir() / f"{name}.json"
 
 
-def fetch_bigbench_tasks(names: Iterable[str], log=print) -> dict[str, Path]:
-    """Path of each BIG-bench task.json, fetching the sdist from PyPI once for those not cached yet."""
+def fetch_bigbench_tasks(names: Iterable[str], log=print, missing_ok: bool = False) -> dict[str, Path]:
+    """Path of each BIG-bench task.json, fetching the sdist from PyPI once for those not cached yet.
+
+    `missing_ok` (screening candidates): names BIG-bench has no top-level task.json for (tasks made of
+    subtasks, programmatic tasks) are left out of the answer instead of failing the fetch."""
     names = list(dict.fromkeys(names))
     missing = [n for n in names if not task_json_path(n).exists()]
     if missing:
@@ -51,14 +54,20 @@ def fetch_bigbench_tasks(names: Iterable[str], log=print) -> dict[str, Path]:
                 raise RuntimeError(f"could not fetch {BIGBENCH_PACKAGE} from PyPI ({result.stderr.strip()[-300:]}); "
                                    f"put BIG-bench's benchmark_tasks/<task>/task.json files as <task>.json in "
                                    f"{bigbench_dir()}")
+            absent = []
             for name in missing:
                 src = roots[0] / name / "task.json"
                 if not src.exists():
+                    if missing_ok:
+                        absent.append(name)
+                        continue
                     raise RuntimeError(f"BIG-bench has no JSON task {name!r}")
                 part = task_json_path(name).with_suffix(".part")
                 shutil.copyfile(src, part)
                 os.replace(part, task_json_path(name))
-    return {n: task_json_path(n) for n in names}
+            if absent:
+                log(f"BIG-bench has no top-level task.json for {', '.join(absent)} (subtasks or programmatic); skipped")
+    return {n: task_json_path(n) for n in names if task_json_path(n).exists()}
 
 
 def multiple_choice_rows(task: dict) -> list[dict]:
@@ -67,7 +76,7 @@ def multiple_choice_rows(task: dict) -> list[dict]:
     q = task.get("example_input_prefix", "\nQ: ").lstrip("\n")
     a = task.get("example_output_prefix", "\nA: ").rstrip()
     rows = []
-    for ex in task["examples"]:
+    for ex in task.get("examples", []):  # a task of subtasks lists none
         scores = ex.get("target_scores")
         if not scores:
             continue

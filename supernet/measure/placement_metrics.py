@@ -1,24 +1,30 @@
-"""Task metrics per placement for `eval-placements`: a retrieval score and a development-task score.
+"""Task metrics per placement: a retrieval score, a development-task score and (reports only) a
+held-out-task score.
 
 The tasks are loaded once (lm-eval task objects over our local files) and re-scored for each placement
 with lm-eval's `evaluate`, so each placement costs only its forwards. With a small `limit` (a few
 documents per task) this adds seconds per placement on a GPU, which keeps a few hundred placements
-inside one allocation. Held-out tasks are never scored here: they are only reported (`eval-tasks`).
+inside one allocation. `eval-placements` never scores held-out tasks (they are refused as `dev`);
+the pipeline's report passes them as `heldout`, so they are measured per preset and never optimised on.
 """
 from __future__ import annotations
 
+import json
 import logging
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from supernet.layout import Placement
 from supernet.measure import tasks as T
 
 
 class TaskMetrics:
-    """Callable: placement -> {"retrieval": mean acc, "dev_tasks": mean acc, "task_scores": {task: acc}}."""
+    """Callable: placement -> {"retrieval": mean acc, "dev_tasks": mean acc, ["heldout_tasks": mean acc],
+    "task_scores": {task: acc}, "task_n": {task: documents scored}}."""
 
     def __init__(self, model: Any, tokenizer: Any, retrieval: Sequence[str] = (), dev: Sequence[str] = (),
-                 limit: int = 4, batch_tokens: int = 8192, corpus: str | None = None, log=print) -> None:
+                 limit: int | None | Mapping[str, int | None] = 4, batch_tokens: int = 8192,
+                 corpus: str | None = None, log=print, heldout: Sequence[str] = ()) -> None:
+        """`limit`: documents per task (None: all), or a mapping task -> documents for per-task limits."""
         from lm_eval.tasks import TaskManager, get_task_dict
 
         from supernet.measure.lm_eval_model import SupernetLM
@@ -26,28 +32,54 @@ class TaskMetrics:
         held = [n for n in dev if T.registry().get(n) is not None and T.registry()[n].split == "heldout"]
         if held:
             raise T.TaskError(f"{', '.join(held)} are held-out tasks (only reported); optimise on dev tasks")
-        self.retrieval, self.dev, self.limit = list(retrieval), list(dev), int(limit)
-        names = self.retrieval + [n for n in self.dev if n not in self.retrieval]
+        self.retrieval, self.dev, self.heldout = list(retrieval), list(dev), list(heldout)
+        names = list(dict.fromkeys(self.retrieval + self.dev + self.heldout))
+        self.limit = dict(limit) if isinstance(limit, Mapping) else (None if limit is None else int(limit))
         if not names:
             raise T.TaskError("no task metrics requested")
         self.lm = SupernetLM(model, tokenizer, "all-fa", batch_tokens=batch_tokens, progress=False)
-        root, _ = T.prepare(names, tokenizer, corpus, log)
+        root, self.chance = T.prepare(names, tokenizer, corpus, log)
+        reg = T.registry()
+        self.lengths = {n: reg[n].length for n in self.retrieval if n in reg}  # tokens of each retrieval task
         self.task_dict = get_task_dict(names, TaskManager(include_path=[str(root)], include_defaults=False))
+        self.names = names
+        self.samples = None  # per-task limits: the first N documents of each task, by lm-eval's `samples`
+        if isinstance(self.limit, dict):
+            self.samples = {}
+            for n in names:
+                cap = self.limit.get(n)
+                if cap is not None:
+                    total = sum(1 for _ in (root / f"{n}.jsonl").open())
+                    self.samples[n] = list(range(min(int(cap), total)))
+        self.chance = {n: self._chance_scored(root / f"{n}.jsonl", n, c) for n, c in self.chance.items()}
         self.spec = f"retrieval={','.join(self.retrieval)};dev={','.join(self.dev)};limit={self.limit}"
+        if self.heldout:
+            self.spec += f";heldout={','.join(self.heldout)}"
+
+    def _chance_scored(self, data, name: str, whole: float) -> float:
+        """Chance accuracy on the documents actually scored (the first N under a limit)."""
+        cap = self.limit.get(name) if isinstance(self.limit, dict) else self.limit
+        if cap is None:
+            return whole
+        with data.open() as fh:
+            rows = [json.loads(line) for line, _ in zip(fh, range(int(cap)))]
+        if not rows or "choices" not in rows[0]:  # retrieval: chance 0 whatever the documents
+            return whole
+        return sum(1 / len(r["choices"]) for r in rows) / len(rows)
 
     def __call__(self, placement: Placement) -> dict:
         from lm_eval.evaluator import evaluate
 
         self.lm.placement = self.lm.model.config.resolve(placement)
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
-        res = evaluate(self.lm, self.task_dict, limit=self.limit, bootstrap_iters=0, log_samples=False,
-                       verbosity="ERROR")
-        scores = T.summarise(res, self.retrieval + self.dev)
-        out: dict = {"task_scores": scores, "tasks_spec": self.spec}
-        if self.retrieval:
-            out["retrieval"] = sum(scores[n] for n in self.retrieval) / len(self.retrieval)
-        if self.dev:
-            out["dev_tasks"] = sum(scores[n] for n in self.dev) / len(self.dev)
+        res = evaluate(self.lm, self.task_dict, limit=None if self.samples is not None else self.limit,
+                       samples=self.samples, bootstrap_iters=0, log_samples=False, verbosity="ERROR")
+        scores = T.summarise(res, self.names)
+        counts = {n: int(res.get("n-samples", {}).get(n, {}).get("effective", 0)) for n in self.names}
+        out: dict = {"task_scores": scores, "task_n": counts, "tasks_spec": self.spec}
+        for key, names in (("retrieval", self.retrieval), ("dev_tasks", self.dev), ("heldout_tasks", self.heldout)):
+            if names:
+                out[key] = sum(scores[n] for n in names) / len(names)
         return out
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 
@@ -20,6 +21,55 @@ def agreement(measurements: dict) -> dict:
     return {"tolerance": AGREEMENT, "presets": rows,
             "all_within": all(abs(v["error"]) <= AGREEMENT for v in rows.values()),
             "worst": {"preset": worst[0], **worst[1]} if worst else None}
+
+
+TASK_KEYS = ("retrieval", "dev_tasks", "heldout_tasks")
+
+
+def task_retention(row: dict, base: dict, lengths: dict[str, int]) -> dict:
+    """A preset's task columns against the teacher's row (all-fa) measured on the same documents:
+    retention per score, retrieval per length, and whether each requirement it was optimised under holds."""
+    t, b = row["tasks"], base["tasks"]
+    out: dict = {f"{k}_retention": (t[k] / b[k] if b[k] else None) for k in TASK_KEYS if k in t and k in b}
+    by_length: dict[str, list[float]] = {}
+    for name, n in lengths.items():
+        by_length.setdefault(str(n), []).append(t["task_scores"][name])
+    out["retrieval_by_length"] = {n: sum(v) / len(v) for n, v in by_length.items()}
+    out["requirements_check"] = [check_requirement(text, row, base) for text in row.get("requirements") or []]
+    return out
+
+
+def _measured(row: dict, metric: str) -> float:
+    value = row.get("tasks", {}).get(metric, row.get(metric))
+    if not isinstance(value, (int, float)):
+        raise ValueError(f"preset {row['preset']!r} has no measured {metric!r} to check its requirement against")
+    return float(value)
+
+
+def check_requirement(text: str, row: dict, base: dict) -> dict:
+    """A requirement (`retrieval>=0.9*teacher`) against the measured values; teacher = the all-fa row."""
+    from supernet.placement.multimetric import parse_requirement
+
+    req = parse_requirement(text)
+    value, teacher = _measured(row, req.metric), _measured(base, req.metric)
+    bound = req.bound(teacher)
+    slack = 1e-9 * max(1.0, abs(bound))  # the values are means of 0/1 scores: only rounding to absorb
+    met = value >= bound - slack if req.op == ">=" else value <= bound + slack
+    return {"requirement": req.text, "metric": req.metric, "measured": value, "teacher": teacher, "bound": bound,
+            "met": bool(met)}
+
+
+def mean_standard_error(tasks: dict, names: list[str]) -> float:
+    """Standard error of the mean accuracy over `names`: each task's binomial error, tasks independent."""
+    var = 0.0
+    for n in names:
+        acc, count = tasks["task_scores"][n], max(1, tasks["task_n"].get(n, 0))
+        var += acc * (1 - acc) / count
+    return math.sqrt(var) / len(names) if names else 0.0
+
+
+def length_tag(tokens: int) -> str:
+    return f"{tokens // 1024}k" if tokens >= 1024 and tokens % 1024 == 0 else str(tokens)
 
 
 def gpu_predictions(measurements: dict, config: dict | None) -> dict[str, float]:
@@ -45,8 +95,13 @@ def table_markdown(measurements: dict, cost_source: dict | None = None, gpu: dic
                 "(predicted)")
     head = ["preset", "fa/swa/gdn/kda", "decode speedup", "predicted", "measured / predicted"]
     head += [gpu_head] if gpu else []
-    head += ["quality (1-nKL)", "retention", "top-1 agree"]
+    head += ["quality (1-nKL)", "KL retention", "top-1 agree"]
     head += [f"needle@{k}" for k in needle_keys]
+    task_info = measurements.get("task_set")
+    lengths = sorted(int(n) for n in task_info["retrieval_lengths"]) if task_info else []
+    if task_info:
+        head += [f"retrieval@{length_tag(n)}" for n in lengths]
+        head += ["retrieval retention", "dev acc", "dev retention", "held-out acc", "held-out retention"]
     where = describe_cost_source(cost_source) if cost_source else "the costs.json the presets were optimised with"
     timed = (f"batch {st.get('throughput_batch')}, context {st.get('throughput_context')}, device "
              f"{st.get('device')}" if st else "this run's setting")
@@ -65,6 +120,11 @@ def table_markdown(measurements: dict, cost_source: dict | None = None, gpu: dic
         cells += [f"{gpu[r['preset']]:.2f}x"] if gpu else []
         cells += [f"{r['quality']:.4f}", f"{100 * r['quality_retention']:.1f}%", f"{100 * r['top1_agreement']:.1f}%"]
         cells += [f"{100 * r['needle'][k]:.0f}%" for k in needle_keys]
+        if task_info:
+            t = r["tasks"]
+            cells += [f"{100 * t['retrieval_by_length'][str(n)]:.0f}%" for n in lengths]
+            cells += [_pct(t.get("retrieval_retention")), f"{t['dev_tasks']:.3f}", _pct(t.get("dev_tasks_retention")),
+                      f"{t['heldout_tasks']:.3f}", _pct(t.get("heldout_tasks_retention"))]
         lines.append("| " + " | ".join(cells) + " |")
     agree = agreement(measurements)
     if agree["worst"]:
@@ -79,7 +139,50 @@ def table_markdown(measurements: dict, cost_source: dict | None = None, gpu: dic
         lines.append(f"Self-speculative decoding, best pair: draft `{spec['draft']}` -> target `{spec['target']}` "
                      f"(k={spec['k']}): {spec['speedup']:.2f}x over the target alone, acceptance "
                      f"{100 * spec['acceptance_rate']:.0f}%, output identical: {spec['lossless']}.")
+    if task_info:
+        lines += task_lines(measurements)
     return "\n".join(lines) + "\n"
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def task_lines(measurements: dict) -> list[str]:
+    """What the task columns mean, the teacher's scores with their errors, the requirement verdicts and
+    the per-task table."""
+    info, rows = measurements["task_set"], measurements["presets"]
+    base = rows[0]["tasks"]
+    chance = info["chance"]
+    out = ["", f"Tasks (task set `{info['name']}`: {info['note']}). The first row, all-fa, is the teacher: its "
+               "attention layers and shared weights are the teacher's, unchanged by distillation. Retention = the "
+               "preset's accuracy / the teacher's on the same documents; retrieval = mean exact-match of the greedy "
+               "answer over the retrieval tasks (the metric the requirement is on); dev = mean accuracy over the "
+               "development tasks (the optimiser may use them), held-out = over the held-out tasks (never used to "
+               "choose a preset); the documents scored per task are in the per-task table."]
+    for key, names, label in (("retrieval", info["retrieval"], "retrieval"), ("dev_tasks", info["dev"], "dev tasks"),
+                              ("heldout_tasks", info["heldout"], "held-out tasks")):
+        if key not in base:
+            continue
+        mean_chance = sum(chance.get(n, 0.0) for n in names) / len(names)
+        out.append(f"- Teacher {label}: {base[key]:.3f} ± {mean_standard_error(base, names):.3f} (standard error; "
+                   f"chance {mean_chance:.3f}) over {', '.join(f'`{n}`' for n in names)}.")
+    for r in rows:
+        for check in r["tasks"].get("requirements_check", []):
+            verdict = "kept" if check["met"] else "NOT kept"
+            out.append(f"- Preset `{r['preset']}` was optimised under `{check['requirement']}`: measured "
+                       f"{check['metric']} {check['measured']:.3f} against the bound {check['bound']:.3f} "
+                       f"(teacher {check['teacher']:.3f}): requirement {verdict}.")
+    out += ["", "Per task (accuracy; chance and documents in brackets):", "",
+            "| task | split | " + " | ".join(r["preset"] for r in rows) + " |", "|" + "---|" * (len(rows) + 2)]
+    split = {**{n: "retrieval" for n in info["retrieval"]}, **{n: "dev" for n in info["dev"]},
+             **{n: "held-out" for n in info["heldout"]}}
+    for name in info["retrieval"] + info["dev"] + info["heldout"]:
+        n = base["task_n"].get(name, 0)
+        cells = [f"`{name}` ({chance.get(name, 0.0):.2f}; {n})", split[name]]
+        cells += [f"{r['tasks']['task_scores'][name]:.3f}" for r in rows]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
 
 
 def _speedup_cell(row: dict) -> str:
