@@ -179,7 +179,7 @@ def test_all_fa_supernet_scores_as_the_hf_teacher_through_lm_eval(smollm2_dir, t
     ours = SupernetLM(SupernetForCausalLM.from_pretrained(ckpt).eval(), AutoTokenizer.from_pretrained(ckpt),
                       "all-fa", progress=False)
     hf = HFLM(pretrained=str(smollm2_dir), device="cpu", dtype="float32", batch_size=4)
-    names = ["bb_general_knowledge", "ruler_niah_2k"]
+    names = ["bb_general_knowledge", "ruler_niah_512"]  # a retrieval prompt as long as the CPU affords here
     a = run_tasks(ours, names, limit=2, log_samples=True)
     b = run_tasks(hf, names, limit=2, log_samples=True)
     for n in names:

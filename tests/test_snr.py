@@ -285,8 +285,9 @@ def smollm2_supernet(smollm2_dir, tmp_path_factory):
 @pytest.mark.slow
 def test_snr_of_the_real_smollm2_supernet_is_deterministic(smollm2_supernet, smollm2_dir):
     first, names = scan(smollm2_supernet, progress=False)
-    second, _ = scan(smollm2_supernet, progress=False)
-    assert first == second  # every float identical
+    again = ["gdn", "mlp.down_proj", "embed_tokens"]  # a second scan of some types: every float identical
+    second, _ = scan(smollm2_supernet, only=again, progress=False)
+    assert second == [r for r in first if type_selected(r.module_type, again)] and len(second) > 60
     assert len(first) == sum(1 for n in names if n.endswith("proj.weight") or n.endswith("embed_tokens.weight"))
     by_name = {r.name: r for r in first}
     # fa, swa and gdn's q_proj start as copies of the teacher's q_proj: the same matrix scores the same
@@ -294,7 +295,7 @@ def test_snr_of_the_real_smollm2_supernet_is_deterministic(smollm2_supernet, smo
         q = [by_name[f"model.layers.{i}.mixers.{m}.q_proj.weight"].score for m in ("fa", "swa", "gdn")]
         assert q[0] == q[1] == q[2]
     # the plain HF teacher scans too; the converted fa mixers hold its attention weights unchanged
-    teacher, _ = scan(smollm2_dir, progress=False)
+    teacher, _ = scan(smollm2_dir, only=["self_attn", "mlp.down_proj", "embed_tokens"], progress=False)
     hf = {r.name: r for r in teacher}
     assert {r.module_type for r in teacher} >= {"self_attn.q_proj", "mlp.down_proj", "embed_tokens"}
     for i in (0, 29):
