@@ -356,12 +356,13 @@ def merge_tensor(spec: MergeSpec, name: str, get) -> torch.Tensor:
 
 def run_merge(spec: MergeSpec, progress: bool = True, threads: int = 1) -> Path:
     """Check the layouts, merge every tensor, write `spec.out` as a normal checkpoint (atomically).
-    Elementwise work on one thread by default (see supernet.snr.torch_threads)."""
+    Elementwise work on one thread by default (see supernet.threads)."""
     from safetensors import safe_open
     from tqdm.auto import tqdm
 
     from supernet.convert import save_checkpoint
-    from supernet.snr import natural_key, torch_threads
+    from supernet.snr import natural_key
+    from supernet.threads import torch_threads
 
     ref = spec.reference
     inputs = list(dict.fromkeys([ref] + [m.path for m in spec.models]))

@@ -24,14 +24,14 @@ order with a fixed thread count, so two scans of the same checkpoint give identi
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 
 from supernet.io_utils import read_yaml
+from supernet.threads import torch_threads
 from supernet.layout import MIXERS as MIXER_KINDS
 
 IQR_OF_UNIT_GAUSSIAN = 1.349
@@ -169,18 +169,6 @@ def scan(folder: Path, only: list[str] | None = None, progress: bool = True,
             if tensor.is_floating_point():
                 results.append(matrix_snr(name, tensor))
     return results, set(where)
-
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run with `n` intra-op threads, then restore. One thread by default: the matrices are small, and
-    on a busy machine OpenMP threads that wait for each other made one eigenproblem 30x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def select_top(results: Iterable[MatrixSNR], top_percent: float) -> dict[str, list[MatrixSNR]]:

@@ -46,12 +46,11 @@ def _run_steps(s) -> None:
 
 
 def test_demo_report_measured_within_20_percent_of_predicted(tmp_path, monkeypatch):
-    import torch
-
     from supernet.pipeline import PipelineSettings
     from supernet.measure.report import agreement
     from supernet.placement.cost import analytic_costs, load_costs
     from supernet.placement.observations import config_shape
+    from supernet.threads import torch_threads
     from supernet.training.tiny import tiny_teacher_dir, write_synthetic_corpus
 
     train, evaluation = write_synthetic_corpus(tmp_path / "data", n_train=4, n_eval=8)
@@ -66,12 +65,8 @@ def test_demo_report_measured_within_20_percent_of_predicted(tmp_path, monkeypat
     # other at every op, and wall time counts the slices other processes take; seven interleaved
     # rounds, medians
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the `supernet costs` subprocess
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         _run_steps(s)
-    finally:
-        torch.set_num_threads(threads)
     run = s.workdir
     L = json.loads((s.trained / "config.json").read_text())["num_hidden_layers"]
     presets = json.loads((run / "presets.json").read_text())

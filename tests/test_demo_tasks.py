@@ -41,11 +41,10 @@ def write_planted_evaluations(path, num_layers: int, n: int = 48) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    import torch
-
     from supernet.measure import task_sets
     from supernet.pipeline import PipelineSettings, step_convert, step_measure, step_presets, step_report
     from supernet.placement.cost import analytic_costs, load_config
+    from supernet.threads import torch_threads
     from supernet.training.tiny import tiny_teacher_dir, write_synthetic_corpus
 
     root = tmp_path_factory.mktemp("demo_tasks")
@@ -59,19 +58,17 @@ def tiny_run(tmp_path_factory):
     )
     saved = dict(task_sets.TASK_SETS)
     task_sets.TASK_SETS["tiny"] = task_sets.TaskSet("tiny", note="test", **TINY_SET)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
-        s.workdir.mkdir(parents=True)
-        step_convert(s)
-        shutil.copytree(s.ckpt_init, s.trained)  # stands in for the distilled checkpoint
-        L = json.loads((s.trained / "config.json").read_text())["num_hidden_layers"]
-        write_planted_evaluations(s.workdir / "evaluations.jsonl", L)
-        analytic_costs(load_config(s.trained), s.cost_context, s.cost_batch).save(s.workdir / "costs.json")
-        for step in (step_presets, step_measure, step_report):
-            step(s)
+        with torch_threads(1):
+            s.workdir.mkdir(parents=True)
+            step_convert(s)
+            shutil.copytree(s.ckpt_init, s.trained)  # stands in for the distilled checkpoint
+            L = json.loads((s.trained / "config.json").read_text())["num_hidden_layers"]
+            write_planted_evaluations(s.workdir / "evaluations.jsonl", L)
+            analytic_costs(load_config(s.trained), s.cost_context, s.cost_batch).save(s.workdir / "costs.json")
+            for step in (step_presets, step_measure, step_report):
+                step(s)
     finally:
-        torch.set_num_threads(threads)
         task_sets.TASK_SETS.clear()
         task_sets.TASK_SETS.update(saved)
     return s

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 pytest.importorskip("lm_eval")
 
 from supernet.cli.main import app  # noqa: E402
+from supernet.threads import torch_threads  # noqa: E402
 
 runner = CliRunner()
 
@@ -19,10 +20,8 @@ runner = CliRunner()
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Many tiny ops: on a shared 2-core machine one thread is several times faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -25,18 +25,25 @@ def test_every_placement_module_imports_without_torch():
     assert int(proc.stdout.strip()) >= 8  # the walk found the modules (cost, evaluate, optimize, surrogate, ...)
 
 
+def imports_anywhere(folder: str, modules: tuple[str, ...]) -> list[str]:
+    """`file:line module` for every import of one of `modules` (or a submodule) in `folder`, at any depth
+    of the code, deferred imports inside functions included."""
+    found = []
+    for path in sorted((REPO / folder).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [f"{path.relative_to(REPO)}:{node.lineno} {n}" for n in names
+                      if any(n == m or n.startswith(m + ".") for m in modules)]
+    return found
+
+
 def test_no_placement_module_imports_torch_even_inside_a_function():
     """Timing with torch lives in supernet.measure (e.g. measure/costs.py), not behind a deferred import
     in placement/: the optimiser's package must stay runnable where torch is not installed."""
     torch_side = ("torch", "transformers", "supernet.model", "supernet.cache", "supernet.static_decode",
                   "supernet.measure", "supernet.generation", "supernet.speculative")
-    offenders = []
-    for path in sorted((REPO / "placement").rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            offenders += [f"{path.relative_to(REPO)}:{node.lineno} {n}" for n in names
-                          if any(n == s or n.startswith(s + ".") for s in torch_side)]
+    offenders = imports_anywhere("placement", torch_side)
     assert not offenders, offenders
 
 
@@ -44,13 +51,7 @@ def test_serving_holds_no_reference_engine():
     """serving/ is vLLM only: greedy and speculative generation of our own engine (and their one-row
     forms) live in supernet.generation / supernet.speculative, measuring in supernet.measure."""
     engine = ("supernet.generation", "supernet.speculative", "supernet.measure", "supernet.draft_choice")
-    offenders = []
-    for path in sorted((REPO / "serving").rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            offenders += [f"{path.relative_to(REPO)}:{node.lineno} {n}" for n in names
-                          if any(n == s or n.startswith(s + ".") for s in engine)]
+    offenders = imports_anywhere("serving", engine)
     assert not offenders, offenders
 
 

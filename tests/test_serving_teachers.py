@@ -15,6 +15,7 @@ import torch
 
 from supernet.serving.server import VllmServer, cpu_env, free_port, vllm_command
 from supernet.generation import greedy_tokens
+from supernet.threads import torch_threads
 from tests.helpers.checkpoints import save_byte_tokenizer
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
@@ -67,14 +68,11 @@ def served(tmp_path_factory):
     out = tmp_path_factory.mktemp("gemma3") / "ckpt"
     save_checkpoint(model, out)
     save_byte_tokenizer(out)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with torch.no_grad():
+    with torch_threads(1), torch.no_grad():
         ids = torch.tensor([PROMPTS[0]])
         assert (teacher(ids).logits - model(ids, placement="teacher").logits).abs().max() <= 1e-4
         expected = [greedy_tokens(model, torch.tensor([p]), HYBRID, MAX_TOKENS) for p in PROMPTS]
         teacher_tokens = greedy_tokens(model, torch.tensor([PROMPTS[0]]), "teacher", MAX_TOKENS)
-    torch.set_num_threads(threads)
     assert expected[0] != teacher_tokens  # the hybrid is not the teacher: the test can tell them apart
     port = free_port()
     work = tmp_path_factory.mktemp("vllm")

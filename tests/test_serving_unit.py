@@ -10,6 +10,7 @@ import torch
 
 from supernet.serving.plan import serving_plan
 from supernet.generation import greedy_tokens, speculative_tokens
+from supernet.threads import torch_threads
 from tests.helpers.checkpoints import default_presets, make_checkpoint
 from tests.helpers.configs import vllm_config
 from supernet.layout import PlacementError
@@ -18,10 +19,8 @@ from supernet.layout import PlacementError
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Tiny matmuls: one thread avoids OpenMP barrier stalls when the CPU is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ import torch
 from supernet.serving.drafter import STATS_ENV
 from supernet.serving.server import VllmServer, cpu_env, free_port, vllm_command
 from supernet.generation import greedy_tokens
+from supernet.threads import torch_threads
 from tests.helpers.checkpoints import make_checkpoint
 from tests.helpers.configs import vllm_config
 
@@ -50,12 +51,11 @@ def expected(ckpt):
     """Reference greedy continuations: expected[preset][prompt index] -> token ids."""
     from supernet.model import SupernetForCausalLM
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    model = SupernetForCausalLM.from_pretrained(str(ckpt)).eval()
-    out = {p: [greedy_tokens(model, torch.tensor([ids]), p, MAX_TOKENS) for ids in PROMPTS] for p in PRESETS}
-    out["default"] = [greedy_tokens(model, torch.tensor([ids]), model.config.placement, MAX_TOKENS) for ids in PROMPTS]
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        model = SupernetForCausalLM.from_pretrained(str(ckpt)).eval()
+        out = {p: [greedy_tokens(model, torch.tensor([ids]), p, MAX_TOKENS) for ids in PROMPTS] for p in PRESETS}
+        out["default"] = [greedy_tokens(model, torch.tensor([ids]), model.config.placement, MAX_TOKENS)
+                          for ids in PROMPTS]
     # the presets must disagree somewhere, or switching would prove nothing
     assert len({tuple(out[p][0]) for p in PRESETS}) >= 4
     return out
@@ -74,11 +74,9 @@ def reference(ckpt):
         key = (preset, tuple(prompt))
         with lock:
             if key not in cache:
-                threads = torch.get_num_threads()
-                torch.set_num_threads(1)
                 placement = model.config.placement if preset == "default" else preset
-                cache[key] = greedy_tokens(model, torch.tensor([prompt]), placement, MAX_TOKENS)
-                torch.set_num_threads(threads)
+                with torch_threads(1):
+                    cache[key] = greedy_tokens(model, torch.tensor([prompt]), placement, MAX_TOKENS)
             return cache[key]
 
     return generate

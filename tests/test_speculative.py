@@ -12,6 +12,7 @@ import torch
 from supernet.cache import SupernetCache
 from supernet.generation import greedy_generate, speculative_generate
 from supernet.model import SupernetForCausalLM
+from supernet.threads import torch_threads
 from tests.helpers.checkpoints import random_state_dict
 from tests.helpers.configs import vllm_config
 from supernet.speculative import _StaticRows, accept_drafts
@@ -22,10 +23,8 @@ PAIRS = [("fa,swa,kda,gdn", "fa,swa,gdn,kda"), ("swa,fa,gdn,kda", "swa,fa,kda,gd
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 def _model(vocab_size: int = 264, turn_down: float = 0.35) -> SupernetForCausalLM:

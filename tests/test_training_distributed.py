@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from supernet.threads import torch_threads
 from tests.float_bounds import U32, adam_ratio_bound, gamma
 from supernet.training.tiny import TinyWorld
 
@@ -96,12 +97,8 @@ def test_two_process_fsdp_matches_one_process(world, tmp_path, trainable, shard_
     else:
         from supernet.training.trainer import Trainer
 
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # the ranks' OMP_NUM_THREADS: the same GEMM splits in both runs
-        try:
+        with torch_threads(1):  # the ranks' OMP_NUM_THREADS: the same GEMM splits in both runs
             Trainer(one).train()
-        finally:
-            torch.set_num_threads(threads)
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert sorted(a) == sorted(b) == [1, 2, 3]
     for step in a:

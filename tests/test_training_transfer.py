@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from supernet.layout import Placement
+from supernet.threads import torch_threads
 from supernet.training.tiny import TinyWorld
 from tests.float_bounds import U64, gamma
 
@@ -446,12 +447,8 @@ def test_transfer_under_two_process_fsdp2_matches_one_process(world, tmp_path):
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "FSDP2 over 2 ranks" in proc.stdout and "transfer: 3 steps" in proc.stdout
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         Trainer(one).train()
-    finally:
-        torch.set_num_threads(threads)
     a, b = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
     assert sorted(a) == sorted(b) == [1, 2, 3]
     for s in a:

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import torch
 
+from supernet.threads import torch_threads
 from tests.helpers.checkpoints import random_state_dict
 from tests.helpers.configs import vllm_config
 
@@ -92,11 +93,9 @@ def vllm_group(world_size: int = 1, rank: int = 0, port: int | None = None):
 
         from supernet.serving.server import free_port
 
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
         cfg = VllmConfig()
         cfg.model_config = SimpleNamespace(dtype=torch.float32, is_moe=False)
-        with set_current_vllm_config(cfg):
+        with torch_threads(1), set_current_vllm_config(cfg):
             init_distributed_environment(world_size=world_size, rank=rank, local_rank=rank, backend="gloo",
                                          distributed_init_method=f"tcp://127.0.0.1:{port or free_port()}")
             initialize_model_parallel(world_size)
@@ -105,7 +104,6 @@ def vllm_group(world_size: int = 1, rank: int = 0, port: int | None = None):
             finally:
                 destroy_model_parallel()
                 destroy_distributed_environment()
-        torch.set_num_threads(threads)
 
     return group()
 
