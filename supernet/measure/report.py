@@ -94,6 +94,8 @@ def table_markdown(measurements: dict, cost_source: dict | None = None, gpu: dic
     gpu_head = (f"{GPU_SETTING['profile'].upper()} b{GPU_SETTING['batch']} x {GPU_SETTING['context'] // 1024}k "
                 "(predicted)")
     head = ["preset", "fa/swa/gdn/kda", "decode speedup", "predicted", "measured / predicted"]
+    extra = extra_contexts(measurements)
+    head += [f"speedup@{length_tag(int(c))}" for c in extra]
     head += [gpu_head] if gpu else []
     head += ["quality (1-nKL)", "KL retention", "top-1 agree"]
     head += [f"needle@{k}" for k in needle_keys]
@@ -108,6 +110,9 @@ def table_markdown(measurements: dict, cost_source: dict | None = None, gpu: dic
     lines = [f"Decode speedup: measured in one run against all-fa at {timed} (median of the timed windows, their "
              "range in brackets); predicted: the cost model's figure that the optimiser chose the preset by, "
              f"from costs {where}."]
+    if extra:
+        lines.append("speedup@N: the same presets timed against all-fa at context N (same batch, same run), "
+                     "although they were optimised for the first context.")
     if gpu:
         lines.append(f"{gpu_head}: the same presets on the {GPU_SETTING['profile']} device profile "
                      "(supernet/placement/profiles), a prediction of the analytic model, not measured here.")
@@ -117,6 +122,7 @@ def table_markdown(measurements: dict, cost_source: dict | None = None, gpu: dic
         predicted = float(r.get("predicted_speedup") or 1.0)
         cells = [r["preset"], f"{c['fa']}/{c['swa']}/{c['gdn']}/{c['kda']}", _speedup_cell(r),
                  f"{predicted:.2f}x", f"{r['decode_speedup'] / predicted:.2f}"]
+        cells += [_context_cell(r, c) for c in extra]
         cells += [f"{gpu[r['preset']]:.2f}x"] if gpu else []
         cells += [f"{r['quality']:.4f}", f"{100 * r['quality_retention']:.1f}%", f"{100 * r['top1_agreement']:.1f}%"]
         cells += [f"{100 * r['needle'][k]:.0f}%" for k in needle_keys]
@@ -142,6 +148,55 @@ def table_markdown(measurements: dict, cost_source: dict | None = None, gpu: dic
     if task_info:
         lines += task_lines(measurements)
     return "\n".join(lines) + "\n"
+
+
+def surrogate_quality(evaluations: Path) -> dict:
+    """How well one surrogate per metric ranks placements it was not fitted on (k-fold CV Spearman,
+    R^2, RMSE), fitted on every evaluated placement; {} with fewer than 10."""
+    from supernet.io_utils import read_jsonl
+    from supernet.layout import Placement
+    from supernet.placement.multimetric import fit_metric_surrogates, metric_columns
+
+    rows = [r for _, r in read_jsonl(evaluations, "evaluations file", "rerun the evaluate step")]
+    metrics = [m for m in metric_columns(rows) if m in SURROGATE_METRICS]
+    if len(rows) < 10 or not metrics:
+        return {}
+    fits = fit_metric_surrogates([Placement.parse(r["placement"]) for r in rows], rows, metrics)
+    return {"placements": len(rows), "metrics": {m: {k: fits[m].diagnostics.get(k) for k in
+                                                     ("cv_spearman", "cv_r2", "cv_rmse", "folds")} for m in metrics}}
+
+
+def surrogate_lines(quality: dict) -> list[str]:
+    if not quality:
+        return []
+    cells = [f"`{m}` {d['cv_spearman'] if d['cv_spearman'] is not None else float('nan'):.3f}"
+             for m, d in quality["metrics"].items()]
+    return ["", f"Surrogates, one per metric, fitted on the {quality['placements']} evaluated placements: held-out "
+                f"(cross-validated) Spearman {', '.join(cells)}."]
+
+
+SURROGATE_METRICS = ("quality", "top1_agreement", "retrieval", "dev_tasks")
+
+
+def speculative_lines(spec: dict) -> list[str]:
+    """The batched self-speculation table (the pipeline's speculative step, speculative.json)."""
+    out = ["", f"Self-speculative decoding in the batched engine (CUDA graphs: {spec['cuda_graphs']}), target "
+               f"`{spec['target']}`, context {spec['context']}, {spec['new_tokens']} new tokens per row, greedy; speedup = "
+               "the target alone's time per step over the speculative time per generated token of a row:", "",
+           "| batch | draft | k | acceptance | speedup | lossless rows | chosen by |", "|---|---|---|---|---|---|---|"]
+    for batch, b in spec["batches"].items():
+        pick = b.get("cost_model_pick") or {}
+        best = b.get("best_measured") or {}
+        for r in sorted(b["rows"], key=lambda r: -r["speedup"]):
+            tags = [t for t, row in (("cost model", pick.get("measured")), ("best measured", best)) if row
+                    and (row["draft"], row["k"]) == (r["draft"], r["k"])]
+            out.append(f"| {batch} | `{r['draft']}` | {r['k']} | {100 * r['acceptance']:.0f}% | {r['speedup']:.2f}x | "
+                       f"{r['lossless_rows']}/{batch} | {', '.join(tags)} |")
+        if not b["rows"]:
+            out.append(f"| {batch} | none: no preset measured >= 1.5x faster than the target | | | | | |")
+        elif not pick:
+            out.append(f"| {batch} | cost model: no draft is predicted to beat the target alone | | | | | |")
+    return out
 
 
 def _pct(x: float | None) -> str:
@@ -185,6 +240,22 @@ def task_lines(measurements: dict) -> list[str]:
     return out
 
 
+def extra_contexts(measurements: dict) -> list[str]:
+    """The contexts timed beside the main one (the rows' speed_by_context keys), in order."""
+    rows = measurements["presets"]
+    main = str(measurements.get("settings", {}).get("throughput_context"))
+    keys = rows[0].get("speed_by_context", {}) if rows else {}
+    return sorted((c for c in keys if c != main), key=int)
+
+
+def _context_cell(row: dict, context: str) -> str:
+    cell = row.get("speed_by_context", {}).get(context, {})
+    if "speedup" not in cell:
+        return "failed" if "error" in cell else "n/a"
+    low, high = cell["speedup_range"]
+    return f"{cell['speedup']:.2f}x ({low:.2f}-{high:.2f})" if row["preset"] != "all-fa" else f"{cell['speedup']:.2f}x"
+
+
 def _speedup_cell(row: dict) -> str:
     """Measured speedup, with the range of its timed windows when the run recorded several."""
     cell = f"{row['decode_speedup']:.2f}x"
@@ -202,12 +273,20 @@ def plot(measurements: dict, evaluations: Path | None, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = measurements["presets"]
+    main = measurements.get("settings", {}).get("throughput_context")
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    ax.plot([r["decode_speedup"] for r in rows], [100 * r["quality_retention"] for r in rows], "o-", color="C0",
-            label="presets (measured)")
+    ax.plot([r["decode_speedup"] for r in rows], [100 * r["quality_retention"] for r in rows], "o", color="C0",
+            label=f"context {main}" if main else "presets (measured)")
     for r in rows:
         ax.annotate(r["preset"], (r["decode_speedup"], 100 * r["quality_retention"]), textcoords="offset points",
                     xytext=(4, 4), fontsize=8)
+    for i, c in enumerate(extra_contexts(measurements)):
+        pts = [(r["speed_by_context"][c]["speedup"], 100 * r["quality_retention"]) for r in rows
+               if "speedup" in r.get("speed_by_context", {}).get(c, {})]
+        if pts:
+            ax.plot(*zip(*pts), "s", color=f"C{i + 1}", label=f"context {c}")
+    if extra_contexts(measurements):
+        ax.set_xscale("log")
     ax.set_xlabel("decode throughput vs all-fa (measured)")
     ax.set_ylabel("quality retention (% of all-fa, 1 - normalised KL)")
     ax.set_title("supernet presets: speed vs quality")
@@ -225,6 +304,13 @@ def write_report(workdir: Path) -> Path:
     config_file = workdir / "supernet-final" / "config.json"
     config = json.loads(config_file.read_text()) if config_file.exists() else None
     md = table_markdown(measurements, source, gpu_predictions(measurements, config))
+    if (workdir / "evaluations.jsonl").exists():
+        quality = surrogate_quality(workdir / "evaluations.jsonl")
+        (workdir / "surrogates.json").write_text(json.dumps(quality, indent=2) + "\n")
+        md += "\n".join(surrogate_lines(quality)) + "\n"
+    spec = workdir / "speculative.json"
+    if spec.exists():
+        md += "\n".join(speculative_lines(json.loads(spec.read_text()))) + "\n"
     (workdir / "results.md").write_text(md)
     plot(measurements, workdir / "evaluations.jsonl", workdir / "speed_quality.png")
     print(md)
