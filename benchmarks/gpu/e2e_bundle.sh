@@ -18,6 +18,7 @@
 # benchmarks/gpu/e2e_setup.sh first, which is idempotent: it stashes what arrived in /tmp/g23 and
 # installs once every piece of the manifest is there.
 #
+# Rehearse the calls offline here first: bash benchmarks/gpu/e2e_offline_check.sh (about 5 minutes).
 # The task data needs no network there: BIG-bench task.json files go to $SUPERNET_CACHE/bigbench
 # (where supernet/measure/bigbench.py looks before it would fetch the 358 MB sdist), and the RULER-style
 # retrieval files are generated there from the eval corpus and the checkpoint's tokenizer.
