@@ -65,7 +65,8 @@ watch)
   tr '\r' '\n' < $W/console.log | grep -v -e "it/s\]$" -e "s/it\]$" > "$OUT"/console.txt
   (cd $W && cp -f supernet-final/config.json supernet-final-config.json 2>/dev/null
    tar czf "$OUT"/e2e-files.tgz $(ls presets.json presets-constrained.json costs.json evaluations.jsonl log.txt \
-     settings.json surrogate.json supernet-final-config.json measurements.json results.md 2>/dev/null))
+     settings.json surrogate.json surrogates.json speculative.json supernet-final-config.json measurements.json \
+     results.md transfer/metrics.jsonl distill/metrics.jsonl 2>/dev/null))
   if [ -f $W/results.md ]; then
     bash benchmarks/gpu/pack_triton_cache.sh
     # a file over 16 MiB does not come back: then only the autotuning results
