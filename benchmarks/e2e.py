@@ -60,6 +60,8 @@ def main() -> None:
     ap.add_argument("--require", default="retrieval>=0.9*teacher",
                     help="requirement of the extra constrained preset (with a task set)")
     ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
+    # e2e_* is the first table (issue 6), which placement/observations.py fits the H200 profile on
+    ap.add_argument("--results-prefix", default="e2e2", help="file prefix of the copies in --results")
     args = ap.parse_args()
     settings = PipelineSettings(
         workdir=args.workdir, teacher=args.teacher,
@@ -85,12 +87,10 @@ def main() -> None:
     run_pipeline(settings, steps)
     if "report" in steps:
         args.results.mkdir(parents=True, exist_ok=True)
-        for name, target in (("measurements.json", "e2e_measurements.json"), ("results.md", "e2e_results.md"),
-                             ("speed_quality.png", "e2e_speed_quality.png"), ("frontier.png", "e2e_frontier.png"),
-                             ("presets.json", "e2e_presets.json"), ("costs.json", "e2e_costs.json"),
-                             ("presets-constrained.json", "e2e_presets_constrained.json"),
-                             ("speculative.json", "e2e_speculative.json"), ("surrogates.json", "e2e_surrogates.json"),
-                             ("evaluations.jsonl", "e2e_evaluations.jsonl")):
+        for name in ("measurements.json", "results.md", "speed_quality.png", "frontier.png", "presets.json",
+                     "costs.json", "presets-constrained.json", "speculative.json", "surrogates.json",
+                     "evaluations.jsonl"):
+            target = f"{args.results_prefix}_{name}"
             if (args.workdir / name).exists():
                 shutil.copy(args.workdir / name, args.results / target)
 

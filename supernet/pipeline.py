@@ -436,7 +436,10 @@ def step_measure(s: PipelineSettings) -> None:
             r["tasks"].update(task_retention(r, base, tasks.lengths))
     spec = measure_speculative(model, tokenizer, haystack, rows, k=s.spec_k, new_tokens=s.spec_tokens,
                                prompts=s.spec_prompts, log=console.print)
-    payload = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()},
+    from supernet.measure.costs import device_name
+
+    payload = {"device_name": device_name(next(model.parameters()).device),
+               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()},
                "quality_metric": evaluator.metric, "presets": rows, "speculative": spec}
     if tasks is not None:
         from supernet.measure.task_sets import task_set

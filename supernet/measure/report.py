@@ -106,7 +106,7 @@ def table_markdown(measurements: dict, cost_source: dict | None = None, gpu: dic
         head += ["retrieval retention", "dev acc", "dev retention", "held-out acc", "held-out retention"]
     where = describe_cost_source(cost_source) if cost_source else "the costs.json the presets were optimised with"
     timed = (f"batch {st.get('throughput_batch')}, context {st.get('throughput_context')}, device "
-             f"{st.get('device')}" if st else "this run's setting")
+             f"{measurements.get('device_name') or st.get('device')}" if st else "this run's setting")
     lines = [f"Decode speedup: measured in one run against all-fa at {timed} (median of the timed windows, their "
              "range in brackets); predicted: the cost model's figure that the optimiser chose the preset by, "
              f"from costs {where}."]
