@@ -87,7 +87,7 @@ def main() -> None:
     run_pipeline(settings, steps)
     if "report" in steps:
         args.results.mkdir(parents=True, exist_ok=True)
-        for name in ("measurements.json", "results.md", "speed_quality.png", "frontier.png", "presets.json",
+        for name in ("measurements.json", "results.md", "summary.md", "speed_quality.png", "frontier.png", "presets.json",
                      "costs.json", "presets-constrained.json", "speculative.json", "surrogates.json",
                      "evaluations.jsonl"):
             target = f"{args.results_prefix}_{name}"

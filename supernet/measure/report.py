@@ -150,6 +150,41 @@ def table_markdown(measurements: dict, cost_source: dict | None = None, gpu: dic
     return "\n".join(lines) + "\n"
 
 
+def summary_markdown(measurements: dict) -> str:
+    """The README's narrow table: speed at each context (predicted beside the first), KL retention,
+    top-1, needle at the longest context, retrieval per length and task retention."""
+    rows = measurements["presets"]
+    main = str(measurements.get("settings", {}).get("throughput_context"))
+    extra = extra_contexts(measurements)
+    needle = list(rows[0]["needle"])[-1:] if rows and rows[0].get("needle") else []
+    info = measurements.get("task_set")
+    lengths = sorted(int(n) for n in info["retrieval_lengths"]) if info else []
+    head = ["preset", "fa/swa/gdn/kda", f"speed @{length_tag(int(main))} (predicted)"]
+    head += [f"speed @{length_tag(int(c))}" for c in extra] + ["KL retention", "top-1"]
+    head += [f"needle@{length_tag(int(k))}" for k in needle]
+    if info:
+        head += ["retrieval " + "/".join(length_tag(n) for n in lengths), "retrieval retention", "dev retention",
+                 "held-out retention"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if "same_as" in r:
+            continue
+        c = r["counts"]
+        cells = [r["preset"], f"{c['fa']}/{c['swa']}/{c['gdn']}/{c['kda']}",
+                 f"{r['decode_speedup']:.2f}x ({float(r.get('predicted_speedup') or 1.0):.2f}x)"]
+        cells += [f"{r['speed_by_context'][k]['speedup']:.2f}x" if "speedup" in r["speed_by_context"].get(k, {})
+                  else "failed" for k in extra]
+        cells += [f"{100 * r['quality_retention']:.1f}%", f"{100 * r['top1_agreement']:.1f}%"]
+        cells += [f"{100 * r['needle'][k]:.0f}%" for k in needle]
+        if info:
+            t = r["tasks"]
+            cells += ["/".join(f"{100 * t['retrieval_by_length'][str(n)]:.0f}" for n in lengths) + "%",
+                      _pct(t.get("retrieval_retention")), _pct(t.get("dev_tasks_retention")),
+                      _pct(t.get("heldout_tasks_retention"))]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
 def surrogate_quality(evaluations: Path) -> dict:
     """How well one surrogate per metric ranks placements it was not fitted on (k-fold CV Spearman,
     R^2, RMSE), fitted on every evaluated placement; {} with fewer than 10."""
@@ -312,6 +347,7 @@ def write_report(workdir: Path) -> Path:
     if spec.exists():
         md += "\n".join(speculative_lines(json.loads(spec.read_text()))) + "\n"
     (workdir / "results.md").write_text(md)
+    (workdir / "summary.md").write_text(summary_markdown(measurements))
     plot(measurements, workdir / "evaluations.jsonl", workdir / "speed_quality.png")
     print(md)
     return workdir / "results.md"
