@@ -207,6 +207,7 @@ def verify_constrained(evaluations: str | Path, costs: CostTable, objective: dic
     checks: list[Check] = []
     measured_now = 0
     cap = L  # at most this many layers changed from all-fa; lowered below each failed candidate's count
+    capping = True  # until the cap makes the speedup unreachable (then positions, not counts, must do it)
     mp = None
     for _ in range(3 * rounds):
         if measured_now >= rounds:
@@ -223,6 +224,10 @@ def verify_constrained(evaluations: str | Path, costs: CostTable, objective: dic
             # predicted infeasible: measure the placement predicted to come closest (a threshold metric
             # is often under-predicted near its feasible region); stop once that one was measured
             placement = _closest(mp, reqs, limit, teacher, speedup, solver)
+            if placement is None and cap < L:  # the speedup needs more changed layers: positions must do it
+                log(f"  no placement with <= {cap} changed layers reaches {speedup:g}x; the cap is dropped")
+                cap, capping = L, False
+                continue
             if placement is None or any(c.placement == placement for c in checks):
                 log(f"  round {len(checks) + 1}: the surrogate admits no placement at {speedup:g}x "
                     f"({', '.join(r.text for r in reqs + limit)}): {exc}")
@@ -248,14 +253,15 @@ def verify_constrained(evaluations: str | Path, costs: CostTable, objective: dic
             break
         # a failed candidate is cut off (a no-good cut). Failed on its evaluation row, the surrogate over-
         # rated it: ask for a margin (one step more) and for fewer changed layers than it has (a threshold
-        # metric fails beyond some count; a single changed layer is only cut off)
+        # metric fails beyond some count; a single changed layer is only cut off), as long as fewer
+        # changed layers can reach the speedup at all
         evaluation_failed = False
         for r in requirements:
             if not _meets(values, r, bounds[r.text]):
                 evaluation_failed = True
                 margins[r.text] += step * max(abs(bounds[r.text]), 1e-6)
         changed = sum(m != "fa" for m in placement)
-        if evaluation_failed and changed > 1:
+        if evaluation_failed and changed > 1 and capping:
             cap = min(cap, changed - 1)
 
     # evaluated placements that already met the requirements may beat the loop's pick (by measured objective)

@@ -136,3 +136,4 @@ def test_verify_preset_cli_refuses_bad_input_in_one_line(evaluations, tmp_path):
                           "cannot read requirement 'retrieval=>0.9'")
     assert_one_line_error(run(app, base + ["--presets", tmp_path / "p.json", "--require", REQUIRE]),
                           "p.json does not exist; write it with `placement optimize` first")
+
