@@ -143,7 +143,8 @@ def verify_constrained(evaluations: str | Path, costs: CostTable, objective: dic
     """The best measured placement at >= `speedup` meeting every requirement, found by at most `rounds`
     new measurements (see the module docstring).
 
-    `measure(placement)` returns an evaluations.jsonl row (the metrics of the existing rows); it is
+    `rounds=0` measures nothing new and only judges the evaluated placements. `measure(placement)`
+    returns an evaluations.jsonl row (the metrics of the existing rows); it is
     appended to `evaluations`. `confirm(placement)`, if given, returns the requirement metrics measured
     more thoroughly (e.g. more documents): a placement that meets the requirements on its evaluation row
     must meet them on its confirmation too (relative bounds against confirm(all-fa)); only those are
@@ -151,8 +152,8 @@ def verify_constrained(evaluations: str | Path, costs: CostTable, objective: dic
     after a failure, as a fraction of the bound. `probe` (how `measure` measures: metric, reference,
     data_id, tasks_spec) is checked against the file's rows first, as eval-placements checks it.
     """
-    if rounds < 1:
-        raise PlacementError("verification needs at least one round")
+    if rounds < 0:
+        raise PlacementError("verification rounds must be >= 0 (0: judge only the evaluated placements)")
     if not requirements:
         raise PlacementError("verification needs at least one requirement")
     evaluations = Path(evaluations)

@@ -30,7 +30,7 @@ def verified_preset(evaluations: str | Path, costs, requirement: str, targets: S
                     measurements: int = 12, log: Callable[[str], None] = print) -> tuple[dict | None, dict]:
     """(preset row or None, record of the search) for the first of `targets` (highest first) at which a
     measured placement meets `requirement`; at most `rounds` new measurements per target and
-    `measurements` in all."""
+    `measurements` in all (once spent, the lower targets judge only the evaluated placements)."""
     from supernet.placement.multimetric import parse_requirement
     from supernet.placement.presets import preset_name
     from supernet.placement.verify import RequirementNotVerified, verify_constrained
@@ -42,14 +42,13 @@ def verified_preset(evaluations: str | Path, costs, requirement: str, targets: S
         raise PlacementError("the verification needs at least one measurement (--rounds >= 1)")
     left, attempts, result, target = measurements, [], None, None
     for x in targets:
-        if left <= 0:
-            attempts.append(f"measurement budget ({measurements}) spent before {x:g}x")
-            break
+        if left <= 0:  # no new measurements: the evaluated placements (the earlier candidates among them) only
+            attempts.append(f"measurement budget ({measurements}) spent before {x:g}x: evaluated placements only")
         log(f"constrained preset at {x:g}x under {req.text} (verified by measurement)")
         before = sum(1 for _ in evaluations.open())
         try:
             result = verify_constrained(evaluations, costs, objective, [req], x, scorer, confirm,
-                                        rounds=min(rounds, left), probe=getattr(scorer, "probe", None), log=log)
+                                        rounds=max(0, min(rounds, left)), probe=getattr(scorer, "probe", None), log=log)
             target = x
             break
         except RequirementNotVerified as exc:
