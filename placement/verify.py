@@ -267,6 +267,9 @@ def verify_constrained(evaluations: str | Path, costs: CostTable, objective: dic
 
     # evaluated placements that already met the requirements may beat the loop's pick (by measured objective)
     data = read_evaluations(evaluations, L)
+    if mp is None:  # no round ran (rounds=0): fit once, so every kept placement records its predictions
+        surrogates = mm.fit_metric_surrogates(data.placements, data.rows, needed, pairs=pairs, method=method, seed=seed)
+        mp = mm.MultiProblem.from_surrogates(surrogates, costs)
     pool = []
     for p, row in zip(data.placements, data.rows):
         if p == all_fa or any(m not in costs.per_layer for m in p) or costs.speedup(p) < speedup - 1e-9:
@@ -279,7 +282,7 @@ def verify_constrained(evaluations: str | Path, costs: CostTable, objective: dic
         if value <= best_loop or any(c.placement == p for c in checks):
             continue
         values, checked, ok = judge(p, row)
-        predicted = {k: v for k, v in mp.values(_indices(mp, p)).items() if k in needed} if mp is not None else {}
+        predicted = {k: v for k, v in mp.values(_indices(mp, p)).items() if k in needed}
         checks.append(Check(p, float(costs.speedup(p)), predicted, values, checked, ok, "evaluated"))
         log(f"  evaluated {p.summary()} at {checks[-1].speedup:.3f}x: "
             + ", ".join(shown(values, checked, r) for r in requirements) + (" -> meets" if ok else " -> fails"))

@@ -137,3 +137,13 @@ def test_verify_preset_cli_refuses_bad_input_in_one_line(evaluations, tmp_path):
     assert_one_line_error(run(app, base + ["--presets", tmp_path / "p.json", "--require", REQUIRE]),
                           "p.json does not exist; write it with `placement optimize` first")
 
+
+
+def test_zero_rounds_judges_only_the_evaluated_placements(evaluations):
+    optimum, q_opt = brute_force(TARGET, 0.5)
+    with evaluations.open("a") as fh:
+        fh.write(json.dumps({"placement": optimum.to_list(), **truth(optimum)}) + "\n")
+    res = verify_constrained(evaluations, COSTS, {"quality": 1.0}, [parse_requirement(REQUIRE)], TARGET, measure,
+                             rounds=0, log=lambda s: None)
+    assert measure.calls == 0 and res.chosen.placement == optimum and res.chosen.source == "evaluated"
+    assert set(res.chosen.predicted) == {"quality", "retrieval"}  # predictions recorded without a round
