@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -54,53 +54,101 @@ def eval_placements(
                                              "(default 4, or the task set's)."),
     task_set: Optional[str] = typer.Option(None, "--task-set", help="Retrieval and development tasks of a named set "
                                            "(supernet/measure/task_sets.py: demo, e2e) instead of --retrieval/--dev-tasks."),
+    sparse_share: Optional[float] = typer.Option(None, "--sparse-share", help="Share of --n that changes only "
+                                                 "1..L/4 layers from all-fa (retrieval is ~0 elsewhere, so its "
+                                                 "surrogate needs them); default 0.25 when retrieval is recorded, "
+                                                 "else 0."),
 ) -> None:
     """Measure the quality of sampled placements against the teacher (resumable)."""
     with friendly_errors(ValueError, OSError):
+        from supernet.measure.placement_metrics import build_placement_scorer
         from supernet.placement.cost import analytic_costs, load_config, load_costs
-        from supernet.measure.quality import build_evaluator
         from supernet.placement.evaluate import run_campaign
 
         names = _parse_mixers(mixers)
         if n < 1:
             raise UserError("--n must be >= 1")
-        config = load_config(ckpt)
-        table = load_costs(costs) if costs is not None else analytic_costs(config, context, batch, "decode")
-        evaluator, model = build_evaluator(ckpt, data, seq_len, sequences, top_k, batch_size, teacher, gguf_file,
-                                           device)
-        console.print(f"evaluating on {evaluator.ids.numel()} tokens, metric {evaluator.metric}, "
-                      f"reference {evaluator.reference}")
-        probe = {"metric": evaluator.metric, "reference": evaluator.reference, "data_id": evaluator.data_id}
-        evaluate = evaluator
         if task_set is not None and (retrieval or dev_tasks):
             raise UserError("give --task-set or --retrieval/--dev-tasks, not both")
-        if retrieval or dev_tasks or task_set:  # task metrics per placement (supernet/measure/placement_metrics.py)
-            from supernet.measure import tasks as T
-            from supernet.measure.placement_metrics import TaskMetrics, with_task_metrics
-
-            if task_set is not None:
-                from supernet.measure.task_sets import task_set as named_set
-
-                chosen = named_set(task_set)
-                retrieval_names = chosen.retrieval_tasks()
-                dev_names = chosen.dev_tasks() if chosen.optimise_dev else []
-                limit = chosen.placement_limit if task_limit is None else task_limit
-            else:
-                retrieval_names = T.expand(retrieval) if retrieval else []
-                dev_names = T.expand(dev_tasks) if dev_tasks else []
-                limit = 4 if task_limit is None else task_limit
-            if limit < 1:
-                raise UserError("--task-limit must be >= 1")
-            from transformers import AutoTokenizer
-
-            metrics = TaskMetrics(model, AutoTokenizer.from_pretrained(str(ckpt)), retrieval_names, dev_names, limit,
-                                  log=console.print)
-            evaluate = with_task_metrics(evaluator, metrics)
-            probe["tasks_spec"] = metrics.spec
-            console.print(f"task metrics per placement: {metrics.spec}")
-        new = run_campaign(evaluate, out, n, config.num_hidden_layers, names, table, active_fraction, rounds,
-                           pairs, seed, probe=probe, log=console.print)
+        if task_limit is not None and task_limit < 1:
+            raise UserError("--task-limit must be >= 1")
+        if sparse_share is not None and not 0.0 <= sparse_share <= 1.0:
+            raise UserError("--sparse-share must be in [0, 1]")
+        config = load_config(ckpt)
+        table = load_costs(costs) if costs is not None else analytic_costs(config, context, batch, "decode")
+        scorer = build_placement_scorer(ckpt, data, seq_len, sequences, top_k, batch_size, teacher, gguf_file, device,
+                                        task_set, retrieval, dev_tasks, task_limit, log=console.print)
+        console.print(f"evaluating on {scorer.evaluator.ids.numel()} tokens, metric {scorer.evaluator.metric}, "
+                      f"reference {scorer.evaluator.reference}")
+        if scorer.metrics is not None:
+            console.print(f"task metrics per placement: {scorer.metrics.spec}")
+        if sparse_share is None:  # retrieval is a threshold metric: give its surrogate the few-changed placements
+            sparse_share = 0.25 if scorer.records_retrieval else 0.0
+        new = run_campaign(scorer, out, n, config.num_hidden_layers, names, table, active_fraction, rounds,
+                           pairs, seed, probe=scorer.probe, log=console.print, sparse_share=sparse_share)
         console.print(f"measured {new} placements; {out} is ready for `placement optimize`")
+
+
+def verify_preset(
+    ckpt: Path = typer.Argument(..., help="Supernet checkpoint the evaluations were measured on."),
+    evaluations: Path = typer.Option(..., "--evaluations", "-e", help="evaluations.jsonl (the candidates are appended)."),
+    costs_file: Path = typer.Option(..., "--costs", "-c", help="costs.json."),
+    presets: Path = typer.Option(..., "--presets", help="presets.json (from `placement optimize`); the verified "
+                                 "preset is added to it."),
+    require: str = typer.Option(..., "--require", help="The requirement, e.g. 'retrieval>=0.9*teacher'."),
+    speedup: List[float] = typer.Option(..., "--speedup", "-s", help="Target speedup; repeatable (tried highest first)."),
+    data: Path = typer.Option(..., "--data", help="The held-out text eval-placements measured on."),
+    objective: str = typer.Option("quality", help="Metric (or weighted sum) to maximise among verified placements."),
+    rounds: int = typer.Option(4, help="New measurements per speedup target."),
+    measurements: int = typer.Option(12, help="New measurements in all."),
+    confirm_limit: Optional[int] = typer.Option(None, "--confirm-limit", help="Also judge each passing candidate on this "
+                                                "many documents per task (default: the task set's report documents; "
+                                                "0: no confirmation)."),
+    seq_len: int = typer.Option(256, help="As given to eval-placements."),
+    sequences: int = typer.Option(16, help="As given to eval-placements."),
+    top_k: int = typer.Option(64, help="As given to eval-placements."),
+    batch_size: int = typer.Option(4, help="As given to eval-placements."),
+    task_set: Optional[str] = typer.Option(None, "--task-set", help="As given to eval-placements."),
+    retrieval: Optional[str] = typer.Option(None, "--retrieval", help="As given to eval-placements."),
+    dev_tasks: Optional[str] = typer.Option(None, "--dev-tasks", help="As given to eval-placements."),
+    task_limit: Optional[int] = typer.Option(None, "--task-limit", help="As given to eval-placements."),
+    device: Optional[str] = typer.Option(None, help="cuda / cpu (default: cuda when available)."),
+) -> None:
+    """A preset optimised under --require and kept only if measured to meet it: solve, measure the
+    candidate as eval-placements does (appended to --evaluations), refit, re-solve (placement/verify.py)."""
+    with friendly_errors(ValueError, OSError):
+        from supernet.measure import tasks as T
+        from supernet.measure.placement_metrics import build_placement_scorer
+        from supernet.measure.verified_preset import add_to_presets, confirm_scorer, verified_preset
+        from supernet.placement.cost import load_costs
+        from supernet.placement.multimetric import parse_objective, parse_requirement
+
+        req, weights = parse_requirement(require), parse_objective(objective)
+        table = load_costs(costs_file)
+        if not presets.exists():
+            raise UserError(f"{presets} does not exist; write it with `placement optimize` first")
+        if rounds < 1 or measurements < 1:
+            raise UserError("--rounds and --measurements must be >= 1")
+        scorer = build_placement_scorer(ckpt, data, seq_len, sequences, top_k, batch_size, None, None, device,
+                                        task_set, retrieval, dev_tasks, task_limit, log=console.print)
+        if task_set is not None:
+            from supernet.measure.task_sets import task_set as named_set
+
+            chosen = named_set(task_set)
+            names, limit = (chosen.retrieval_tasks(), chosen.dev_tasks()), chosen.report_limits()
+        else:
+            names, limit = (T.expand(retrieval) if retrieval else [], T.expand(dev_tasks) if dev_tasks else []), None
+        if confirm_limit is not None:
+            limit = confirm_limit or None
+        confirm = confirm_scorer(scorer, req.metric, *names, limit, log=console.print) if limit else None
+        row, record = verified_preset(evaluations, table, req.text, sorted(set(speedup), reverse=True), scorer, confirm,
+                                      weights, rounds, measurements, log=console.print)
+        add_to_presets(presets, row, record)
+        if row is None:
+            raise UserError(record["message"] + "; lower the speedup or relax the requirement")
+        console.print(f"wrote {presets}: {row['name']} ({row['counts']}) at {row['speedup']:.3f}x, measured "
+                      f"{req.metric} {row['measured'][req.metric]:.3f}"
+                      + (f", confirmed {row['confirmed'][req.metric]:.3f}" if row["confirmed"] else ""))
 
 
 def costs(
@@ -299,4 +347,5 @@ def register(app: typer.Typer) -> None:
     app.command("eval-placements")(eval_placements)
     app.command("costs")(costs)
     app.command("optimize")(optimize_command)
+    app.command("verify-preset")(verify_preset)
     app.command("install-presets")(install_presets)

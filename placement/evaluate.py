@@ -48,14 +48,20 @@ def check_compatible(existing_rows: list[dict], row: dict, path: str | Path) -> 
             )
 
 
+def _sparse_left(share: float, n_total: int, rows: list[dict]) -> int:
+    """Sparse rows still owed: `share` of n_total, less those measured before (a resumed campaign)."""
+    return max(0, int(round(share * n_total)) - sum(r.get("design") == "sparse" for r in rows))
+
+
 def run_campaign(evaluate: Callable[[Placement], dict], out: str | Path, n_total: int, num_layers: int,
                  mixers: Sequence[str] = MIXERS, costs: Any = None, active_fraction: float = 0.25,
                  rounds: int = 3, pairs: str = "nn", seed: int = 0, progress: bool = True,
-                 probe: dict | None = None, log: Callable[[str], None] = print) -> int:
+                 probe: dict | None = None, log: Callable[[str], None] = print, sparse_share: float = 0.0) -> int:
     """Measure placements until `out` holds `n_total` rows; returns how many were measured now.
 
     Resumable: rows already in `out` are kept and never re-measured. The first (1 - active_fraction)
-    of the rows follow the space-filling design (see sampling.py); the rest come from `rounds`
+    of the rows follow the space-filling design (see sampling.py; `sparse_share` of them change only a
+    few layers, which a threshold-like metric such as retrieval needs); the rest come from `rounds`
     active-learning rounds that refit the surrogate and measure its predicted frontier (needs costs).
     """
     from tqdm.auto import tqdm
@@ -66,6 +72,8 @@ def run_campaign(evaluate: Callable[[Placement], dict], out: str | Path, n_total
         raise PlacementError("--n must be >= 1")
     if not 0.0 <= active_fraction < 1.0:
         raise PlacementError("--active-fraction must be in [0, 1)")
+    if not 0.0 <= sparse_share <= 1.0:
+        raise PlacementError("--sparse-share must be in [0, 1]")
     mixers = tuple(mixers)
     existing = read_evaluations(out, num_layers, allow_empty=True)
     if probe is not None and existing.rows:
@@ -96,7 +104,9 @@ def run_campaign(evaluate: Callable[[Placement], dict], out: str | Path, n_total
             bar.set_postfix(quality=f"{result['quality']:.4f}")
 
     base = initial_design(max(0, n_total - n_active - count), num_layers, len(mixers), rng, measured,
-                          reference=mixers.index("fa") if "fa" in mixers else 0)
+                          reference=mixers.index("fa") if "fa" in mixers else 0,
+                          sparse_share=_sparse_left(sparse_share, n_total, existing.rows)
+                          / max(1, n_total - n_active - count))
     if len(base):
         measure(np.stack(base.rows), base.kinds, "placements")
     for r in range(rounds if n_active else 0):

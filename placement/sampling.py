@@ -6,6 +6,11 @@
   vector uniformly from the simplex first, then a random arrangement with those counts; this covers
   the very fast (mostly linear) and very accurate (mostly attention) ends the optimiser cares about;
 - uniform random: unbiased pair statistics;
+- sparse (few changed layers): 1..L/4 non-reference layers, scattered or in one contiguous block. A
+  threshold-like metric such as long-context retrieval is ~0 on almost every random placement (they
+  change about half the layers) and only nonzero when few layers lose the long context, so without
+  these rows its surrogate never sees the feasible region a requirement like `retrieval >= 0.9 x
+  teacher` lives in (off by default; eval-placements turns it on when it records retrieval);
 - active learning: fit the surrogate on what was measured so far and measure its predicted Pareto
   frontier (and small perturbations of it), where a wrong prediction would change the presets.
 """
@@ -15,7 +20,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-DESIGN_KINDS = ("single", "one-changed", "stratified", "uniform", "active")
+DESIGN_KINDS = ("single", "one-changed", "sparse", "stratified", "uniform", "active")
 
 
 def uniform(n: int, num_layers: int, num_mixers: int, rng: np.random.Generator) -> np.ndarray:
@@ -57,6 +62,31 @@ def one_changed(num_layers: int, num_mixers: int, base: int = 0) -> np.ndarray:
     return np.asarray(rows, dtype=np.int64).reshape(-1, num_layers)
 
 
+def sparse(n: int, num_layers: int, num_mixers: int, rng: np.random.Generator, reference: int = 0,
+           max_changed: int | None = None, grouped_share: float = 0.5) -> np.ndarray:
+    """n placements of all-`reference` with k ~ U{1..max_changed} layers changed to other mixers.
+
+    max_changed defaults to L/4. A `grouped_share` of them change one contiguous block of k layers
+    (a run of layers without long context), the rest k layers at random positions. Half of the rows
+    give all k layers one mixer (so the data show how many layers of each mixer a threshold metric
+    tolerates), the others a random mixer per layer.
+    """
+    if n <= 0 or num_mixers < 2:
+        return np.zeros((0, num_layers), dtype=np.int64)
+    top = max(1, min(num_layers, max_changed if max_changed is not None else num_layers // 4))
+    others = np.array([m for m in range(num_mixers) if m != reference])
+    rows = np.full((n, num_layers), reference, dtype=np.int64)
+    for r in rows:
+        k = int(rng.integers(1, top + 1))
+        if rng.random() < grouped_share:
+            start = int(rng.integers(0, num_layers - k + 1))
+            where = np.arange(start, start + k)
+        else:
+            where = rng.choice(num_layers, size=k, replace=False)
+        r[where] = rng.choice(others) if rng.random() < 0.5 else rng.choice(others, size=k)
+    return rows
+
+
 class Design:
     """An ordered, de-duplicated list of placements to measure, each tagged with how it was chosen."""
 
@@ -86,14 +116,22 @@ class Design:
 
 def initial_design(n: int, num_layers: int, num_mixers: int, rng: np.random.Generator,
                    measured: Iterable[tuple[int, ...]] = (), reference: int = 0,
-                   one_changed_share: float = 0.3, stratified_share: float = 0.5) -> Design:
-    """Up to n new placements: corners, one-layer changes (<= 30%), then stratified and uniform halves."""
+                   one_changed_share: float = 0.3, stratified_share: float = 0.5,
+                   sparse_share: float = 0.0) -> Design:
+    """Up to n new placements: corners, one-layer changes (<= 30%), few-changed-layer placements
+    (`sparse_share` of n, see `sparse`), then stratified and uniform halves of the rest."""
     design = Design(measured)
     design.add(singles(num_layers, num_mixers), "single", limit=n)
     if num_mixers > 1:
         changes = one_changed(num_layers, num_mixers, reference)
         design.add(changes[rng.permutation(len(changes))], "one-changed",
                    limit=min(n - len(design), int(round(one_changed_share * n))))
+    n_sparse = min(n - len(design), int(round(sparse_share * n)))
+    for _ in range(20 if num_mixers > 1 else 0):
+        need = n_sparse - sum(k == "sparse" for k in design.kinds)
+        if need <= 0:
+            break
+        design.add(sparse(need, num_layers, num_mixers, rng, reference), "sparse", limit=need)
     rest = n - len(design)
     n_strat = int(round(stratified_share * rest))
     for _ in range(20):  # re-draw until the quota is met (duplicates are rare except for tiny L)

@@ -89,6 +89,16 @@ class PipelineSettings:
     # with a task set: one more preset optimised under this requirement, beside the unconstrained ones
     constrained_require: str | None = "retrieval>=0.9*teacher"
     device: str = "auto"
+    # eval-placements --sparse-share: placements with 1..L/4 layers changed from all-fa (None: its default,
+    # 0.25 of --n when retrieval is recorded, since retrieval is ~0 on random placements)
+    eval_sparse_share: float | None = None
+    # the constrained preset is verified (placement/verify.py): at most this many new measurements per speedup
+    # target, and at most constrained_measurements in all
+    constrained_rounds: int = 4
+    constrained_measurements: int = 12
+    # judge a constrained candidate also on the documents the report scores presets on (the task set's report
+    # limits), so the preset kept keeps its requirement in the report too
+    constrained_confirm: bool = True
 
     @property
     def ckpt_init(self) -> Path:
@@ -245,7 +255,9 @@ def step_evaluate(s: PipelineSettings) -> None:
         "eval-placements", str(s.trained), "--data", s.eval_data, "--n", str(s.eval_n), "--out", str(out),
         "--seq-len", str(s.eval_seq_len), "--sequences", str(s.eval_sequences), "--batch-size", str(s.eval_batch),
         "--context", str(s.cost_context), "--batch", str(s.cost_batch), "--device", _device(s),
-    ] + (["--task-set", s.task_set] if s.task_set else []), s.workdir / "log.txt", seconds=s.eval_seconds)
+    ] + (["--task-set", s.task_set] if s.task_set else [])
+      + (["--sparse-share", str(s.eval_sparse_share)] if s.eval_sparse_share is not None else []),
+        s.workdir / "log.txt", seconds=s.eval_seconds)
     if not finished:
         done = _count_lines(out)
         if done < s.eval_min:
@@ -296,39 +308,41 @@ def step_presets(s: PipelineSettings) -> None:
 
 def add_constrained_preset(s: PipelineSettings, presets_json: Path, speedups: list[float]) -> None:
     """One more preset, optimised for quality under `s.constrained_require` (e.g. retrieval >= 0.9 x the
-    teacher), at the middle speedup target, else the fastest feasible of the lower targets and of points
-    between the lowest and 1x (where a CPU's few reachable speedups all lose retrieval), appended to
-    presets.json as `<name>-<metric>` with its requirement and predicted metrics."""
-    from supernet.io_utils import atomic_write_text
+    teacher) and verified by measurement (supernet/measure/verified_preset.py, placement/verify.py): each
+    candidate is measured with eval-placements' scorer (appended to evaluations.jsonl and refitted) and
+    confirmed on the report's documents; the best measured placement that meets the requirement is kept.
+    Targets: the middle speedup, else the lower ones and points between the lowest and 1x (where a CPU's
+    few reachable speedups all lose retrieval). Appended to presets.json as `<name>-<metric>` with its
+    measured metrics; when no target admits a verified placement: no preset, and the message (also in
+    presets.json under "constrained")."""
+    from supernet.measure.placement_metrics import build_placement_scorer
+    from supernet.measure.task_sets import task_set
+    from supernet.measure.verified_preset import add_to_presets, confirm_scorer, verified_preset
+    from supernet.placement.cost import load_costs
     from supernet.placement.multimetric import parse_requirement
 
     requirement = parse_requirement(s.constrained_require)
-    side = s.workdir / "presets-constrained.json"
     order = sorted(speedups)
     middle = len(order) // 2
     below = [round(1 + (order[0] - 1) * f, 3) for f in (0.75, 0.5, 0.25)] if order and order[0] > 1.01 else []
-    for x in [order[middle]] + order[:middle][::-1] + below:
-        cmd = [sys.executable, "-m", "supernet.cli.placement_cli", "optimize", "--evaluations",
-               str(s.workdir / "evaluations.jsonl"), "--costs", str(s.workdir / "costs.json"), "--out", str(side),
-               "--objective", "quality", "--require", s.constrained_require, "--speedup", str(x)]
-        try:
-            _run(cmd, s.workdir / "log.txt")
-            break
-        except RuntimeError:
-            console.print(f"[yellow]no preset at {x}x meets {s.constrained_require}; trying a lower speedup[/]")
+    targets = list(dict.fromkeys([order[middle]] + order[:middle][::-1] + below))
+    # the scorer eval-placements measured evaluations.jsonl with (the evaluate step's options)
+    scorer = build_placement_scorer(s.trained, s.eval_data, s.eval_seq_len, s.eval_sequences, 64, s.eval_batch,
+                                    device=_device(s), task_set=s.task_set, log=console.print)
+    chosen = task_set(s.task_set)
+    confirm = confirm_scorer(scorer, requirement.metric, chosen.retrieval_tasks(), chosen.dev_tasks(),
+                             chosen.report_limits(), corpus=s.eval_data, log=console.print) if s.constrained_confirm else None
+    row, record = verified_preset(s.workdir / "evaluations.jsonl", load_costs(s.workdir / "costs.json"),
+                                  requirement.text, targets, scorer, confirm, rounds=s.constrained_rounds,
+                                  measurements=s.constrained_measurements, log=console.print)
+    if row is None:
+        console.print(f"[yellow]{record['message']}[/]")
     else:
-        console.print(f"[yellow]no speedup target admits {s.constrained_require}: no constrained preset[/]")
-        return
-    data, extra = json.loads(presets_json.read_text()), json.loads(side.read_text())
-    taken = {p["name"] for p in data["presets"]}
-    for row in extra["presets"]:
-        row = {**row, "name": f"{row['name']}-{requirement.metric}", "requirements": [requirement.text],
-               "objective": extra["multi_metric"]["objective"], "teacher": extra["multi_metric"]["teacher"]}
-        if row["name"] not in taken:
-            data["presets"].append(row)
-    data["constrained"] = {"requirements": [requirement.text], "file": side.name,
-                           "multi_metric": extra["multi_metric"]}
-    atomic_write_text(presets_json, json.dumps(data, indent=2) + "\n")
+        console.print(f"[green]constrained preset {row['name']}[/]: {row['counts']} at {row['speedup']:.3f}x, measured "
+                      f"{requirement.metric} {row['measured'][requirement.metric]:.3f}"
+                      + (f", confirmed {row['confirmed'][requirement.metric]:.3f}" if row["confirmed"] else "")
+                      + f", quality {row['measured']['quality']:.4f}")
+    add_to_presets(presets_json, row, record)
 
 
 def install_presets(ckpt: Path, presets_json: Path, out: Path) -> None:

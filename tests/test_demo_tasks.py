@@ -22,26 +22,46 @@ TINY_SET = dict(retrieval=("ruler_niah_256", "ruler_multikey_256"), dev=("bb_gen
                 heldout=("bb_human_organs_senses",), placement_limit=1, report_docs=3, report_examples=6)
 
 
+def planted_truth(p) -> dict:
+    """Quality: every cheap layer costs a little. Retrieval: a threshold, kept (0.8) while at most one
+    layer of the second half is not FA, else 0.1 (what an additive surrogate mispredicts)."""
+    penalty = {"fa": 0.0, "swa": 0.002, "gdn": 0.006, "kda": 0.005}
+    lost = sum(m != "fa" for m in p[len(p) // 2:])
+    return {"quality": 1.0 - sum(penalty[m] for m in p), "retrieval": 0.8 if lost <= 1 else 0.1,
+            "metric": "planted", "tasks_spec": "planted"}
+
+
+class PlantedScorer:
+    """Stands in for eval-placements' scorer in the constrained preset's verification (no model)."""
+
+    probe = {"metric": "planted", "tasks_spec": "planted"}
+    model = tokenizer = None
+
+    def __init__(self) -> None:
+        self.measured = []
+
+    def __call__(self, placement) -> dict:
+        self.measured.append(placement.to_list())
+        return planted_truth(list(placement))
+
+
 def write_planted_evaluations(path, num_layers: int, n: int = 48) -> None:
-    """Quality: every cheap layer costs a little; retrieval: lost with the FA layers of the second half."""
     import numpy as np
 
     from supernet.layout import MIXERS
 
     rng = np.random.default_rng(1)
-    penalty = {"fa": 0.0, "swa": 0.002, "gdn": 0.006, "kda": 0.005}
     rows = [["fa"] * num_layers] + [[MIXERS[i] for i in rng.integers(0, 4, num_layers)] for _ in range(n - 1)]
     with path.open("w") as fh:
         for p in rows:
-            quality = 1.0 - sum(penalty[m] for m in p) + 1e-4 * rng.normal()
-            retrieval = 0.8 - 0.7 * sum(m != "fa" for m in p[num_layers // 2:]) / (num_layers - num_layers // 2)
-            fh.write(json.dumps({"placement": p, "quality": quality, "retrieval": retrieval, "metric": "planted",
-                                 "tasks_spec": "planted"}) + "\n")
+            row = planted_truth(p)
+            row["quality"] += 1e-4 * rng.normal()
+            fh.write(json.dumps({"placement": p, **row}) + "\n")
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from supernet.measure import task_sets
+    from supernet.measure import placement_metrics, task_sets
     from supernet.pipeline import PipelineSettings, step_convert, step_measure, step_presets, step_report
     from supernet.placement.cost import analytic_costs, load_config
     from supernet.threads import torch_threads
@@ -54,12 +74,14 @@ def tiny_run(tmp_path_factory):
         swa_window=8, eval_batch=2, cost_context=256, cost_batch=8, measure_costs=False, speedups=[1.3, 1.6, 1.9],
         quality_seq_len=32, quality_sequences=2, throughput_batch=1, throughput_context=32, throughput_tokens=2,
         throughput_rounds=1, throughput_windows=1, needle_contexts=[], spec_k=2, spec_tokens=4, spec_prompts=1,
-        task_set="tiny", constrained_require="retrieval>=0.9*teacher", device="cpu",
+        task_set="tiny", constrained_require="retrieval>=0.9*teacher", device="cpu", constrained_confirm=False,
     )
     saved = dict(task_sets.TASK_SETS)
     task_sets.TASK_SETS["tiny"] = task_sets.TaskSet("tiny", note="test", **TINY_SET)
+    scorer = PlantedScorer()
     try:
-        with torch_threads(1):
+        with torch_threads(1), pytest.MonkeyPatch.context() as mp:
+            mp.setattr(placement_metrics, "build_placement_scorer", lambda *a, **k: scorer)
             s.workdir.mkdir(parents=True)
             step_convert(s)
             shutil.copytree(s.ckpt_init, s.trained)  # stands in for the distilled checkpoint
@@ -71,22 +93,31 @@ def tiny_run(tmp_path_factory):
     finally:
         task_sets.TASK_SETS.clear()
         task_sets.TASK_SETS.update(saved)
+    s.planted_measured = scorer.measured
     return s
 
 
-def test_constrained_preset_is_in_presets_json_with_its_predicted_metrics(tiny_run):
+def test_constrained_preset_is_verified_by_measurement(tiny_run):
     presets = json.loads((tiny_run.workdir / "presets.json").read_text())
     constrained = [p for p in presets["presets"] if p.get("requirements")]
     assert len(constrained) == 1
     row = constrained[0]
     assert row["name"].endswith("-retrieval") and row["requirements"] == ["retrieval>=0.9*teacher"]
+    assert row["verified"] is True and presets["constrained"]["verified"] is True
     assert set(row["predicted"]) == {"quality", "retrieval"}
     teacher = row["teacher"]["retrieval"]
-    assert row["predicted"]["retrieval"] >= 0.9 * teacher - 1e-9  # the optimiser kept the requirement
+    # kept by measurement: the planted truth of the preset's placement meets the requirement
+    assert row["measured"]["retrieval"] == planted_truth(row["placement"])["retrieval"] >= 0.9 * teacher - 1e-9
+    assert row["speedup"] >= row["target_speedup"] - 1e-9
+    # every candidate measured was appended to evaluations.jsonl (the refit saw it)
+    rows = [json.loads(line) for line in (tiny_run.workdir / "evaluations.jsonl").open()]
+    assert [r["placement"] for r in rows if r.get("design") == "verify"] == tiny_run.planted_measured
+    checks = presets["constrained"]["checks"]  # what was judged, and the kept one among those that met it
+    assert any(ch["meets"] and ch["placement"] == row["placement"] for ch in checks)
     free = [p for p in presets["presets"] if not p.get("requirements")]
     assert all("retrieval" in p["predicted"] for p in free)  # unconstrained presets record every metric too
     # the planted retrieval needs FA in the second half, so the unconstrained fastest preset loses it
-    assert min(p["predicted"]["retrieval"] for p in free) < 0.9 * teacher
+    assert planted_truth(max(free, key=lambda p: p["speedup"])["placement"])["retrieval"] < 0.9 * teacher
     config = json.loads((tiny_run.final / "config.json").read_text())
     assert row["name"] in config["presets"]  # installed into the checkpoint like the others
 

@@ -90,3 +90,57 @@ def with_task_metrics(evaluate, metrics: TaskMetrics):
         row.update(metrics(placement))
         return row
     return run
+
+
+class PlacementScorer:
+    """What `eval-placements` measures per placement (KL quality, top-1 and the task metrics), as one
+    callable with the probe that identifies how it measures (metric, reference, data, tasks).
+
+    Built in one place so that the pipeline's verification of a constrained preset measures a candidate
+    exactly as the evaluations it appends to were measured (evaluations.jsonl refuses other rows).
+    """
+
+    def __init__(self, evaluator: Any, model: Any, tokenizer: Any, metrics: TaskMetrics | None) -> None:
+        self.evaluator, self.model, self.tokenizer, self.metrics = evaluator, model, tokenizer, metrics
+        self.probe = {"metric": evaluator.metric, "reference": evaluator.reference, "data_id": evaluator.data_id}
+        if metrics is not None:
+            self.probe["tasks_spec"] = metrics.spec
+        self.records_retrieval = bool(metrics is not None and metrics.retrieval)
+
+    def __call__(self, placement: Placement) -> dict:
+        row = self.evaluator(placement)
+        if self.metrics is not None:
+            row.update(self.metrics(placement))
+        return row
+
+
+def build_placement_scorer(ckpt, data, seq_len: int = 256, sequences: int = 16, top_k: int = 64,
+                           batch_size: int = 4, teacher: str | None = None, gguf_file: str | None = None,
+                           device: str | None = None, task_set: str | None = None, retrieval: str | None = None,
+                           dev_tasks: str | None = None, task_limit: int | None = None, log=print) -> PlacementScorer:
+    """The scorer of `eval-placements` with these options (see its --help); bad options raise T.TaskError."""
+    from supernet.measure.quality import build_evaluator
+
+    if task_set is not None and (retrieval or dev_tasks):
+        raise T.TaskError("give --task-set or --retrieval/--dev-tasks, not both")
+    evaluator, model = build_evaluator(ckpt, data, seq_len, sequences, top_k, batch_size, teacher, gguf_file, device)
+    if not (retrieval or dev_tasks or task_set):
+        return PlacementScorer(evaluator, model, None, None)
+    if task_set is not None:
+        from supernet.measure.task_sets import task_set as named_set
+
+        chosen = named_set(task_set)
+        retrieval_names = chosen.retrieval_tasks()
+        dev_names = chosen.dev_tasks() if chosen.optimise_dev else []
+        limit = chosen.placement_limit if task_limit is None else task_limit
+    else:
+        retrieval_names = T.expand(retrieval) if retrieval else []
+        dev_names = T.expand(dev_tasks) if dev_tasks else []
+        limit = 4 if task_limit is None else task_limit
+    if limit < 1:
+        raise T.TaskError("--task-limit must be >= 1")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
+    metrics = TaskMetrics(model, tokenizer, retrieval_names, dev_names, limit, log=log)
+    return PlacementScorer(evaluator, model, tokenizer, metrics)
