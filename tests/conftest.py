@@ -46,6 +46,15 @@ def smollm2_dir() -> Path:
     return smollm2_hf_dir()
 
 
+@pytest.fixture(scope="session")
+def smollm2_supernet_dir(smollm2_dir, tmp_path_factory) -> Path:
+    """SmolLM2 converted to a supernet checkpoint (`convert_teacher`, default options) once for the
+    session: several modules read it (~0.5 GB to write each time); none may write into it."""
+    from supernet.convert import convert_teacher
+
+    return convert_teacher(smollm2_dir, tmp_path_factory.mktemp("smollm2-supernet") / "ckpt")
+
+
 # imports vLLM, which patches its own copy of fla's kernels: runs after the others
 _INTERPRETED_LAST = ("tests.test_serving_fla_path",)
 _INTERPRETED_CHILD = """
