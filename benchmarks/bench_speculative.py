@@ -46,12 +46,6 @@ from benchmarks.common import device_name, print_table, write_results  # noqa: E
 DATA_DIR = Path(os.environ.get("SUPERNET_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 # held-out text first; long contexts at large batches need more tokens than it has, then the training text
 DATA_FILES = [DATA_DIR / "pydocs-eval.jsonl", DATA_DIR / "pydocs-train.jsonl"]
-WARMUP_STEPS = 3  # GraphedStep: two eager warm-ups, then the capture
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def converted_dir() -> Path:
@@ -102,67 +96,21 @@ def checkpoint(args) -> tuple[Path, str]:
 
 
 def corpus_prompts(tokenizer, batch: int, length: int) -> torch.Tensor:
-    ids: list[int] = []
-    rows = []
-    for path in [p for p in DATA_FILES if p.exists()]:
-        for line in path.open():
-            ids += tokenizer(json.loads(line)["text"])["input_ids"]
-            while len(ids) >= length and len(rows) < batch:
-                rows.append(ids[:length])
-                ids = ids[length:]
-            if len(rows) == batch:
-                return torch.tensor(rows)
-    raise SystemExit(f"corpora {[str(p) for p in DATA_FILES]} hold fewer than {batch} x {length} tokens; "
-                     "set SUPERNET_DATA to a folder with pydocs-eval.jsonl / pydocs-train.jsonl")
+    from supernet.measure.speculative import corpus_prompts as cut
+
+    texts = [json.loads(line)["text"] for path in DATA_FILES if path.exists() for line in path.open()]
+    try:
+        return cut(tokenizer, texts, batch, length)
+    except ValueError:
+        raise SystemExit(f"corpora {[str(p) for p in DATA_FILES]} hold fewer than {batch} x {length} tokens; "
+                         "set SUPERNET_DATA to a folder with pydocs-eval.jsonl / pydocs-train.jsonl") from None
 
 
-@torch.no_grad()
 def target_alone(model, prompts, target, new_tokens: int, ks) -> tuple[list[list[int]], float, dict[int, float]]:
     """(tokens, seconds of the decode phase, {k: token_fraction}) of the target alone."""
-    from supernet.cache import SupernetCache
-    from supernet.speculative import _StaticRows
-    from supernet.static_decode import StaticDecoder
+    from supernet.measure.speculative import time_target_alone
 
-    device = prompts.device
-    graphs = device.type == "cuda"
-    cache = SupernetCache(model.config.num_hidden_layers)
-    first = model(prompts, past_key_values=cache, use_cache=True, placement=target, logits_to_keep=1).logits[:, -1:].argmax(-1)
-    decoder = StaticDecoder(model, target, cache, max_new_tokens=new_tokens, cuda_graph=graphs)
-    decoder.start(first)
-    tokens = [first]
-    warm = WARMUP_STEPS if graphs else 1  # the first steps (graph warm-up and capture) are not timed
-    for _ in range(warm):
-        tokens.append(decoder.step().clone())
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(new_tokens - 1 - warm):
-        tokens.append(decoder.step().clone())
-    sync(device)
-    seconds = time.perf_counter() - t0
-    # the token cost: a (k+1)-token step of the target against its 1-token step, same cache
-    decoder.finish()
-    rows = _StaticRows(model, model.config.resolve(target), cache, capacity=cache.seen_tokens + 4 * max(ks) + 8,
-                       lookahead=max(ks) + 1, history_slots=max(ks) + 2, step_tokens=tuple(sorted({1, *[k + 1 for k in ks]})),
-                       cuda_graph=graphs)
-    position = torch.full((prompts.shape[0],), cache.seen_tokens, device=device)
-
-    def step_time(t: int) -> float:
-        feed = torch.zeros(prompts.shape[0], t, dtype=torch.long, device=device)
-        for _ in range(WARMUP_STEPS if graphs else 0):
-            rows.run(feed, position, slot=1)
-        times = []
-        for _ in range(5):
-            sync(device)
-            t1 = time.perf_counter()
-            for _ in range(10):
-                rows.run(feed, position, slot=1)
-            sync(device)
-            times.append((time.perf_counter() - t1) / 10)
-        return sorted(times)[2]
-
-    one = step_time(1)
-    fractions = {k: max(0.0, (step_time(k + 1) - one) / (k * one)) for k in ks}
-    return torch.cat(tokens, 1).tolist(), seconds / (new_tokens - 1 - warm), fractions
+    return time_target_alone(model, prompts, target, new_tokens, ks)
 
 
 def out_path(args) -> Path:

@@ -1,5 +1,6 @@
-"""The whole pipeline, step by step: convert -> distill -> evaluate placements -> costs -> presets ->
-measure each preset (speed, quality, retrieval, benchmark tasks) -> self-speculative decoding.
+"""The whole pipeline, step by step: convert -> transfer (optional) -> distill -> evaluate placements ->
+costs -> presets -> measure each preset (speed, quality, retrieval, benchmark tasks) -> self-speculative
+decoding.
 
 A library module at the top of the package, not under cli/ or measure/: it is the workflow that
 strings the commands together (convert, distill, eval-placements, costs and optimize run as the
@@ -15,8 +16,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +29,7 @@ from rich.console import Console
 
 console = Console(stderr=True)
 REPO = Path(__file__).resolve().parents[1]
-STEPS = ("convert", "distill", "evaluate", "costs", "presets", "measure", "report")
+STEPS = ("convert", "transfer", "distill", "evaluate", "costs", "presets", "measure", "speculative", "report")
 
 
 @dataclass
@@ -39,10 +42,17 @@ class PipelineSettings:
     distill_config: str = "training/configs/smollm2_h100.yaml"
     distill_steps: int = 400
     distill_set: list[str] = field(default_factory=list)
+    # the recipe's first stage (issue 17): layer-local transfer for transfer_steps before distillation
+    # (0: none, distillation starts from the converted teacher)
+    transfer_steps: int = 0
+    transfer_config: str = "training/configs/transfer_smollm2_h100.yaml"
+    transfer_set: list[str] = field(default_factory=list)
     eval_n: int = 200
     eval_seq_len: int = 512
     eval_sequences: int = 32
     eval_batch: int = 8
+    eval_seconds: float | None = None  # time budget of the evaluate step (None: until eval_n)
+    eval_min: int = 40  # with eval_seconds: fewer evaluations than this is a failure
     cost_context: int = 8192
     cost_batch: int = 64
     measure_costs: bool = True
@@ -52,6 +62,12 @@ class PipelineSettings:
     quality_sequences: int = 64
     throughput_batch: int = 64
     throughput_context: int = 8192
+    # further contexts at which every preset's decode speed is timed against all-fa (e.g. 32768); the
+    # table's first speed column stays throughput_context, the contexts the presets were optimised at
+    extra_contexts: list[int] = field(default_factory=list)
+    extra_context_rounds: int = 2
+    # also measure all-swa, all-gdn and all-kda beside the presets (the recipe's per-mixer retention)
+    measure_uniform: bool = False
     throughput_tokens: int = 64
     throughput_rounds: int = 3  # timed passes over all presets in turn; the median of all windows counts
     throughput_windows: int = 2  # timed windows of throughput_tokens steps after each prefill
@@ -60,6 +76,13 @@ class PipelineSettings:
     spec_k: int = 4
     spec_tokens: int = 128
     spec_prompts: int = 4
+    # self-speculation in the batched engine (graphed on CUDA) at these batches and spec_context, with
+    # every preset >= 1.5x as a draft and the cost model's pick (the speculative step); []: not run
+    spec_batches: list[int] = field(default_factory=list)
+    spec_context: int = 8192
+    spec_ks: list[int] = field(default_factory=lambda: [2, 4])
+    spec_batched_tokens: int = 64
+    spec_min_speedup: float = 1.5  # drafts: presets measured at least this much faster than all-fa
     # benchmark tasks (supernet/measure/task_sets.py): retrieval and development tasks per evaluated placement,
     # and per preset retrieval, development and held-out task accuracy in the report; None: no tasks
     task_set: str | None = None
@@ -70,6 +93,15 @@ class PipelineSettings:
     @property
     def ckpt_init(self) -> Path:
         return self.workdir / "supernet-init"
+
+    @property
+    def transfer_dir(self) -> Path:
+        return self.workdir / "transfer"
+
+    @property
+    def distill_start(self) -> Path:
+        """The checkpoint distillation starts from: transfer's result, else the converted teacher."""
+        return self.transfer_dir / "final" if self.transfer_steps else self.ckpt_init
 
     @property
     def distill_dir(self) -> Path:
@@ -114,20 +146,42 @@ def demo_settings(workdir: Path, train_data: str, eval_data: str) -> PipelineSet
     )
 
 
-def _run(cmd: list[str], log: Path) -> None:
-    """Run one CLI step, echoing its output to the console and a log file; fail loudly."""
+def _run(cmd: list[str], log: Path, seconds: float | None = None) -> bool:
+    """Run one CLI step, echoing its output to the console and a log file; fail loudly.
+
+    With `seconds`, a step still running then is interrupted (SIGINT: Python stops between two
+    statements, so a resumable step's last appended record is whole) and False is returned."""
     console.print(f"$ {' '.join(cmd)}", style="bold cyan", markup=False)
     log.parent.mkdir(parents=True, exist_ok=True)
+    deadline = None if seconds is None else time.monotonic() + seconds
+    interrupted = False
     with log.open("a") as fh:
         fh.write(f"\n$ {' '.join(cmd)}\n")
         fh.flush()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
         assert proc.stdout is not None
+        if deadline is not None:
+            threading.Thread(target=_interrupt_at, args=(proc, deadline), daemon=True).start()
         for line in proc.stdout:
             sys.stderr.write(line)
             fh.write(line)
-        if proc.wait() != 0:
+        code = proc.wait()
+        interrupted = deadline is not None and time.monotonic() >= deadline
+        if code != 0 and not interrupted:
             raise RuntimeError(f"step failed ({' '.join(cmd[:3])} ...): see {log}")
+    return not interrupted
+
+
+def _interrupt_at(proc: subprocess.Popen, deadline: float) -> None:
+    while proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(1.0)
+    if proc.poll() is None:
+        console.print("[yellow]time budget reached: interrupting the step[/]")
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def _supernet() -> list[str]:
@@ -149,29 +203,56 @@ def step_convert(s: PipelineSettings) -> None:
     _run(_supernet() + ["convert", s.teacher, str(s.ckpt_init), "--swa-window", str(s.swa_window)], s.workdir / "log.txt")
 
 
+def _training_command(s: PipelineSettings, stage: str, config: str, out_dir: Path, steps: int, student: Path,
+                      overrides: list[str]) -> list[str]:
+    cmd = _supernet() + [
+        stage, config, "--out-dir", str(out_dir), "--max-steps", str(steps),
+        "--set", f"student.path={student}", "--set", f"teacher.path={s.teacher}",
+        "--set", f"data.train=[{s.train_data}]", "--set", f"data.eval=[{s.eval_data}]",
+    ]
+    for item in overrides:
+        cmd += ["--set", item]
+    return cmd
+
+
+def step_transfer(s: PipelineSettings) -> None:
+    """Layer-local transfer (every trainable mixer regresses the teacher attention's output), the
+    recipe's first stage; skipped when transfer_steps is 0. Resumes from its own checkpoints."""
+    if not s.transfer_steps or (s.distill_start / "config.json").exists():
+        return
+    _run(_training_command(s, "transfer", s.transfer_config, s.transfer_dir, s.transfer_steps, s.ckpt_init,
+                           s.transfer_set), s.workdir / "log.txt")
+
+
 def step_distill(s: PipelineSettings) -> None:
     if (s.trained / "config.json").exists():
         return
-    cmd = _supernet() + [
-        "distill", s.distill_config, "--out-dir", str(s.distill_dir), "--max-steps", str(s.distill_steps),
-        "--set", f"student.path={s.ckpt_init}", "--set", f"teacher.path={s.teacher}",
-        "--set", f"data.train=[{s.train_data}]", "--set", f"data.eval=[{s.eval_data}]",
-    ]
-    for item in s.distill_set:
-        cmd += ["--set", item]
-    _run(cmd, s.workdir / "log.txt")
+    _run(_training_command(s, "distill", s.distill_config, s.distill_dir, s.distill_steps, s.distill_start,
+                           s.distill_set), s.workdir / "log.txt")
+
+
+def _count_lines(path: Path) -> int:
+    return sum(1 for _ in path.open()) if path.exists() else 0
 
 
 def step_evaluate(s: PipelineSettings) -> None:
+    """Placements measured for the surrogate, up to eval_n; with eval_seconds, as many as fit in that
+    time (at least eval_min), so that one GPU allocation still reaches the later steps."""
     out = s.workdir / "evaluations.jsonl"
-    done = sum(1 for _ in out.open()) if out.exists() else 0
-    if done >= s.eval_n:
+    if _count_lines(out) >= s.eval_n:
         return
-    _run(_supernet() + [
+    finished = _run(_supernet() + [
         "eval-placements", str(s.trained), "--data", s.eval_data, "--n", str(s.eval_n), "--out", str(out),
         "--seq-len", str(s.eval_seq_len), "--sequences", str(s.eval_sequences), "--batch-size", str(s.eval_batch),
         "--context", str(s.cost_context), "--batch", str(s.cost_batch), "--device", _device(s),
-    ] + (["--task-set", s.task_set] if s.task_set else []), s.workdir / "log.txt")
+    ] + (["--task-set", s.task_set] if s.task_set else []), s.workdir / "log.txt", seconds=s.eval_seconds)
+    if not finished:
+        done = _count_lines(out)
+        if done < s.eval_min:
+            raise RuntimeError(f"only {done} placements evaluated within eval_seconds={s.eval_seconds}; the surrogate "
+                               f"needs at least {s.eval_min}: raise eval_seconds or lower eval_min")
+        console.print(f"[yellow]evaluate: {done} of {s.eval_n} placements within the {s.eval_seconds:.0f} s budget; "
+                      "going on with those[/]")
 
 
 def step_costs(s: PipelineSettings) -> None:
@@ -279,6 +360,7 @@ def step_measure(s: PipelineSettings) -> None:
     from supernet.measure.quality import build_evaluator
     from supernet.measure.speculative import measure_speculative
     from supernet.measure.throughput import compare_decode
+    from supernet.placement.cost import load_costs
     from supernet.placement.evaluate import load_texts
 
     device = _device(s)
@@ -286,30 +368,46 @@ def step_measure(s: PipelineSettings) -> None:
                                        top_k=0, batch_size=s.eval_batch, device=device)
     tokenizer = AutoTokenizer.from_pretrained(s.final)
     haystack = load_texts(s.eval_data)
-    presets = {"all-fa": Placement.uniform("fa", model.config.num_hidden_layers), **model.presets}
+    layers = model.config.num_hidden_layers
+    presets = {"all-fa": Placement.uniform("fa", layers), **model.presets}
+    if s.measure_uniform:  # each mixer alone, the recipe's per-mixer retention (unless a preset already is one)
+        taken = {tuple(p) for p in presets.values()}
+        presets.update({f"all-{m}": Placement.uniform(m, layers) for m in ("swa", "gdn", "kda")
+                        if tuple(Placement.uniform(m, layers)) not in taken})
+    timed = _distinct(presets)  # name -> placement, one name per distinct placement
+    same = {name: next(n for n, q in timed.items() if tuple(q) == tuple(p)) for name, p in presets.items()}
     info = json.loads((s.workdir / "presets.json").read_text())
     predicted = {p["name"]: p for p in info["presets"]}
-    speeds = compare_decode(model, presets, batch=s.throughput_batch, context=s.throughput_context,
+    costs = load_costs(s.workdir / "costs.json")
+    speeds = compare_decode(model, timed, batch=s.throughput_batch, context=s.throughput_context,
                             new_tokens=s.throughput_tokens, rounds=s.throughput_rounds, windows=s.throughput_windows,
                             clock=s.throughput_clock)
+    by_context = {s.throughput_context: speeds}
+    for context in s.extra_contexts:
+        by_context[context] = _speeds_at(s, model, timed, context)
     tasks = _preset_task_scorer(s, model, tokenizer)
     scored: dict[tuple, dict] = {}  # identical placements (all-fa and a non-sliding `teacher`) are scored once
+    judged: dict[str, tuple[dict, dict]] = {}
     rows = []
     for name, placement in presets.items():
         console.print(f"[bold]measuring {name}[/] ({placement.summary()})")
-        quality = evaluator(placement)
-        speed = speeds[name]
-        needle = needle_score(model, tokenizer, placement, haystack, contexts=s.needle_contexts)
+        if same[name] not in judged:
+            judged[same[name]] = (evaluator(placement), needle_score(model, tokenizer, placement, haystack,
+                                                                     contexts=s.needle_contexts))
+        quality, needle = judged[same[name]]
+        speed = speeds[same[name]]
         info_row = predicted.get(name, {})
         rows.append({"preset": name, "placement": placement.to_list(), "counts": placement.counts(),
-                     "predicted_speedup": info_row.get("speedup", 1.0),
+                     # a uniform reference row is not a preset: its prediction comes from the same cost table
+                     "predicted_speedup": info_row.get("speedup", costs.speedup(placement)),
                      "predicted_quality": info_row.get("predicted_quality"),
                      "predicted": info_row.get("predicted"), "requirements": info_row.get("requirements", []),
                      "quality": quality["quality"], "kl": quality["kl"], "top1_agreement": quality["top1_agreement"],
                      "tokens_per_s": speed["tokens_per_s"], "ms_per_step": speed["ms_per_step"],
                      "ms_per_step_min": speed["ms_per_step_min"], "ms_per_step_max": speed["ms_per_step_max"],
                      "ms_per_step_windows": speed["ms_per_step_windows"],
-                     "needle": needle})
+                     "speed_by_context": {str(c): _speed_cells(table.get(same[name])) for c, table in by_context.items()},
+                     "needle": needle, **({"same_as": same[name]} if same[name] != name else {})})
         if tasks is not None:
             key = tuple(placement.to_list())
             if key not in scored:
@@ -326,13 +424,22 @@ def step_measure(s: PipelineSettings) -> None:
         # the spread: this preset's slowest and fastest window against all-fa's median
         r["decode_speedup_range"] = [base["ms_per_step"] / r["ms_per_step_max"], base["ms_per_step"] / r["ms_per_step_min"]]
         r["quality_retention"] = r["quality"] / base["quality"] if base["quality"] else None
+        for c, cell in r["speed_by_context"].items():
+            ref = base["speed_by_context"][c]
+            if cell.get("ms_per_step") and ref.get("ms_per_step"):
+                cell["speedup"] = ref["ms_per_step"] / cell["ms_per_step"]
+                cell["speedup_range"] = [ref["ms_per_step"] / cell["ms_per_step_max"],
+                                         ref["ms_per_step"] / cell["ms_per_step_min"]]
         if tasks is not None:
             from supernet.measure.report import task_retention
 
             r["tasks"].update(task_retention(r, base, tasks.lengths))
     spec = measure_speculative(model, tokenizer, haystack, rows, k=s.spec_k, new_tokens=s.spec_tokens,
                                prompts=s.spec_prompts, log=console.print)
-    payload = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()},
+    from supernet.measure.costs import device_name
+
+    payload = {"device_name": device_name(next(model.parameters()).device),
+               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()},
                "quality_metric": evaluator.metric, "presets": rows, "speculative": spec}
     if tasks is not None:
         from supernet.measure.task_sets import task_set
@@ -343,6 +450,44 @@ def step_measure(s: PipelineSettings) -> None:
                                "retrieval_lengths": {str(k): v for k, v in chosen.retrieval_lengths().items()},
                                "chance": tasks.chance, "reference": "all-fa"}
     out.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def _distinct(presets: dict) -> dict:
+    """The first name of each placement: a copy (a non-sliding teacher's `teacher` preset is all-fa,
+    two speedup targets can give one placement) is timed and scored once, its row copies the result."""
+    out: dict = {}
+    for name, placement in presets.items():
+        if not any(tuple(p) == tuple(placement) for p in out.values()):
+            out[name] = placement
+    return out
+
+
+def _speeds_at(s: PipelineSettings, model, presets: dict, context: int) -> dict[str, dict]:
+    """Every preset's decode speed at one more context, side by side in one pass. A failure there (a
+    32K cache that does not fit, say) is recorded and does not cost the run its other measurements."""
+    from supernet.measure.throughput import compare_decode
+
+    try:
+        return compare_decode(model, presets, batch=s.throughput_batch, context=context,
+                              new_tokens=s.throughput_tokens, rounds=s.extra_context_rounds,
+                              windows=s.throughput_windows, clock=s.throughput_clock)
+    except Exception as exc:  # noqa: BLE001 - reported in measurements.json, the rest of the step goes on
+        console.print(f"[red]decode speed at context {context} failed: {type(exc).__name__}: {exc}[/]")
+        return {name: {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"} for name in presets}
+    finally:
+        _free_device_memory()
+
+
+def _free_device_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _speed_cells(row: dict | None) -> dict:
+    keys = ("tokens_per_s", "ms_per_step", "ms_per_step_min", "ms_per_step_max", "prefill_s", "error")
+    return {k: row[k] for k in keys if row and k in row}
 
 
 def _preset_task_scorer(s: PipelineSettings, model, tokenizer):
@@ -357,6 +502,29 @@ def _preset_task_scorer(s: PipelineSettings, model, tokenizer):
                        corpus=s.eval_data, log=console.print, heldout=chosen.heldout_tasks())
 
 
+def step_speculative(s: PipelineSettings) -> None:
+    """Self-speculative decoding at serving batches (speculative.json, read by the report)."""
+    out = s.workdir / "speculative.json"
+    if not s.spec_batches or out.exists():
+        return
+    import torch
+    from transformers import AutoTokenizer
+
+    from supernet.measure.quality import load_supernet
+    from supernet.measure.speculative import measure_batched_speculative
+    from supernet.placement.cost import load_costs
+    from supernet.placement.evaluate import load_texts
+
+    model = load_supernet(s.final, torch.device(_device(s)))
+    tokenizer = AutoTokenizer.from_pretrained(s.final)
+    rows = json.loads((s.workdir / "measurements.json").read_text())["presets"]
+    texts = list(load_texts(s.eval_data)) + list(load_texts(s.train_data))  # b64 x 8K needs more than eval text
+    result = measure_batched_speculative(model, tokenizer, texts, rows, batches=s.spec_batches, context=s.spec_context,
+                                         new_tokens=s.spec_batched_tokens, table=load_costs(s.workdir / "costs.json"),
+                                         ks=s.spec_ks, min_speedup=s.spec_min_speedup, log=console.print)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+
 def step_report(s: PipelineSettings) -> None:
     from supernet.measure.report import write_report
 
@@ -364,8 +532,8 @@ def step_report(s: PipelineSettings) -> None:
 
 
 STEP_FUNCTIONS: dict[str, Callable[[PipelineSettings], None]] = {
-    "convert": step_convert, "distill": step_distill, "evaluate": step_evaluate, "costs": step_costs,
-    "presets": step_presets, "measure": step_measure, "report": step_report,
+    "convert": step_convert, "transfer": step_transfer, "distill": step_distill, "evaluate": step_evaluate, "costs": step_costs,
+    "presets": step_presets, "measure": step_measure, "speculative": step_speculative, "report": step_report,
 }
 
 

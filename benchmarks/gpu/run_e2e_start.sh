@@ -1,3 +1,7 @@
+# Superseded for runs with benchmark tasks (issue 23) by run_e2e2.sh (stash|start|watch with the pieces of
+# e2e_bundle.sh: lm-eval and its dependencies, BIG-bench task files). Note that setup.sh's
+# PYTHONPATH=$PWD alone no longer imports supernet.cli / supernet.placement (those map to the top-level
+# folders through the editable install, which e2e_setup.sh does).
 # GPU e2e, call 2 (after a call that carried .teacher/a; this one carries .teacher/b and .data): join
 # the teacher, copy the data to /tmp/data (later calls carry nothing, and the working tree's ignored
 # folders are not there then), start the pipeline as a daemon (it outlives this call while the

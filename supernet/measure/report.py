@@ -94,6 +94,8 @@ def table_markdown(measurements: dict, cost_source: dict | None = None, gpu: dic
     gpu_head = (f"{GPU_SETTING['profile'].upper()} b{GPU_SETTING['batch']} x {GPU_SETTING['context'] // 1024}k "
                 "(predicted)")
     head = ["preset", "fa/swa/gdn/kda", "decode speedup", "predicted", "measured / predicted"]
+    extra = extra_contexts(measurements)
+    head += [f"speedup@{length_tag(int(c))}" for c in extra]
     head += [gpu_head] if gpu else []
     head += ["quality (1-nKL)", "KL retention", "top-1 agree"]
     head += [f"needle@{k}" for k in needle_keys]
@@ -104,10 +106,13 @@ def table_markdown(measurements: dict, cost_source: dict | None = None, gpu: dic
         head += ["retrieval retention", "dev acc", "dev retention", "held-out acc", "held-out retention"]
     where = describe_cost_source(cost_source) if cost_source else "the costs.json the presets were optimised with"
     timed = (f"batch {st.get('throughput_batch')}, context {st.get('throughput_context')}, device "
-             f"{st.get('device')}" if st else "this run's setting")
+             f"{measurements.get('device_name') or st.get('device')}" if st else "this run's setting")
     lines = [f"Decode speedup: measured in one run against all-fa at {timed} (median of the timed windows, their "
              "range in brackets); predicted: the cost model's figure that the optimiser chose the preset by, "
              f"from costs {where}."]
+    if extra:
+        lines.append("speedup@N: the same presets timed against all-fa at context N (same batch, same run), "
+                     "although they were optimised for the first context.")
     if gpu:
         lines.append(f"{gpu_head}: the same presets on the {GPU_SETTING['profile']} device profile "
                      "(supernet/placement/profiles), a prediction of the analytic model, not measured here.")
@@ -117,6 +122,7 @@ def table_markdown(measurements: dict, cost_source: dict | None = None, gpu: dic
         predicted = float(r.get("predicted_speedup") or 1.0)
         cells = [r["preset"], f"{c['fa']}/{c['swa']}/{c['gdn']}/{c['kda']}", _speedup_cell(r),
                  f"{predicted:.2f}x", f"{r['decode_speedup'] / predicted:.2f}"]
+        cells += [_context_cell(r, c) for c in extra]
         cells += [f"{gpu[r['preset']]:.2f}x"] if gpu else []
         cells += [f"{r['quality']:.4f}", f"{100 * r['quality_retention']:.1f}%", f"{100 * r['top1_agreement']:.1f}%"]
         cells += [f"{100 * r['needle'][k]:.0f}%" for k in needle_keys]
@@ -142,6 +148,90 @@ def table_markdown(measurements: dict, cost_source: dict | None = None, gpu: dic
     if task_info:
         lines += task_lines(measurements)
     return "\n".join(lines) + "\n"
+
+
+def summary_markdown(measurements: dict) -> str:
+    """The README's narrow table: speed at each context (predicted beside the first), KL retention,
+    top-1, needle at the longest context, retrieval per length and task retention."""
+    rows = measurements["presets"]
+    main = str(measurements.get("settings", {}).get("throughput_context"))
+    extra = extra_contexts(measurements)
+    needle = list(rows[0]["needle"])[-1:] if rows and rows[0].get("needle") else []
+    info = measurements.get("task_set")
+    lengths = sorted(int(n) for n in info["retrieval_lengths"]) if info else []
+    head = ["preset", "fa/swa/gdn/kda", f"speed @{length_tag(int(main))} (predicted)"]
+    head += [f"speed @{length_tag(int(c))}" for c in extra] + ["KL retention", "top-1"]
+    head += [f"needle@{length_tag(int(k))}" for k in needle]
+    if info:
+        head += ["retrieval " + "/".join(length_tag(n) for n in lengths), "retrieval retention", "dev retention",
+                 "held-out retention"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if "same_as" in r:
+            continue
+        c = r["counts"]
+        cells = [r["preset"], f"{c['fa']}/{c['swa']}/{c['gdn']}/{c['kda']}",
+                 f"{r['decode_speedup']:.2f}x ({float(r.get('predicted_speedup') or 1.0):.2f}x)"]
+        cells += [f"{r['speed_by_context'][k]['speedup']:.2f}x" if "speedup" in r["speed_by_context"].get(k, {})
+                  else "failed" for k in extra]
+        cells += [f"{100 * r['quality_retention']:.1f}%", f"{100 * r['top1_agreement']:.1f}%"]
+        cells += [f"{100 * r['needle'][k]:.0f}%" for k in needle]
+        if info:
+            t = r["tasks"]
+            cells += ["/".join(f"{100 * t['retrieval_by_length'][str(n)]:.0f}" for n in lengths) + "%",
+                      _pct(t.get("retrieval_retention")), _pct(t.get("dev_tasks_retention")),
+                      _pct(t.get("heldout_tasks_retention"))]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def surrogate_quality(evaluations: Path) -> dict:
+    """How well one surrogate per metric ranks placements it was not fitted on (k-fold CV Spearman,
+    R^2, RMSE), fitted on every evaluated placement; {} with fewer than 10."""
+    from supernet.io_utils import read_jsonl
+    from supernet.layout import Placement
+    from supernet.placement.multimetric import fit_metric_surrogates, metric_columns
+
+    rows = [r for _, r in read_jsonl(evaluations, "evaluations file", "rerun the evaluate step")]
+    metrics = [m for m in metric_columns(rows) if m in SURROGATE_METRICS]
+    if len(rows) < 10 or not metrics:
+        return {}
+    fits = fit_metric_surrogates([Placement.parse(r["placement"]) for r in rows], rows, metrics)
+    return {"placements": len(rows), "metrics": {m: {k: fits[m].diagnostics.get(k) for k in
+                                                     ("cv_spearman", "cv_r2", "cv_rmse", "folds")} for m in metrics}}
+
+
+def surrogate_lines(quality: dict) -> list[str]:
+    if not quality:
+        return []
+    cells = [f"`{m}` {d['cv_spearman'] if d['cv_spearman'] is not None else float('nan'):.3f}"
+             for m, d in quality["metrics"].items()]
+    return ["", f"Surrogates, one per metric, fitted on the {quality['placements']} evaluated placements: held-out "
+                f"(cross-validated) Spearman {', '.join(cells)}."]
+
+
+SURROGATE_METRICS = ("quality", "top1_agreement", "retrieval", "dev_tasks")
+
+
+def speculative_lines(spec: dict) -> list[str]:
+    """The batched self-speculation table (the pipeline's speculative step, speculative.json)."""
+    out = ["", f"Self-speculative decoding in the batched engine (CUDA graphs: {spec['cuda_graphs']}), target "
+               f"`{spec['target']}`, context {spec['context']}, {spec['new_tokens']} new tokens per row, greedy; speedup = "
+               "the target alone's time per step over the speculative time per generated token of a row:", "",
+           "| batch | draft | k | acceptance | speedup | lossless rows | chosen by |", "|---|---|---|---|---|---|---|"]
+    for batch, b in spec["batches"].items():
+        pick = b.get("cost_model_pick") or {}
+        best = b.get("best_measured") or {}
+        for r in sorted(b["rows"], key=lambda r: -r["speedup"]):
+            tags = [t for t, row in (("cost model", pick.get("measured")), ("best measured", best)) if row
+                    and (row["draft"], row["k"]) == (r["draft"], r["k"])]
+            out.append(f"| {batch} | `{r['draft']}` | {r['k']} | {100 * r['acceptance']:.0f}% | {r['speedup']:.2f}x | "
+                       f"{r['lossless_rows']}/{batch} | {', '.join(tags)} |")
+        if not b["rows"]:
+            out.append(f"| {batch} | none: no preset measured >= 1.5x faster than the target | | | | | |")
+        elif not pick:
+            out.append(f"| {batch} | cost model: no draft is predicted to beat the target alone | | | | | |")
+    return out
 
 
 def _pct(x: float | None) -> str:
@@ -185,6 +275,22 @@ def task_lines(measurements: dict) -> list[str]:
     return out
 
 
+def extra_contexts(measurements: dict) -> list[str]:
+    """The contexts timed beside the main one (the rows' speed_by_context keys), in order."""
+    rows = measurements["presets"]
+    main = str(measurements.get("settings", {}).get("throughput_context"))
+    keys = rows[0].get("speed_by_context", {}) if rows else {}
+    return sorted((c for c in keys if c != main), key=int)
+
+
+def _context_cell(row: dict, context: str) -> str:
+    cell = row.get("speed_by_context", {}).get(context, {})
+    if "speedup" not in cell:
+        return "failed" if "error" in cell else "n/a"
+    low, high = cell["speedup_range"]
+    return f"{cell['speedup']:.2f}x ({low:.2f}-{high:.2f})" if row["preset"] != "all-fa" else f"{cell['speedup']:.2f}x"
+
+
 def _speedup_cell(row: dict) -> str:
     """Measured speedup, with the range of its timed windows when the run recorded several."""
     cell = f"{row['decode_speedup']:.2f}x"
@@ -202,12 +308,20 @@ def plot(measurements: dict, evaluations: Path | None, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = measurements["presets"]
+    main = measurements.get("settings", {}).get("throughput_context")
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    ax.plot([r["decode_speedup"] for r in rows], [100 * r["quality_retention"] for r in rows], "o-", color="C0",
-            label="presets (measured)")
+    ax.plot([r["decode_speedup"] for r in rows], [100 * r["quality_retention"] for r in rows], "o", color="C0",
+            label=f"context {main}" if main else "presets (measured)")
     for r in rows:
         ax.annotate(r["preset"], (r["decode_speedup"], 100 * r["quality_retention"]), textcoords="offset points",
                     xytext=(4, 4), fontsize=8)
+    for i, c in enumerate(extra_contexts(measurements)):
+        pts = [(r["speed_by_context"][c]["speedup"], 100 * r["quality_retention"]) for r in rows
+               if "speedup" in r.get("speed_by_context", {}).get(c, {})]
+        if pts:
+            ax.plot(*zip(*pts), "s", color=f"C{i + 1}", label=f"context {c}")
+    if extra_contexts(measurements):
+        ax.set_xscale("log")
     ax.set_xlabel("decode throughput vs all-fa (measured)")
     ax.set_ylabel("quality retention (% of all-fa, 1 - normalised KL)")
     ax.set_title("supernet presets: speed vs quality")
@@ -225,7 +339,15 @@ def write_report(workdir: Path) -> Path:
     config_file = workdir / "supernet-final" / "config.json"
     config = json.loads(config_file.read_text()) if config_file.exists() else None
     md = table_markdown(measurements, source, gpu_predictions(measurements, config))
+    if (workdir / "evaluations.jsonl").exists():
+        quality = surrogate_quality(workdir / "evaluations.jsonl")
+        (workdir / "surrogates.json").write_text(json.dumps(quality, indent=2) + "\n")
+        md += "\n".join(surrogate_lines(quality)) + "\n"
+    spec = workdir / "speculative.json"
+    if spec.exists():
+        md += "\n".join(speculative_lines(json.loads(spec.read_text()))) + "\n"
     (workdir / "results.md").write_text(md)
+    (workdir / "summary.md").write_text(summary_markdown(measurements))
     plot(measurements, workdir / "evaluations.jsonl", workdir / "speed_quality.png")
     print(md)
     return workdir / "results.md"
