@@ -112,9 +112,20 @@ class VllmServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 300.0) -> "VllmServer":
+        return self.launch().wait_ready(timeout)
+
+    def launch(self) -> "VllmServer":
+        """Start the process without waiting, so that several servers can start up side by side."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        return self
+
+    def wait_ready(self, timeout: float = 300.0) -> "VllmServer":
+        """Wait until /health answers; a server that exits or stays unready raises with its log's tail."""
+        if self.proc is None:
+            raise RuntimeError("wait_ready() before launch()")
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -125,7 +136,7 @@ class VllmServer:
                         return self
             except (urllib.error.URLError, ConnectionError, OSError):
                 pass
-            time.sleep(1.0)
+            time.sleep(0.25)
         self.stop()
         raise TimeoutError(f"vLLM server not ready after {timeout:.0f}s; log: {self.log_path}\n{self.tail()}")
 

@@ -159,7 +159,7 @@ def test_eval_tasks_bad_input_is_one_line_error(tiny_ckpt, args, fragment):
 
 
 @pytest.mark.teacher
-def test_all_fa_supernet_scores_as_the_hf_teacher_through_lm_eval(smollm2_dir, tmp_path):
+def test_all_fa_supernet_scores_as_the_hf_teacher_through_lm_eval(smollm2_dir, smollm2_supernet_dir):
     """Same tasks, same lm-eval: the teacher through lm-eval's own HFLM (loading the local folder
     offline), the converted supernet (all-fa) through our adapter; accuracies equal, log-likelihoods
     equal to float32 rounding."""
@@ -168,13 +168,12 @@ def test_all_fa_supernet_scores_as_the_hf_teacher_through_lm_eval(smollm2_dir, t
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from lm_eval.models.huggingface import HFLM
 
-    from supernet.convert import convert_teacher
     from supernet.measure.lm_eval_model import SupernetLM
     from supernet.measure.tasks import run_tasks
     from supernet.model import SupernetForCausalLM
     from transformers import AutoTokenizer
 
-    ckpt = convert_teacher(smollm2_dir, tmp_path / "smollm2-supernet")
+    ckpt = smollm2_supernet_dir
     ours = SupernetLM(SupernetForCausalLM.from_pretrained(ckpt).eval(), AutoTokenizer.from_pretrained(ckpt),
                       "all-fa", progress=False)
     hf = HFLM(pretrained=str(smollm2_dir), device="cpu", dtype="float32", batch_size=4)

@@ -15,7 +15,6 @@ from supernet.ops import delta_rule as dr
 from supernet.ops.delta_rule import dispatch
 from supernet.ops import gated_norm as gn
 from supernet.ops import short_conv as sc
-from tests.conftest import run_interpreted
 
 TOL = dict(rtol=1e-4, atol=1e-5)
 
@@ -165,11 +164,15 @@ def _child() -> None:
                 tails.append(cache.mixer_state(1, mixer.cache_name)["conv_q"])
         return torch.cat(outs, 1), cache.mixer_state(1, mixer.cache_name), tails
 
+    switches = sc._use_fla, gn._use_fla, dispatch._gates_in_kernel, dispatch._fla_kernel
     for name in ("gdn", "gdn-gva", "kda"):
         mixer = make_mixer(name)
         xs = torch.randn(2, 17, 64)
-        out_f, state_f, tails_f = run(mixer, xs, True)
-        out_t, state_t, _ = run(mixer, xs, False)
+        try:
+            out_f, state_f, tails_f = run(mixer, xs, True)
+            out_t, state_t, _ = run(mixer, xs, False)
+        finally:  # the child runs other modules' checks next
+            sc._use_fla, gn._use_fla, dispatch._gates_in_kernel, dispatch._fla_kernel = switches
         close(out_f, out_t, rtol=1e-4, atol=1e-4)
         for key in ("conv_q", "conv_k", "conv_v", "recurrent"):
             close(state_f[key], state_t[key], rtol=1e-4, atol=1e-4)
@@ -178,5 +181,5 @@ def _child() -> None:
 
 
 @pytest.mark.slow
-def test_fla_fused_paths_equal_torch_paths_interpreted():
-    run_interpreted("tests.test_fla_fused_paths", "fla fused paths ok")
+def test_fla_fused_paths_equal_torch_paths_interpreted(interpreted):
+    interpreted.check("tests.test_fla_fused_paths", "fla fused paths ok")

@@ -13,7 +13,6 @@ from supernet.mixers.rotary import apply_rotary
 from supernet.ops import fla_backend
 from supernet.ops.activations import silu_mul
 from supernet.ops.norm import RMSNorm, add_rms_norm, torch_rms_norm
-from tests.conftest import run_interpreted
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -96,12 +95,16 @@ def _child() -> None:
     pos = (torch.cat([angles.cos()] * 2, -1).expand(2, -1, -1), torch.cat([angles.sin()] * 2, -1).expand(2, -1, -1))
     with torch.no_grad():
         reference = layer(hidden, "fa", pos)
+        switches = norm.use_fla, activations.use_fla
         norm.use_fla = activations.use_fla = lambda t, inference_only=False: True
-        fused = layer(hidden, "fa", pos)
+        try:
+            fused = layer(hidden, "fa", pos)
+        finally:  # the child runs other modules' checks next
+            norm.use_fla, activations.use_fla = switches
     close(fused, reference, rtol=1e-5, atol=1e-5)
     print("fla layer paths ok")
 
 
 @pytest.mark.slow
-def test_fla_norm_and_swiglu_equal_torch_paths_interpreted():
-    run_interpreted("tests.test_fused_layer_ops", "fla layer paths ok")
+def test_fla_norm_and_swiglu_equal_torch_paths_interpreted(interpreted):
+    interpreted.check("tests.test_fused_layer_ops", "fla layer paths ok")

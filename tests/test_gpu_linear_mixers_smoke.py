@@ -63,7 +63,6 @@ def test_items_filter_runs_the_checks_and_the_chosen_rows_only(tmp_path):
 
 from supernet.measure import fla_layer, linear_mixers  # noqa: E402
 from supernet.measure.shapes import LINEAR_SHAPES, linear_config, smollm2_config  # noqa: E402
-from tests.conftest import run_interpreted  # noqa: E402
 
 SMOLLM2 = LINEAR_SHAPES["smollm2"]
 
@@ -113,11 +112,11 @@ def test_fla_layer_constructs_on_cpu_with_our_weights(mixer, overrides):
 
 
 @pytest.mark.slow
-def test_fla_layer_equals_our_mixer_and_times_under_the_triton_interpreter():
+def test_fla_layer_equals_our_mixer_and_times_under_the_triton_interpreter(interpreted):
     """fla's layer with our weights computes what our mixer computes (prefill with a cache, decode
     steps), and the benchmark's fla-layer columns fill in (fla's kernels interpreted on the CPU; its
     chunk kernel cannot run there, so prefill stays at <= 64 tokens: the fused recurrent kernel)."""
-    run_interpreted("tests.test_gpu_linear_mixers_smoke", "FLA LAYER OK")
+    interpreted.check("tests.test_gpu_linear_mixers_smoke", "FLA LAYER OK")
 
 
 def _child() -> None:

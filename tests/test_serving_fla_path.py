@@ -18,7 +18,6 @@ import os
 
 import pytest
 
-from tests.conftest import run_interpreted
 
 OK = "FLA_SERVING_PATH_OK"
 
@@ -36,9 +35,9 @@ if os.environ.get("TRITON_INTERPRET") == "1":  # only in the child: jitted wrapp
 
 
 @pytest.mark.slow
-def test_served_fla_recurrence_equals_the_torch_recurrence():
+def test_served_fla_recurrence_equals_the_torch_recurrence(interpreted):
     pytest.importorskip("vllm")
-    run_interpreted("tests.test_serving_fla_path", OK)
+    interpreted.check("tests.test_serving_fla_path", OK)
 
 
 def _child() -> None:

@@ -2,9 +2,10 @@
 
 The checkpoint is a random 4-layer supernet made here (float32, byte tokenizer); the expected
 outputs come from our reference model (`SupernetForCausalLM`, same placement, greedy). Token ids
-are compared exactly. Three servers, one after the other: one switchable (every preset, requests
-choose), one serving `balanced` with self-speculative decoding drafted by `near`, one serving
-`balanced` over two tensor-parallel CPU workers with prefix caching (mamba align mode).
+are compared exactly. Three servers, launched side by side when the module starts (each class
+waits for its own): one switchable (every preset, requests choose), one serving `balanced` with
+self-speculative decoding drafted by `near`, one serving `balanced` over two tensor-parallel CPU
+workers with prefix caching (mamba align mode).
 """
 from __future__ import annotations
 
@@ -82,13 +83,79 @@ def reference(ckpt):
     return generate
 
 
-def _server(ckpt, tmp_path_factory, extra=(), env=None, **kw) -> VllmServer:
+_PORTS: set[int] = set()
+
+
+def _port() -> int:
+    """A free port none of this module's servers got: they bind theirs only once started up."""
     port = free_port()
+    while port in _PORTS:
+        port = free_port()
+    _PORTS.add(port)
+    return port
+
+
+def _server(ckpt, tmp_path_factory, extra=(), env=None, **kw) -> VllmServer:
+    port = _port()
     cmd = vllm_command(ckpt, port=port, extra=VLLM_ARGS + list(extra), **kw)
     work = tmp_path_factory.mktemp("vllm")
-    server = VllmServer(cmd, {**cpu_env(work), **(env or {})}, work / "server.log", "127.0.0.1", port).start(timeout=600)
+    server = VllmServer(cmd, {**cpu_env(work), **(env or {})}, work / "server.log", "127.0.0.1", port)
     server.work_dir = work
     return server
+
+
+def _switch_server(ckpt, tmp_path_factory) -> VllmServer:
+    return _server(ckpt, tmp_path_factory, EAGER, switchable=True)
+
+
+def _spec_server(ckpt, tmp_path_factory) -> VllmServer:
+    # compiled (no --enforce-eager): vLLM traces the model with torch.compile, GDN/KDA as our op
+    stats = tmp_path_factory.mktemp("drafter") / "steps.jsonl"
+    server = _server(ckpt, tmp_path_factory, preset="balanced", draft_preset="near", num_draft_tokens=SPEC_K,
+                     env={STATS_ENV: str(stats)})
+    server.drafter_stats = stats
+    return server
+
+
+def _tp_server(ckpt, tmp_path_factory) -> VllmServer:
+    """`balanced` (fa, swa, gdn, kda) over two tensor-parallel CPU workers, prefix caching on."""
+    port = _port()
+    extra = ["--max-model-len", "1024", "--dtype", "float32", "--max-num-seqs", "4", *EAGER,
+             "--tensor-parallel-size", "2", "--enable-prefix-caching", "--enable-prompt-tokens-details"]
+    cmd = vllm_command(ckpt, port=port, preset="balanced", extra=extra)
+    work = tmp_path_factory.mktemp("vllm-tp")
+    server = VllmServer(cmd, cpu_env(work, tensor_parallel_size=2), work / "server.log", "127.0.0.1", port)
+    server.work_dir = work
+    return server
+
+
+SERVERS = {"TestSwitchableServer": _switch_server, "TestSpeculativeServer": _spec_server,
+           "TestTensorParallelPrefixCachingServer": _tp_server}
+
+
+@pytest.fixture(scope="module")
+def servers(request, ckpt, tmp_path_factory):
+    """The servers of the selected test classes, launched together: a start-up is mostly single-
+    threaded (three processes importing vLLM one after the other, then one torch.compile), so side
+    by side they use both cores; each class waits for its own server and stops it when done."""
+    here = request.module.__name__
+    wanted = [name for name in SERVERS
+              if any(item.module.__name__ == here and item.cls is not None and item.cls.__name__ == name
+                     for item in request.session.items)]
+    launched = {}
+    try:
+        for name in wanted:
+            launched[name] = SERVERS[name](ckpt, tmp_path_factory).launch()
+        yield launched
+    finally:
+        for server in launched.values():
+            server.stop()
+
+
+def _ready(servers, name: str):
+    server = servers[name].wait_ready(timeout=600)
+    yield server
+    server.stop()
 
 
 def _complete(client, model, prompt, max_tokens=MAX_TOKENS, **extra):
@@ -104,10 +171,8 @@ def _metric(url: str, name: str) -> float:
 
 
 @pytest.fixture(scope="class")
-def switch_server(ckpt, tmp_path_factory):
-    server = _server(ckpt, tmp_path_factory, EAGER, switchable=True)
-    yield server
-    server.stop()
+def switch_server(servers):
+    yield from _ready(servers, "TestSwitchableServer")
 
 
 @pytest.fixture(scope="class")
@@ -118,14 +183,8 @@ def client(switch_server):
 
 
 @pytest.fixture(scope="class")
-def spec_server(ckpt, tmp_path_factory):
-    # compiled (no --enforce-eager): vLLM traces the model with torch.compile, GDN/KDA as our op
-    stats = tmp_path_factory.mktemp("drafter") / "steps.jsonl"
-    server = _server(ckpt, tmp_path_factory, preset="balanced", draft_preset="near", num_draft_tokens=SPEC_K,
-                     env={STATS_ENV: str(stats)})
-    server.drafter_stats = stats
-    yield server
-    server.stop()
+def spec_server(servers):
+    yield from _ready(servers, "TestSpeculativeServer")
 
 
 class TestSwitchableServer:
@@ -354,17 +413,8 @@ LONG_PROMPT = [0] + list(b"Prefix caching keeps the states of a shared prompt, s
 
 
 @pytest.fixture(scope="class")
-def tp_server(ckpt, tmp_path_factory):
-    """`balanced` (fa, swa, gdn, kda) over two tensor-parallel CPU workers, prefix caching on."""
-    port = free_port()
-    extra = ["--max-model-len", "1024", "--dtype", "float32", "--max-num-seqs", "4", *EAGER,
-             "--tensor-parallel-size", "2", "--enable-prefix-caching", "--enable-prompt-tokens-details"]
-    cmd = vllm_command(ckpt, port=port, preset="balanced", extra=extra)
-    work = tmp_path_factory.mktemp("vllm-tp")
-    server = VllmServer(cmd, cpu_env(work, tensor_parallel_size=2), work / "server.log", "127.0.0.1", port)
-    server.start(timeout=600)
-    yield server
-    server.stop()
+def tp_server(servers):
+    yield from _ready(servers, "TestTensorParallelPrefixCachingServer")
 
 
 class TestTensorParallelPrefixCachingServer:

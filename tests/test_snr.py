@@ -275,10 +275,8 @@ def test_bad_selections_and_percentages_are_one_line_errors(world, tmp_path):
 # the real SmolLM2
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def smollm2_supernet(smollm2_dir, tmp_path_factory):
-    from supernet.convert import convert_teacher
-
-    return convert_teacher(smollm2_dir, tmp_path_factory.mktemp("snr-smollm2") / "ckpt")
+def smollm2_supernet(smollm2_supernet_dir):
+    return smollm2_supernet_dir
 
 
 @pytest.mark.teacher

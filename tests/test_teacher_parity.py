@@ -11,13 +11,12 @@ pytestmark = pytest.mark.teacher
 
 
 @pytest.fixture(scope="module")
-def teacher_and_supernet(smollm2_dir, tmp_path_factory):
-    from supernet.convert import convert_teacher
+def teacher_and_supernet(smollm2_dir, smollm2_supernet_dir):
     from supernet.model import SupernetForCausalLM
     from supernet.teacher import load_teacher
 
     teacher, tokenizer = load_teacher(smollm2_dir)
-    out = convert_teacher(smollm2_dir, tmp_path_factory.mktemp("ckpt") / "smollm2-supernet")
+    out = smollm2_supernet_dir
     supernet = SupernetForCausalLM.from_pretrained(out).eval()
     return teacher, supernet, tokenizer, out
 
