@@ -142,7 +142,7 @@ def verify_preset(
             limit = confirm_limit or None
         confirm = confirm_scorer(scorer, req.metric, *names, limit, log=console.print) if limit else None
         row, record = verified_preset(evaluations, table, req.text, sorted(set(speedup), reverse=True), scorer, confirm,
-                                      weights, rounds, measurements, log=console.print)
+                                      weights, rounds, measurements, fastest=False, log=console.print)
         add_to_presets(presets, row, record)
         if row is None:
             raise UserError(record["message"] + "; lower the speedup or relax the requirement")

@@ -312,9 +312,10 @@ def add_constrained_preset(s: PipelineSettings, presets_json: Path, speedups: li
     candidate is measured with eval-placements' scorer (appended to evaluations.jsonl and refitted) and
     confirmed on the report's documents; the best measured placement that meets the requirement is kept.
     Targets: the middle speedup, else the lower ones and points between the lowest and 1x (where a CPU's
-    few reachable speedups all lose retrieval). Appended to presets.json as `<name>-<metric>` with its
-    measured metrics; when no target admits a verified placement: no preset, and the message (also in
-    presets.json under "constrained")."""
+    few reachable speedups all lose retrieval), then the speedups of the fastest evaluated placements
+    that kept the requirement (`target_from` says so). Appended to presets.json as `<name>-<metric>`
+    with its measured metrics; when no target admits a verified placement: no preset, and the message
+    (also in presets.json under "constrained")."""
     from supernet.measure.placement_metrics import build_placement_scorer
     from supernet.measure.task_sets import task_set
     from supernet.measure.verified_preset import add_to_presets, confirm_scorer, verified_preset

@@ -147,3 +147,25 @@ def test_zero_rounds_judges_only_the_evaluated_placements(evaluations):
                              rounds=0, log=lambda s: None)
     assert measure.calls == 0 and res.chosen.placement == optimum and res.chosen.source == "evaluated"
     assert set(res.chosen.predicted) == {"quality", "retrieval"}  # predictions recorded without a round
+
+
+def test_preset_falls_back_to_the_fastest_placement_measured_to_keep_the_requirement(evaluations):
+    """Targets no placement can meet (1.3x: the threshold allows at most two swa layers) end in the
+    fastest evaluated placement that kept retrieval on its own row, marked as such; without the
+    fallback there is no preset and the message names every target tried."""
+    from supernet.measure.verified_preset import fastest_meeting, verified_preset
+
+    feasible = [(COSTS.speedup(p), p) for p in read_evaluations(evaluations).placements
+                if truth(p)["retrieval"] >= 0.5 and COSTS.speedup(p) > 1 + 1e-6]
+    assert feasible, "the design has placements that keep retrieval"
+    speeds = fastest_meeting(evaluations, COSTS, REQUIRE, below=1.3)
+    assert speeds == sorted(speeds, reverse=True) and speeds[0] == pytest.approx(max(x for x, _ in feasible), abs=1e-6)
+
+    none, record = verified_preset(evaluations, COSTS, REQUIRE, [1.3], measure, rounds=2, measurements=2,
+                                   fastest=False, log=lambda s: None)
+    assert none is None and record["message"].startswith("no constrained preset: no measured placement at 1.3x")
+    row, record = verified_preset(evaluations, COSTS, REQUIRE, [1.3], measure, rounds=2, measurements=2,
+                                  log=lambda s: None)
+    assert row is not None and row["target_from"].startswith("the fastest evaluated")
+    assert truth(Placement(tuple(row["placement"])))["retrieval"] >= 0.5  # kept by the planted truth
+    assert row["speedup"] >= speeds[0] - 1e-6 and record["targets"][0] == 1.3 and len(record["targets"]) >= 2
