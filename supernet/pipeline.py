@@ -168,7 +168,11 @@ def _run(cmd: list[str], log: Path, seconds: float | None = None) -> bool:
     with log.open("a") as fh:
         fh.write(f"\n$ {' '.join(cmd)}\n")
         fh.flush()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        # a shell's background job inherits SIGINT ignored, and a Python child then never raises
+        # KeyboardInterrupt: the budgeted step gets the default disposition back
+        restore = None if deadline is None else _default_sigint
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                preexec_fn=restore)
         assert proc.stdout is not None
         if deadline is not None:
             threading.Thread(target=_interrupt_at, args=(proc, deadline), daemon=True).start()
@@ -180,6 +184,10 @@ def _run(cmd: list[str], log: Path, seconds: float | None = None) -> bool:
         if code != 0 and not interrupted:
             raise RuntimeError(f"step failed ({' '.join(cmd[:3])} ...): see {log}")
     return not interrupted
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _interrupt_at(proc: subprocess.Popen, deadline: float) -> None:
