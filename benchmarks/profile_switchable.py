@@ -1,0 +1,124 @@
+"""Where a switchable server's decode step spends its time: vLLM's engine in this process
+(VLLM_ENABLE_V1_MULTIPROCESSING=0, so the model runs here), timers wrapped around the model's
+parts, decode steps only (one token per request).
+
+Batches: each preset alone, then one mixing them round robin (as `bench_serving.py --mixed`).
+Per batch it prints seconds per decode step in: the whole forward, the route, FA/SWA over all
+tokens and over some rows (and vLLM's attention kernel + KV write inside both), GDN/KDA over all
+tokens and over some rows (and their core op inside), and the scatter of rows into the step.
+
+    SUPERNET_DATA=/work/shared/data python benchmarks/profile_switchable.py --context 1024 --batch 4
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+TIMES: dict[str, float] = defaultdict(float)
+STATE = {"decode": False, "steps": 0}
+
+
+def _timed(owner, attr: str, key: str) -> None:
+    """Wrap owner.attr so its time (decode steps only) adds to TIMES[key]."""
+    original = getattr(owner, attr)
+
+    def wrapper(*args, **kwargs):
+        if not STATE["decode"]:
+            return original(*args, **kwargs)
+        t0 = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            TIMES[key] += time.perf_counter() - t0
+
+    setattr(owner, attr, wrapper)
+
+
+def install_timers(batch: int) -> None:
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+
+    from supernet.serving import linear_layers, routing, vllm_model
+
+    model_forward = vllm_model.SupernetModel.forward
+
+    def forward(self, input_ids, positions, *args, **kwargs):
+        STATE["decode"] = positions.shape[0] <= batch and self.router is not None
+        if not STATE["decode"]:
+            return model_forward(self, input_ids, positions, *args, **kwargs)
+        STATE["steps"] += 1
+        t0 = time.perf_counter()
+        try:
+            return model_forward(self, input_ids, positions, *args, **kwargs)
+        finally:
+            TIMES["forward"] += time.perf_counter() - t0
+            STATE["decode"] = False
+
+    vllm_model.SupernetModel.forward = forward
+    _timed(routing.Router, "route", "route")
+    _timed(vllm_model.SupernetAttention, "forward", "attn.all_rows")
+    _timed(vllm_model.SupernetAttention, "forward_rows", "attn.some_rows")
+    _timed(CPUAttentionBackendImpl, "forward", "attn.kernel")
+    _timed(CPUAttentionBackendImpl, "do_kv_cache_update", "attn.kv_write")
+    _timed(linear_layers.SupernetLinearAttention, "forward", "linear.all_rows")
+    _timed(linear_layers.SupernetLinearAttention, "forward_rows", "linear.some_rows")
+    _timed(linear_layers, "run_rows", "linear.core")
+    _timed(vllm_model.SupernetDecoderLayer, "mix", "mix")
+    _timed(vllm_model.SupernetMLP, "forward", "mlp")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, default=Path.home() / ".cache" / "supernet" / "bench" / "smollm2-supernet")
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--decode-tokens", type=int, default=8)
+    p.add_argument("--presets", nargs="+", default=["all-fa", "fa+gdn", "fa+kda", "mixed"])
+    p.add_argument("--work-dir", default="/tmp/supernet-profile-switchable")
+    p.add_argument("--out", default=None, help="JSON file for the breakdown")
+    args = p.parse_args(argv)
+
+    from benchmarks.bench_serving import bench_checkpoint, corpus_prompts
+    from supernet.serving.server import cpu_env
+
+    ckpt = bench_checkpoint(args.checkpoint, 256)
+    prompts = corpus_prompts(ckpt, args.batch, args.context)
+    os.environ.update(cpu_env(Path(args.work_dir)))
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    install_timers(args.batch)
+    llm = LLM(model=str(ckpt), hf_overrides={"switchable": True}, enforce_eager=True, dtype="float32",
+              max_model_len=args.context + args.decode_tokens + 16, max_num_seqs=max(args.batch, 4),
+              enable_prefix_caching=False)
+    batches = {p: [p] * args.batch for p in args.presets}
+    batches["mix"] = [args.presets[i % len(args.presets)] for i in range(args.batch)]
+    report = {}
+    for name, presets in batches.items():
+        TIMES.clear()
+        STATE["steps"] = 0
+        params = [SamplingParams(max_tokens=args.decode_tokens, temperature=0, ignore_eos=True,
+                                 extra_args={"preset": pr}) for pr in presets]
+        llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], params, use_tqdm=False)
+        steps = max(STATE["steps"], 1)
+        report[name] = {"decode_steps": STATE["steps"], **{k: v / steps for k, v in sorted(TIMES.items())}}
+        print(f"{name}: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in report[name].items() if k != "decode_steps"),
+              flush=True)
+    weights = {p: batches["mix"].count(p) / args.batch for p in args.presets}
+    weighted = sum(weights[p] * report[p]["forward"] for p in args.presets)
+    print(f"mixed forward {report['mix']['forward'] * 1e3:.1f} ms vs token-weighted {weighted * 1e3:.1f} ms "
+          f"= {report['mix']['forward'] / weighted:.2f}x", flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"context": args.context, "batch": args.batch, "per_step_s": report,
+                                              "token_weighted_forward_s": weighted}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
