@@ -138,6 +138,7 @@ def _metric(url: str, name: str) -> float:
 
 def run_vllm(args, ckpt: Path, prompts: list[list[int]]) -> dict:
     from supernet.serving.server import VllmServer, cpu_env, free_port, vllm_command
+    from supernet.serving.plan import FULL_LAYOUT_ENV
 
     work = Path(args.work_dir)
     extra = ["--max-model-len", str(args.context + args.decode_tokens + 16), "--dtype", args.dtype,
@@ -189,19 +190,34 @@ def run_vllm(args, ckpt: Path, prompts: list[list[int]]) -> dict:
             _stream(server.url, prompts[0][:64], 4)
             switch = {"mixed_presets": args.mixed, **switchable_costs(server.url, prompts, args)}
             switch.update(_concurrency(server.log_path.read_text(errors="replace")))
+        if args.switch_full_layout_baseline:
+            # the code before FA/SWA ran over their rows only: the same server with the attention
+            # kernel over the whole step; single-preset batches take the same path on both (every
+            # mixer a step runs covers all its rows), so the mixed batch alone is measured again
+            print("[vllm] switchable server, attention over the whole step's layout (before)", flush=True)
+            env[FULL_LAYOUT_ENV] = "full-layout"
+            try:
+                with serve(switchable=True) as server:
+                    _stream(server.url, prompts[0][:64], 4)
+                    switch["full_layout_attention"] = switchable_costs(
+                        server.url, prompts, args, single=switch["single_preset_batches"])
+            finally:
+                env.pop(FULL_LAYOUT_ENV)
     return {"presets": rows, "speculative": spec, "switchable": switch}
 
 
-def switchable_costs(url: str, prompts: list[list[int]], args) -> dict:
+def switchable_costs(url: str, prompts: list[list[int]], args, single: dict | None = None) -> dict:
     """Mixed steps against single-preset steps of the same batch, on one switchable server.
 
     A batch of `batch` sequences, all of preset p, gives p's step time t_p = batch / (decode
     tokens/s). The mixed batch gives each preset of `args.mixed` an equal share of its rows
     (round robin); its step time against the token-weighted sum of the t_p is the overhead of
-    mixing (goal: <= 1.15 where per-token work dominates the weights)."""
+    mixing (goal: <= 1.15 where per-token work dominates the weights). `single`: the t_p measured
+    already (then only the mixed batch runs)."""
     n = args.switch_batch
-    single = {}
-    for p in args.mixed:
+    measure = single is None
+    single = {} if single is None else single
+    for p in args.mixed if measure else []:
         rate = decode_rate(url, prompts[:n], args.decode_tokens, [f"supernet:{p}"] * n)
         single[p] = {"decode_tokens_per_s": rate["decode_tokens_per_s"], "step_s": n / rate["decode_tokens_per_s"],
                      "prefill_s": rate["prefill_s"]}
@@ -293,6 +309,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mixed", nargs="+", default=["all-fa", "fa+gdn", "fa+kda", "mixed"],
                    help="presets a mixed batch of the switchable server holds")
     p.add_argument("--switch-batch", type=int, default=None, help="switchable batch size (default: --batch)")
+    p.add_argument("--switch-full-layout-baseline", action="store_true",
+                   help="also the mixed batch with FA/SWA over the whole step (the code before they ran over "
+                        "their rows only; SUPERNET_SWITCHABLE_ATTENTION=full-layout)")
     p.add_argument("--compiled", action="store_true", help="vllm engine: no --enforce-eager (torch.compile)")
     p.add_argument("--threads", type=int, default=None, help="reference engine on CPU: torch threads")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="vLLM chunked-prefill budget")
@@ -323,6 +342,11 @@ def main(argv: list[str] | None = None) -> None:
                     f"switchable server, batch {sw['batch']}: mixed / token-weighted single-preset = "
                     f"{sw['mixed_over_weighted']:.3f} (decode step), {sw['prefill_mixed_over_weighted']:.3f} (prefill); "
                     f"max concurrency {sw.get('max_concurrency')}")
+        if sw.get("full_layout_attention"):
+            fl = sw["full_layout_attention"]
+            print(f"before (FA/SWA over the whole step): mixed step {fl['mixed_step_s']:.3f}s = "
+                  f"{fl['mixed_over_weighted']:.3f}x (decode), prefill {fl['mixed_prefill_s']:.1f}s = "
+                  f"{fl['prefill_mixed_over_weighted']:.3f}x")
     name = f"serving_{args.engine}_{'cuda' if args.device.startswith('cuda') else 'cpu'}"
     write_results(name, {"engine": args.engine, "context": args.context, "batch": args.batch, "dtype": args.dtype,
                          "compiled": bool(getattr(args, "compiled", False)),

@@ -50,7 +50,7 @@ from vllm.v1.kv_cache_interface import MambaSpec
 
 from supernet.serving import routing
 from supernet.serving.linear_layers import SupernetLinearAttention, linear_state_dtypes, linear_state_shapes
-from supernet.serving.plan import LINEAR_MIXERS, serving_plan
+from supernet.serving.plan import FULL_LAYOUT_ENV, LINEAR_MIXERS, serving_plan
 from supernet.mixers import mixer_class, spec
 
 
@@ -157,9 +157,6 @@ class SupernetAttention(nn.Module):
             context.attn_metadata[name], context.slot_mapping[name] = saved
         out, _ = self.o_proj(attended)
         return out
-
-
-FULL_LAYOUT_ENV = "SUPERNET_SWITCHABLE_ATTENTION"  # "full-layout": the kernel over every row (comparison)
 
 
 def rows_metadata(meta: CPUAttentionMetadata, layer: Attention, sel: "routing.Selection") -> CPUAttentionMetadata:
