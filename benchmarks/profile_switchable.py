@@ -2,7 +2,9 @@
 (VLLM_ENABLE_V1_MULTIPROCESSING=0, so the model runs here), timers wrapped around the model's
 parts, decode steps only (one token per request).
 
-Batches: each preset alone, then one mixing them round robin (as `bench_serving.py --mixed`).
+Batches: each preset alone, then one mixing them round robin (as `bench_serving.py --mixed`), then
+the mixed one again with FA/SWA over the whole step's layout (the code before they ran over their
+own rows: `_rows_attention` answering None).
 Per batch it prints seconds per decode step in: the whole forward, the route, FA/SWA over all
 tokens and over some rows (and vLLM's attention kernel + KV write inside both), GDN/KDA over all
 tokens and over some rows (and their core op inside), and the scatter of rows into the step.
@@ -100,8 +102,13 @@ def main(argv=None) -> None:
               enable_prefix_caching=False)
     batches = {p: [p] * args.batch for p in args.presets}
     batches["mix"] = [args.presets[i % len(args.presets)] for i in range(args.batch)]
+    batches["mix, full layout"] = batches["mix"]
     report = {}
+    from supernet.serving import vllm_model
+
+    rows_attention = vllm_model._rows_attention
     for name, presets in batches.items():
+        vllm_model._rows_attention = (lambda *a: None) if name == "mix, full layout" else rows_attention
         TIMES.clear()
         STATE["steps"] = 0
         params = [SamplingParams(max_tokens=args.decode_tokens, temperature=0, ignore_eos=True,
@@ -113,8 +120,9 @@ def main(argv=None) -> None:
               flush=True)
     weights = {p: batches["mix"].count(p) / args.batch for p in args.presets}
     weighted = sum(weights[p] * report[p]["forward"] for p in args.presets)
-    print(f"mixed forward {report['mix']['forward'] * 1e3:.1f} ms vs token-weighted {weighted * 1e3:.1f} ms "
-          f"= {report['mix']['forward'] / weighted:.2f}x", flush=True)
+    for name in ("mix", "mix, full layout"):
+        print(f"{name}: forward {report[name]['forward'] * 1e3:.1f} ms vs token-weighted {weighted * 1e3:.1f} ms "
+              f"= {report[name]['forward'] / weighted:.2f}x", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({"context": args.context, "batch": args.batch, "per_step_s": report,
                                               "token_weighted_forward_s": weighted}, indent=2))
