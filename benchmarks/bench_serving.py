@@ -150,10 +150,10 @@ def run_vllm(args, ckpt: Path, prompts: list[list[int]]) -> dict:
     env = cpu_env(work)
     env["VLLM_CPU_KVCACHE_SPACE"] = str(args.kv_space_gb)
 
-    def serve(**kw):
+    def serve(log_name=None, **kw):
         port = free_port()
         cmd = vllm_command(ckpt, port=port, extra=extra, **kw)
-        return VllmServer(cmd, env, work / f"server-{kw.get('preset')}.log", "127.0.0.1", port)
+        return VllmServer(cmd, env, work / f"server-{log_name or kw.get('preset')}.log", "127.0.0.1", port)
 
     rows = []
     single: dict[str, dict] = {}
@@ -188,13 +188,13 @@ def run_vllm(args, ckpt: Path, prompts: list[list[int]]) -> dict:
     if args.switchable:
         print(f"[vllm] switchable server: batches of one preset vs batches mixing {args.mixed}", flush=True)
         with contextlib.ExitStack() as stack:
-            servers = {"rows": stack.enter_context(serve(switchable=True))}
+            servers = {"rows": stack.enter_context(serve("switchable", switchable=True))}
             if args.switch_full_layout_baseline:
                 # the code before FA/SWA ran over their rows only: a second server, up at the same
                 # time, whose attention kernel runs over the whole step (env read at model build)
                 env[FULL_LAYOUT_ENV] = "full-layout"
                 try:
-                    servers["full_layout"] = stack.enter_context(serve(switchable=True))
+                    servers["full_layout"] = stack.enter_context(serve("switchable-full-layout", switchable=True))
                 finally:
                     env.pop(FULL_LAYOUT_ENV)
             for server in servers.values():

@@ -23,7 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-TIMES: dict[str, float] = defaultdict(float)
+TIMES: dict[str, float] = defaultdict(float)  # wall seconds
+CPU: dict[str, float] = defaultdict(float)  # this thread's CPU seconds: with --threads 1, the step's
+# work alone, whatever else the host runs (a shared host's other jobs stretch wall time only)
 STATE = {"decode": False, "steps": 0}
 
 
@@ -34,11 +36,12 @@ def _timed(owner, attr: str, key: str) -> None:
     def wrapper(*args, **kwargs):
         if not STATE["decode"]:
             return original(*args, **kwargs)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             return original(*args, **kwargs)
         finally:
             TIMES[key] += time.perf_counter() - t0
+            CPU[key] += time.thread_time() - c0
 
     setattr(owner, attr, wrapper)
 
@@ -55,11 +58,12 @@ def install_timers(batch: int) -> None:
         if not STATE["decode"]:
             return model_forward(self, input_ids, positions, *args, **kwargs)
         STATE["steps"] += 1
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             return model_forward(self, input_ids, positions, *args, **kwargs)
         finally:
             TIMES["forward"] += time.perf_counter() - t0
+            CPU["forward"] += time.thread_time() - c0
             STATE["decode"] = False
 
     vllm_model.SupernetModel.forward = forward
@@ -82,6 +86,8 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--decode-tokens", type=int, default=8)
     p.add_argument("--presets", nargs="+", default=["all-fa", "fa+gdn", "fa+kda", "mixed"])
+    p.add_argument("--threads", type=int, default=None,
+                   help="OpenMP threads of the engine (bound to the first allowed cores); 1: CPU times are the step's work")
     p.add_argument("--work-dir", default="/tmp/supernet-profile-switchable")
     p.add_argument("--out", default=None, help="JSON file for the breakdown")
     args = p.parse_args(argv)
@@ -93,6 +99,9 @@ def main(argv=None) -> None:
     prompts = corpus_prompts(ckpt, args.batch, args.context)
     os.environ.update(cpu_env(Path(args.work_dir)))
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if args.threads:
+        cores = sorted(os.sched_getaffinity(0))[: args.threads]
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores))
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -110,21 +119,25 @@ def main(argv=None) -> None:
     for name, presets in batches.items():
         vllm_model._rows_attention = (lambda *a: None) if name == "mix, full layout" else rows_attention
         TIMES.clear()
+        CPU.clear()
         STATE["steps"] = 0
         params = [SamplingParams(max_tokens=args.decode_tokens, temperature=0, ignore_eos=True,
                                  extra_args={"preset": pr}) for pr in presets]
         llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], params, use_tqdm=False)
         steps = max(STATE["steps"], 1)
-        report[name] = {"decode_steps": STATE["steps"], **{k: v / steps for k, v in sorted(TIMES.items())}}
-        print(f"{name}: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in report[name].items() if k != "decode_steps"),
+        report[name] = {"decode_steps": STATE["steps"], "wall": {k: v / steps for k, v in sorted(TIMES.items())},
+                        "cpu": {k: v / steps for k, v in sorted(CPU.items())}}
+        print(f"{name}: " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in report[name]["cpu"].items()) + " (CPU ms/step)",
               flush=True)
     weights = {p: batches["mix"].count(p) / args.batch for p in args.presets}
-    weighted = sum(weights[p] * report[p]["forward"] for p in args.presets)
+    weighted = {clock: sum(weights[p] * report[p][clock]["forward"] for p in args.presets) for clock in ("wall", "cpu")}
     for name in ("mix", "mix, full layout"):
-        print(f"{name}: forward {report[name]['forward'] * 1e3:.1f} ms vs token-weighted {weighted * 1e3:.1f} ms "
-              f"= {report[name]['forward'] / weighted:.2f}x", flush=True)
+        for clock in ("cpu", "wall"):
+            print(f"{name}: forward {report[name][clock]['forward'] * 1e3:.1f} ms ({clock}) vs token-weighted "
+                  f"{weighted[clock] * 1e3:.1f} ms = {report[name][clock]['forward'] / weighted[clock]:.2f}x", flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps({"context": args.context, "batch": args.batch, "per_step_s": report,
+        Path(args.out).write_text(json.dumps({"context": args.context, "batch": args.batch, "threads": args.threads,
+                                              "decode_tokens": args.decode_tokens, "per_step_s": report,
                                               "token_weighted_forward_s": weighted}, indent=2))
 
 
