@@ -54,7 +54,8 @@ def install_timers(batch: int) -> None:
     model_forward = vllm_model.SupernetModel.forward
 
     def forward(self, input_ids, positions, *args, **kwargs):
-        STATE["decode"] = positions.shape[0] <= batch and self.router is not None
+        # decode steps of the whole batch only (not the ramp-up behind prefills, nor the tail)
+        STATE["decode"] = positions.shape[0] == batch and self.router is not None
         if not STATE["decode"]:
             return model_forward(self, input_ids, positions, *args, **kwargs)
         STATE["steps"] += 1
@@ -114,6 +115,13 @@ def main(argv=None) -> None:
     batches["mix, full layout"] = batches["mix"]
     report = {}
     from supernet.serving import vllm_model
+
+    # warm-up: every batch once on short prompts, so one-time costs (GEMM kernels built for this
+    # batch size, first touches of pages) land in no measured step
+    for presets in batches.values():
+        llm.generate([TokensPrompt(prompt_token_ids=ids[:64]) for ids in prompts],
+                     [SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, extra_args={"preset": pr})
+                      for pr in presets], use_tqdm=False)
 
     rows_attention = vllm_model._rows_attention
     for name, presets in batches.items():
