@@ -22,6 +22,7 @@ the held-out corpus.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import sys
@@ -138,6 +139,7 @@ def _metric(url: str, name: str) -> float:
 
 def run_vllm(args, ckpt: Path, prompts: list[list[int]]) -> dict:
     from supernet.serving.server import VllmServer, cpu_env, free_port, vllm_command
+    from supernet.serving.plan import FULL_LAYOUT_ENV
 
     work = Path(args.work_dir)
     extra = ["--max-model-len", str(args.context + args.decode_tokens + 16), "--dtype", args.dtype,
@@ -148,10 +150,10 @@ def run_vllm(args, ckpt: Path, prompts: list[list[int]]) -> dict:
     env = cpu_env(work)
     env["VLLM_CPU_KVCACHE_SPACE"] = str(args.kv_space_gb)
 
-    def serve(**kw):
+    def serve(log_name=None, **kw):
         port = free_port()
         cmd = vllm_command(ckpt, port=port, extra=extra, **kw)
-        return VllmServer(cmd, env, work / f"server-{kw.get('preset')}.log", "127.0.0.1", port)
+        return VllmServer(cmd, env, work / f"server-{log_name or kw.get('preset')}.log", "127.0.0.1", port)
 
     rows = []
     single: dict[str, dict] = {}
@@ -185,42 +187,83 @@ def run_vllm(args, ckpt: Path, prompts: list[list[int]]) -> dict:
     switch = {}
     if args.switchable:
         print(f"[vllm] switchable server: batches of one preset vs batches mixing {args.mixed}", flush=True)
-        with serve(switchable=True) as server:
-            _stream(server.url, prompts[0][:64], 4)
-            switch = {"mixed_presets": args.mixed, **switchable_costs(server.url, prompts, args)}
-            switch.update(_concurrency(server.log_path.read_text(errors="replace")))
+        with contextlib.ExitStack() as stack:
+            servers = {"rows": stack.enter_context(serve("switchable", switchable=True))}
+            if args.switch_full_layout_baseline:
+                # the code before FA/SWA ran over their rows only: a second server, up at the same
+                # time, whose attention kernel runs over the whole step (env read at model build)
+                env[FULL_LAYOUT_ENV] = "full-layout"
+                try:
+                    servers["full_layout"] = stack.enter_context(serve("switchable-full-layout", switchable=True))
+                finally:
+                    env.pop(FULL_LAYOUT_ENV)
+            for server in servers.values():
+                _stream(server.url, prompts[0][:64], 4)
+            switch = {"mixed_presets": args.mixed,
+                      **switchable_costs({k: v.url for k, v in servers.items()}, prompts, args)}
+            switch.update(_concurrency(servers["rows"].log_path.read_text(errors="replace")))
     return {"presets": rows, "speculative": spec, "switchable": switch}
 
 
-def switchable_costs(url: str, prompts: list[list[int]], args) -> dict:
-    """Mixed steps against single-preset steps of the same batch, on one switchable server.
+def switchable_costs(urls: dict[str, str], prompts: list[list[int]], args) -> dict:
+    """Mixed steps against single-preset steps of the same batch, on switchable servers.
 
     A batch of `batch` sequences, all of preset p, gives p's step time t_p = batch / (decode
     tokens/s). The mixed batch gives each preset of `args.mixed` an equal share of its rows
     (round robin); its step time against the token-weighted sum of the t_p is the overhead of
-    mixing (goal: <= 1.15 where per-token work dominates the weights)."""
-    n = args.switch_batch
-    single = {}
-    for p in args.mixed:
-        rate = decode_rate(url, prompts[:n], args.decode_tokens, [f"supernet:{p}"] * n)
-        single[p] = {"decode_tokens_per_s": rate["decode_tokens_per_s"], "step_s": n / rate["decode_tokens_per_s"],
-                     "prefill_s": rate["prefill_s"]}
-        print(f"[vllm] switchable, batch of {p}: {rate['decode_tokens_per_s']:.2f} tok/s", flush=True)
-    models = [f"supernet:{args.mixed[i % len(args.mixed)]}" for i in range(n)]
-    mix = decode_rate(url, prompts[:n], args.decode_tokens, models)
-    shares = {p: sum(m == f"supernet:{p}" for m in models) / n for p in args.mixed}
-    weighted = sum(shares[p] * single[p]["step_s"] for p in args.mixed)
-    mixed_step = n / mix["decode_tokens_per_s"]
-    weighted_prefill = sum(shares[p] * single[p]["prefill_s"] for p in args.mixed)
-    print(f"[vllm] switchable, mixed batch: {mix['decode_tokens_per_s']:.2f} tok/s; "
-          f"step {mixed_step:.3f}s vs token-weighted {weighted:.3f}s = {mixed_step / weighted:.3f}x", flush=True)
-    return {"batch": n, "single_preset_batches": single, "mixed_batch_tokens_per_s": mix["decode_tokens_per_s"],
-            "mixed_step_s": mixed_step, "token_weighted_single_step_s": weighted,
-            "mixed_over_weighted": mixed_step / weighted, "shares": shares,
-            # prefill of the whole batch (chunked: steps hold several prompts): per-token work dominates there
-            "mixed_prefill_s": mix["prefill_s"], "token_weighted_single_prefill_s": weighted_prefill,
-            "prefill_mixed_over_weighted": mix["prefill_s"] / weighted_prefill}
+    mixing (goal: <= 1.15 where per-token work dominates the weights).
 
+    `urls`: "rows" (FA/SWA over their own rows) and optionally "full_layout" (over the whole
+    step, as before). Single-preset batches run on "rows" only: in them every mixer a step runs
+    covers all rows, the same code on both. `args.switch_rounds` rounds, each: every single-preset
+    batch, then the mixed batch on each server, so that slow phases of a shared host hit both;
+    ratios per round and from the mean step times over rounds."""
+    n = args.switch_batch
+    models = [f"supernet:{args.mixed[i % len(args.mixed)]}" for i in range(n)]
+    shares = {p: sum(m == f"supernet:{p}" for m in models) / n for p in args.mixed}
+    rounds = []
+    for r in range(args.switch_rounds):
+        single = {}
+        for p in args.mixed:
+            rate = decode_rate(urls["rows"], prompts[:n], args.decode_tokens, [f"supernet:{p}"] * n)
+            single[p] = {"step_s": n / rate["decode_tokens_per_s"], "prefill_s": rate["prefill_s"]}
+            print(f"[vllm] round {r}, batch of {p}: {rate['decode_tokens_per_s']:.2f} tok/s", flush=True)
+        weighted = {k: sum(shares[p] * single[p][k] for p in args.mixed) for k in ("step_s", "prefill_s")}
+        mixed = {}
+        for name, url in urls.items():
+            mix = decode_rate(url, prompts[:n], args.decode_tokens, models)
+            mixed[name] = {"step_s": n / mix["decode_tokens_per_s"], "prefill_s": mix["prefill_s"]}
+            print(f"[vllm] round {r}, mixed batch ({name}): step {mixed[name]['step_s']:.3f}s vs token-weighted "
+                  f"{weighted['step_s']:.3f}s = {mixed[name]['step_s'] / weighted['step_s']:.3f}x", flush=True)
+        rounds.append({"single_preset_batches": single, "token_weighted": weighted, "mixed_batch": mixed})
+
+    def mean(values) -> float:
+        values = list(values)
+        return sum(values) / len(values)
+
+    single = {p: {k: mean(rd["single_preset_batches"][p][k] for rd in rounds) for k in ("step_s", "prefill_s")}
+              for p in args.mixed}
+    for v in single.values():
+        v["decode_tokens_per_s"] = n / v["step_s"]
+    weighted = {k: mean(rd["token_weighted"][k] for rd in rounds) for k in ("step_s", "prefill_s")}
+
+    def summary(name: str) -> dict:
+        step = mean(rd["mixed_batch"][name]["step_s"] for rd in rounds)
+        prefill = mean(rd["mixed_batch"][name]["prefill_s"] for rd in rounds)
+        return {"mixed_batch_tokens_per_s": n / step, "mixed_step_s": step, "mixed_over_weighted": step / weighted["step_s"],
+                "mixed_over_weighted_per_round": [rd["mixed_batch"][name]["step_s"] / rd["token_weighted"]["step_s"]
+                                                  for rd in rounds],
+                # prefill of the whole batch (chunked: steps hold several prompts): per-token work dominates there
+                "mixed_prefill_s": prefill, "prefill_mixed_over_weighted": prefill / weighted["prefill_s"],
+                "prefill_mixed_over_weighted_per_round": [rd["mixed_batch"][name]["prefill_s"] / rd["token_weighted"]["prefill_s"]
+                                                          for rd in rounds]}
+
+    out = {"batch": n, "rounds_run": len(rounds), "shares": shares, "single_preset_batches": single,
+           "token_weighted_single_step_s": weighted["step_s"], "token_weighted_single_prefill_s": weighted["prefill_s"],
+           **summary("rows"), "rounds": rounds}
+    if "full_layout" in urls:
+        out["full_layout_attention"] = summary("full_layout")
+    return out
 
 
 def add_ratio_to_all_fa(rows: list[dict]) -> None:
@@ -293,6 +336,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mixed", nargs="+", default=["all-fa", "fa+gdn", "fa+kda", "mixed"],
                    help="presets a mixed batch of the switchable server holds")
     p.add_argument("--switch-batch", type=int, default=None, help="switchable batch size (default: --batch)")
+    p.add_argument("--switch-full-layout-baseline", action="store_true",
+                   help="also the mixed batch with FA/SWA over the whole step (the code before they ran over "
+                        "their rows only; SUPERNET_SWITCHABLE_ATTENTION=full-layout), on a second server")
+    p.add_argument("--switch-rounds", type=int, default=1,
+                   help="rounds of the switchable measurement (each: every single-preset batch, the mixed batch)")
     p.add_argument("--compiled", action="store_true", help="vllm engine: no --enforce-eager (torch.compile)")
     p.add_argument("--threads", type=int, default=None, help="reference engine on CPU: torch threads")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="vLLM chunked-prefill budget")
@@ -323,6 +371,11 @@ def main(argv: list[str] | None = None) -> None:
                     f"switchable server, batch {sw['batch']}: mixed / token-weighted single-preset = "
                     f"{sw['mixed_over_weighted']:.3f} (decode step), {sw['prefill_mixed_over_weighted']:.3f} (prefill); "
                     f"max concurrency {sw.get('max_concurrency')}")
+        if sw.get("full_layout_attention"):
+            fl = sw["full_layout_attention"]
+            print(f"before (FA/SWA over the whole step): mixed step {fl['mixed_step_s']:.3f}s = "
+                  f"{fl['mixed_over_weighted']:.3f}x (decode), prefill {fl['mixed_prefill_s']:.1f}s = "
+                  f"{fl['prefill_mixed_over_weighted']:.3f}x")
     name = f"serving_{args.engine}_{'cuda' if args.device.startswith('cuda') else 'cpu'}"
     write_results(name, {"engine": args.engine, "context": args.context, "batch": args.batch, "dtype": args.dtype,
                          "compiled": bool(getattr(args, "compiled", False)),

@@ -43,8 +43,12 @@ the config hook and needs vLLM's V1 model runner (the plugin sets VLLM_USE_V2_MO
   that every request of the step uses runs over all tokens as in a single-preset server, and a
   mixer only some use runs over their tokens only (gather, run, scatter back): GDN/KDA
   projections, convolution, recurrence and state pages for those rows only; FA/SWA projections
-  for those tokens only, but vLLM's attention kernel still runs over the step's whole layout (its
-  metadata covers every request; the other rows get zero q/k/v). MLPs and norms run once.
+  and, on vLLM's CPU backend, the attention kernel and KV writes for those rows only (the layer's
+  metadata restricted to them, built once per step per row subset and swapped into the forward
+  context for the call; on other backends the kernel runs over the step's whole layout, the other
+  rows with zero q/k/v). A row skipping a layer's FA/SWA leaves that layer's KV pages unwritten,
+  which nothing reads: a request's preset is fixed for its life (a preempted request is recomputed
+  under the same preset) and prefix caching is off. MLPs and norms run once.
   Switchable servers run eagerly (the gathers have data-dependent sizes).
   Memory: every sequence holds the caches of all union mixers — FA KV for each layer where some
   preset has FA, SWA KV (window) where some preset has SWA, and a state page per GDN/KDA mixer —

@@ -15,6 +15,10 @@ from dataclasses import dataclass
 from supernet.layout import MIXERS, Placement, PlacementError
 from supernet.mixers.registry import LinearSpec, mixers_of_family, spec
 
+# switchable mode, for comparison only: "full-layout" runs the FA/SWA kernel over every row of a
+# step (other rows with zero q/k/v), as before they ran over their own rows only
+FULL_LAYOUT_ENV = "SUPERNET_SWITCHABLE_ATTENTION"
+
 DEFAULT = "default"
 LINEAR_MIXERS = mixers_of_family("linear")  # served as vLLM state-page layers (MambaBase)
 ATTENTION_MIXERS = mixers_of_family("attention")  # served as vLLM attention layers (paged KV)

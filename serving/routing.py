@@ -16,7 +16,7 @@ sets VLLM_USE_V2_MODEL_RUNNER=0.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
@@ -104,10 +104,16 @@ def active_router() -> PresetRouter | None:
 @dataclass(frozen=True)
 class Selection:
     """The part of a step one mixer runs over: flat token indices and a row mask (CPU, over the
-    rows of `query_start_loc`) for the state-page layers."""
+    rows of `query_start_loc`) for the state-page layers; for the attention layers also the rows
+    that hold tokens (`row_ids`, CPU, ascending) and their token counts (`query_lens`), and a
+    per-step cache of what the attention layers derive from them (`derived`: restricted
+    metadata, keyed by the metadata object it restricts)."""
 
     tokens: torch.Tensor
     rows: torch.Tensor
+    row_ids: torch.Tensor | None = None
+    query_lens: torch.Tensor | None = None
+    derived: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 class StepRoute:
@@ -123,9 +129,12 @@ class StepRoute:
         self.row_presets = row_presets  # [R] CPU long, index into router.names
         # host data (the router's rows and the CPU copy of the row layout): no device read
         self.present = frozenset(row_presets[row_lens > 0].tolist()) or frozenset([router.index[router.plan.default_name]])
+        self.row_lens = row_lens  # [R] CPU long
         token_preset = torch.repeat_interleave(row_presets, row_lens)
-        pad = num_tokens - token_preset.shape[0]  # tokens vLLM padded: default preset, never read
-        self.token_preset = torch.cat([token_preset, token_preset.new_zeros(max(pad, 0))])[:num_tokens]
+        # tokens vLLM padded (never read): no preset, so no selection holds them and the attention
+        # layers' row layout (`row_ids`, `query_lens`) covers a selection's tokens exactly
+        pad = num_tokens - token_preset.shape[0]
+        self.token_preset = torch.cat([token_preset, token_preset.new_full((max(pad, 0),), -1)])[:num_tokens]
         self.device = device
         self._selections: dict[frozenset[int], Selection] = {}
 
@@ -134,7 +143,9 @@ class StepRoute:
         if sel is None:
             ids = torch.tensor(sorted(presets), dtype=torch.long)
             tokens = torch.nonzero(torch.isin(self.token_preset, ids)).flatten()
-            sel = Selection(tokens.to(self.device), torch.isin(self.row_presets, ids))
+            rows = torch.isin(self.row_presets, ids)
+            row_ids = torch.nonzero(rows & (self.row_lens > 0)).flatten()
+            sel = Selection(tokens.to(self.device), rows, row_ids, self.row_lens[row_ids])
             self._selections[presets] = sel
         return sel
 

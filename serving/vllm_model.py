@@ -16,10 +16,14 @@ eagerly: its gathers have data-dependent sizes.
 """
 from __future__ import annotations
 
+import dataclasses
+import os
 from collections.abc import Iterable
 
 import torch
 from torch import nn
+from vllm import _custom_ops as cpu_ops
+from vllm import envs as vllm_envs
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.distributed import get_tensor_model_parallel_world_size
@@ -38,11 +42,15 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, 
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.interfaces import IsHybrid
 from vllm.sequence import IntermediateTensors
+try:  # vLLM's CPU backend: switchable FA/SWA attend over their rows only (SupernetAttention.forward_rows)
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadata
+except ImportError:  # pragma: no cover - a build without it
+    CPUAttentionMetadata = ()
 from vllm.v1.kv_cache_interface import MambaSpec
 
 from supernet.serving import routing
 from supernet.serving.linear_layers import SupernetLinearAttention, linear_state_dtypes, linear_state_shapes
-from supernet.serving.plan import LINEAR_MIXERS, serving_plan
+from supernet.serving.plan import FULL_LAYOUT_ENV, LINEAR_MIXERS, serving_plan
 from supernet.mixers import mixer_class, spec
 
 
@@ -104,6 +112,7 @@ class SupernetAttention(nn.Module):
             cache_config=vllm_config.cache_config, quant_config=vllm_config.quant_config,
             per_layer_sliding_window=window, prefix=f"{prefix}.attn",
         )
+        self.full_layout = os.environ.get(FULL_LAYOUT_ENV) == "full-layout"
 
     def _qkv(self, positions: torch.Tensor, hidden_states: torch.Tensor):
         """Projections, the family's q/k norms and RoPE: q, k, v for these tokens."""
@@ -121,17 +130,73 @@ class SupernetAttention(nn.Module):
         out, _ = self.o_proj(self.attn(*self._qkv(positions, hidden_states)))
         return out
 
-    def forward_rows(self, positions: torch.Tensor, hidden_states: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Switchable mode: projections for `tokens` only ([M] flat indices; returns [M, D]).
+    def forward_rows(self, positions: torch.Tensor, hidden_states: torch.Tensor, sel: "routing.Selection") -> torch.Tensor:
+        """Switchable mode: this layer for the tokens of `sel` only (returns [M, D]).
 
-        The attention kernel itself still runs over the step's whole layout: its metadata (and
-        vLLM's CPU scheduler plan) covers every request of the step, so the other rows get zero
-        queries/keys/values (their writes land in KV pages nobody reads)."""
-        n = hidden_states.shape[0]
+        On vLLM's CPU backend the attention kernel runs over `sel`'s rows alone: its metadata
+        restricted to them (`rows_metadata`, built once per step per metadata and row subset),
+        swapped into the forward context for the call. The other rows neither attend nor write
+        this layer's KV pages: a request's preset is fixed for its life, so no later step of
+        theirs reads those pages. Elsewhere (or with SUPERNET_SWITCHABLE_ATTENTION=full-layout)
+        the kernel runs over the step's whole layout, the other rows with zero q/k/v."""
+        tokens = sel.tokens
         q, k, v = self._qkv(positions.index_select(0, tokens), hidden_states.index_select(0, tokens))
-        full = [t.new_zeros(n, t.shape[1]).index_copy_(0, tokens, t) for t in (q, k, v)]
-        out, _ = self.o_proj(self.attn(*full).index_select(0, tokens))
+        context = get_forward_context()
+        swap = None if self.full_layout else _rows_attention(context, self.attn, sel)
+        if swap is None:
+            n = hidden_states.shape[0]
+            full = [t.new_zeros(n, t.shape[1]).index_copy_(0, tokens, t) for t in (q, k, v)]
+            out, _ = self.o_proj(self.attn(*full).index_select(0, tokens))
+            return out
+        name = self.attn.layer_name
+        saved = context.attn_metadata[name], context.slot_mapping[name]
+        context.attn_metadata[name], context.slot_mapping[name] = swap
+        try:
+            attended = self.attn(q, k, v)
+        finally:
+            context.attn_metadata[name], context.slot_mapping[name] = saved
+        out, _ = self.o_proj(attended)
         return out
+
+
+def rows_metadata(meta: CPUAttentionMetadata, layer: Attention, sel: "routing.Selection") -> CPUAttentionMetadata:
+    """`meta` (one step of vLLM's CPU attention) restricted to the rows of `sel`: their query
+    layout, sequence lengths, block-table rows and slots, and the kernel's work plan for them
+    (as vLLM's builder makes it, for this layer's heads and window)."""
+    lens = sel.query_lens
+    qsl = torch.zeros(lens.shape[0] + 1, dtype=meta.query_start_loc.dtype)
+    qsl[1:] = lens.cumsum(0)
+    row_ids = sel.row_ids.to(meta.seq_lens.device)
+    seq_lens = meta.seq_lens.index_select(0, row_ids)
+    plan = cpu_ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=lens.shape[0], num_heads=layer.num_heads, num_kv_heads=layer.num_kv_heads,
+        head_dim=layer.head_size, seq_lens=seq_lens, dtype=layer.dtype, query_start_loc=qsl,
+        causal=meta.causal, sliding_window_size=layer.impl.sliding_window, isa=layer.isa,
+        enable_kv_split=vllm_envs.VLLM_CPU_ATTN_SPLIT_KV, kv_cache_dtype=layer.kv_cache_dtype,
+    )
+    return dataclasses.replace(
+        meta, num_actual_tokens=int(sel.tokens.shape[0]), max_query_len=int(lens.max()), query_start_loc=qsl,
+        max_seq_len=int(seq_lens.max()), seq_lens=seq_lens, block_table=meta.block_table.index_select(0, row_ids),
+        slot_mapping=meta.slot_mapping.index_select(0, sel.tokens), scheduler_metadata=plan,
+    )
+
+
+def _rows_attention(context, layer: Attention, sel: "routing.Selection"):
+    """(metadata, slot mapping) of `layer` for `sel`'s rows, cached on `sel` per metadata object
+    (layers of one KV-cache group share theirs); None where only the whole layout runs."""
+    metas, slots = context.attn_metadata, getattr(context, "slot_mapping", None)
+    name = layer.layer_name
+    if not isinstance(metas, dict) or not isinstance(slots, dict) or sel.row_ids is None:
+        return None
+    meta, slot = metas.get(name), slots.get(name)
+    if (not isinstance(meta, CPUAttentionMetadata) or slot is None or meta.dynamic_causal is not None
+            or meta.encoder_cache is not None or meta.use_sdpa_prefill or sel.row_ids.shape[0] == 0):
+        return None
+    key = (id(meta), id(slot))
+    swap = sel.derived.get(key)
+    if swap is None:
+        swap = sel.derived[key] = (rows_metadata(meta, layer, sel), slot.index_select(0, sel.tokens))
+    return swap
 
 
 class SupernetMLP(nn.Module):
@@ -192,7 +257,7 @@ class SupernetDecoderLayer(nn.Module):
     def run_mixer_rows(self, name: str, positions: torch.Tensor, x: torch.Tensor, sel: "routing.Selection") -> torch.Tensor:
         mixer = self.mixers[name]
         if isinstance(mixer, SupernetAttention):
-            return mixer.forward_rows(positions, x, sel.tokens)
+            return mixer.forward_rows(positions, x, sel)
         return mixer.forward_rows(x, sel.tokens, sel.rows)
 
     def mix(self, positions, x, route: "routing.StepRoute | None") -> torch.Tensor:

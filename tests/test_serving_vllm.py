@@ -212,6 +212,26 @@ class TestSwitchableServer:
         for (preset, i), tokens in zip(jobs, results):
             assert tokens == expected[preset][i], (preset, i)
 
+    def test_mixed_batch_of_long_prompts_matches_each_preset_alone(self, client, reference):
+        """One batch holding every preset, with prompts over several KV blocks (lengths differ, so
+        the rows' block tables and sequence lengths differ) sent a little apart (steps that hold
+        decodes and prefills together): FA/SWA run over their own rows only, and each request's
+        tokens equal its preset served alone on this server and the reference model's."""
+        rng = random.Random(1)
+        lengths = (150, 201, 96, 233, 177, 120, 64, 210, 188, 140)
+        jobs = [(PRESETS[i % len(PRESETS)], [0] + [rng.randrange(1, 256) for _ in range(n)])
+                for i, n in enumerate(lengths)]
+        alone = [_complete(client, f"supernet:{preset}", prompt) for preset, prompt in jobs]
+
+        def together(i):
+            time.sleep(0.1 * i)
+            return _complete(client, f"supernet:{jobs[i][0]}", jobs[i][1])
+
+        with cf.ThreadPoolExecutor(len(jobs)) as pool:
+            mixed = list(pool.map(together, range(len(jobs))))
+        for (preset, prompt), one, many in zip(jobs, alone, mixed):
+            assert many == one == reference(preset, prompt), preset
+
     def test_soak_mixed_presets_and_malformed_requests(self, switch_server, client, reference, ckpt):
         _soak(switch_server, client, reference, ckpt)
 
