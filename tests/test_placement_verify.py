@@ -84,13 +84,19 @@ def test_loop_finds_a_placement_that_truly_keeps_a_threshold_requirement(evaluat
     assert "-> fails" in logs[0] and "-> meets" in logs[-1]
 
 
-def test_best_measured_feasible_evaluation_is_kept_when_it_beats_the_loop(evaluations):
-    """An evaluated placement that meets the requirement with the true optimum's quality is kept."""
+def _with_the_optimum_evaluated(evaluations, rounds: int):
+    """The true constrained optimum appended to the evaluations, then the loop run with `rounds`."""
     optimum, q_opt = brute_force(TARGET, 0.5)
     with evaluations.open("a") as fh:
         fh.write(json.dumps({"placement": optimum.to_list(), **truth(optimum)}) + "\n")
     res = verify_constrained(evaluations, COSTS, {"quality": 1.0}, [parse_requirement(REQUIRE)], TARGET, measure,
-                             rounds=1, log=lambda s: None)
+                             rounds=rounds, log=lambda s: None)
+    return optimum, q_opt, res
+
+
+def test_best_measured_feasible_evaluation_is_kept_when_it_beats_the_loop(evaluations):
+    """An evaluated placement that meets the requirement with the true optimum's quality is kept."""
+    optimum, q_opt, res = _with_the_optimum_evaluated(evaluations, rounds=1)
     assert res.chosen.placement == optimum and res.objective == pytest.approx(q_opt)
 
 
@@ -138,13 +144,8 @@ def test_verify_preset_cli_refuses_bad_input_in_one_line(evaluations, tmp_path):
                           "p.json does not exist; write it with `placement optimize` first")
 
 
-
 def test_zero_rounds_judges_only_the_evaluated_placements(evaluations):
-    optimum, q_opt = brute_force(TARGET, 0.5)
-    with evaluations.open("a") as fh:
-        fh.write(json.dumps({"placement": optimum.to_list(), **truth(optimum)}) + "\n")
-    res = verify_constrained(evaluations, COSTS, {"quality": 1.0}, [parse_requirement(REQUIRE)], TARGET, measure,
-                             rounds=0, log=lambda s: None)
+    optimum, q_opt, res = _with_the_optimum_evaluated(evaluations, rounds=0)
     assert measure.calls == 0 and res.chosen.placement == optimum and res.chosen.source == "evaluated"
     assert set(res.chosen.predicted) == {"quality", "retrieval"}  # predictions recorded without a round
 
