@@ -76,18 +76,14 @@ def corpus_prompts(tokenizer_dir: Path, n: int, length: int) -> list[list[int]]:
     """n prompts of exactly `length` tokens of real text (documents joined until long enough)."""
     from transformers import AutoTokenizer
 
+    from supernet.measure.speculative import corpus_prompts as cut_prompts
+
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     texts = [json.loads(line)["text"] for line in DATA.open()]
-    ids: list[int] = []
-    prompts = []
-    for text in texts:
-        ids += tok(text)["input_ids"]
-        while len(ids) >= length and len(prompts) < n:
-            prompts.append(ids[:length])
-            ids = ids[length:]
-        if len(prompts) == n:
-            return prompts
-    raise SystemExit(f"corpus {DATA} has fewer than {n} x {length} tokens")
+    try:
+        return cut_prompts(tok, texts, n, length).tolist()
+    except ValueError:
+        raise SystemExit(f"corpus {DATA} has fewer than {n} x {length} tokens") from None
 
 
 # -- vLLM engine ------------------------------------------------------------------------------------

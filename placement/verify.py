@@ -72,7 +72,8 @@ def _metric_values(row: dict, metrics: Sequence[str]) -> dict[str, float]:
     return {m: float(row[m]) for m in metrics if isinstance(row.get(m), (int, float))}
 
 
-def _meets(values: dict[str, float], req: mm.Requirement, bound: float) -> bool:
+def meets(values: dict[str, float], req: mm.Requirement, bound: float) -> bool:
+    """`values` satisfy `req` against the absolute `bound` (to float rounding)."""
     v = values.get(req.metric)
     if v is None:
         return False
@@ -106,7 +107,7 @@ def _closest(mp: mm.MultiProblem, reqs: Sequence[mm.Requirement], limit: Sequenc
                                        solver=solver)
         except PlacementError:
             return None
-        if not _meets(sol.values, r, r.value):
+        if not meets(sol.values, r, r.value):
             return sol.placement
     return None
 
@@ -185,7 +186,7 @@ def verify_constrained(evaluations: str | Path, costs: CostTable, objective: dic
     def judge(p: Placement, row: dict) -> tuple[dict[str, float], dict[str, float] | None, bool]:
         """(evaluation values, confirmation or None, meets every requirement)."""
         values = _metric_values(row, needed)
-        if not all(_meets(values, r, bounds[r.text]) for r in requirements):
+        if not all(meets(values, r, bounds[r.text]) for r in requirements):
             return values, None, False
         if confirm is None:
             return values, None, True
@@ -193,7 +194,7 @@ def verify_constrained(evaluations: str | Path, costs: CostTable, objective: dic
             fa = confirmation(all_fa)
             confirm_bounds.update({r.text: r.bound(fa[r.metric]) for r in requirements})
         checked = confirmation(p)
-        return values, checked, all(_meets(checked, r, confirm_bounds[r.text]) for r in requirements)
+        return values, checked, all(meets(checked, r, confirm_bounds[r.text]) for r in requirements)
 
     def shown(values: dict, checked: dict | None, r: mm.Requirement) -> str:
         out = f"measured {values[r.metric]:.3f} (bound {bounds[r.text]:.3f})"
@@ -258,7 +259,7 @@ def verify_constrained(evaluations: str | Path, costs: CostTable, objective: dic
         # changed layers can reach the speedup at all
         evaluation_failed = False
         for r in requirements:
-            if not _meets(values, r, bounds[r.text]):
+            if not meets(values, r, bounds[r.text]):
                 evaluation_failed = True
                 margins[r.text] += step * max(abs(bounds[r.text]), 1e-6)
         changed = sum(m != "fa" for m in placement)
@@ -275,7 +276,7 @@ def verify_constrained(evaluations: str | Path, costs: CostTable, objective: dic
         if p == all_fa or any(m not in costs.per_layer for m in p) or costs.speedup(p) < speedup - 1e-9:
             continue
         values = _metric_values(row, needed)
-        if len(values) == len(needed) and all(_meets(values, r, bounds[r.text]) for r in requirements):
+        if len(values) == len(needed) and all(meets(values, r, bounds[r.text]) for r in requirements):
             pool.append((objective_of(values), p, row))
     best_loop = max((objective_of(c.measured) for c in checks if c.meets), default=-np.inf)
     for value, p, row in sorted(pool, key=lambda t: -t[0])[:2]:

@@ -83,15 +83,6 @@ class TaskMetrics:
         return out
 
 
-def with_task_metrics(evaluate, metrics: TaskMetrics):
-    """An evaluator whose rows also carry the task metrics."""
-    def run(placement: Placement) -> dict:
-        row = evaluate(placement)
-        row.update(metrics(placement))
-        return row
-    return run
-
-
 class PlacementScorer:
     """What `eval-placements` measures per placement (KL quality, top-1 and the task metrics), as one
     callable with the probe that identifies how it measures (metric, reference, data, tasks).

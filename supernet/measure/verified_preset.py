@@ -31,6 +31,7 @@ def fastest_meeting(evaluations: str | Path, costs, requirement: str, below: flo
     from supernet.layout import Placement
     from supernet.placement.evaluations import read_evaluations
     from supernet.placement.multimetric import parse_requirement
+    from supernet.placement.verify import meets
 
     req = parse_requirement(requirement)
     data = read_evaluations(evaluations)
@@ -43,7 +44,7 @@ def fastest_meeting(evaluations: str | Path, costs, requirement: str, below: flo
         value = row.get(req.metric)
         if not isinstance(value, (int, float)) or any(m not in costs.per_layer for m in p):
             continue
-        if (value >= bound if req.op == ">=" else value <= bound):
+        if meets({req.metric: float(value)}, req, bound):
             x = float(costs.speedup(p))
             if 1.0 + 1e-6 < x < below - 1e-9:
                 speeds.add(round(x, 6))
