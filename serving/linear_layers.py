@@ -18,15 +18,19 @@ torch.compile sees; the convolution and the recurrence are one custom op,
 `splitting_ops`), so piecewise CUDA graphs run it eagerly between graph pieces and full decode
 graphs capture it. Inside the op every group of rows is one batched call, never a Python loop over
 sequences: all one-token decodes of the step, all prefills of the step (varlen: `cu_seqlens` from
-the metadata), all draft-verifying rows. Pages are read with `index_select` and written with
-`index_copy_` by slot (a page-0 write for rows vLLM padded: page 0 is vLLM's null block). The
+the metadata), all draft-verifying rows. In switchable mode the op gets only the tokens of the
+rows whose preset uses the mixer, and the groups address them in that compact layout. Pages are
+read with `index_select` and written with `index_copy_` by slot (a page-0 write for rows vLLM
+padded: page 0 is vLLM's null block). The
 convolution gathers each token's window from the flat tokens and the gathered tails (no padding,
 no host read); the recurrence runs on CUDA through vLLM's bundled fla Triton kernels (chunked for
 prefills with `cu_seqlens`, fused recurrent for decodes and draft verification with
 `ssm_state_indices` / `num_accepted_tokens`, states updated in place) and on the CPU through our
 torch delta rule over the rows padded to the longest one (the CPU reads that length from the
-CPU-resident `query_start_loc`: no device synchronisation). Draft verification loops over the
-k+1 time steps of the recurrence, batched over rows.
+CPU-resident `query_start_loc`: no device synchronisation); one-token decodes on the CPU take
+one recurrence step on the pages' own [HV, V, K] layout, in place in a workspace shared by all
+layers (`_decode_rows_torch`). Draft verification loops over the k+1 time steps of the
+recurrence, batched over rows.
 """
 from __future__ import annotations
 
@@ -50,7 +54,7 @@ from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 from vllm.v1.attention.backends.utils import NULL_BLOCK_ID
 
 from supernet.mixers.registry import FLOAT32, MODEL_DTYPE, LinearSpec, spec
-from supernet.ops.delta_rule import gated_delta_rule, kda_rule
+from supernet.ops.delta_rule import decode_step_vk, gated_delta_rule, kda_rule, l2_normalize
 from supernet.ops.gated_norm import gated_rms_norm
 from supernet.ops.short_conv import causal_conv1d_silu
 from supernet.serving.plan import linear_rank_dims
@@ -243,23 +247,19 @@ class SupernetLinearAttention(nn.Module, MambaBase):
         torch.ops.vllm.supernet_linear_core(raw, g, beta, o, _encode_layer_name(self.prefix))
         return self._readout(o, gate, activation)
 
-    def forward_rows(self, hidden_states: torch.Tensor, tokens: torch.Tensor, keep_rows: torch.Tensor) -> torch.Tensor:
-        """Switchable mode: run only the `tokens` ([M] flat indices) of the request rows kept in
-        `keep_rows`; returns [M, D]. Projections and readout see only those tokens; the op works
-        on the step's flat layout (its metadata is the whole step's), so the projected inputs are
-        scattered into it and only the kept rows' pages are touched."""
-        n = hidden_states.shape[0]
-        raw_s, g_s, beta_s, gate, activation = self._project(hidden_states.index_select(0, tokens))
-        raw = raw_s.new_zeros(n, raw_s.shape[1]).index_copy_(0, tokens, raw_s)
-        g = g_s.new_zeros(n, *g_s.shape[1:]).index_copy_(0, tokens, g_s)
-        beta = beta_s.new_zeros(n, *beta_s.shape[1:]).index_copy_(0, tokens, beta_s)
-        o = hidden_states.new_zeros(n, self.hv, self.v_dim)
-        self.row_filter = RowFilter(keep_rows)
+    def forward_rows(self, hidden_states: torch.Tensor, tokens: torch.Tensor, row_filter: "RowFilter") -> torch.Tensor:
+        """Switchable mode: run only the `tokens` ([M] flat indices, ascending) of the request rows
+        `row_filter` keeps; returns [M, D]. Projections, op and readout all work on those M tokens
+        alone (the op lays its rows out compactly, `step_row_groups`); only the kept rows' pages
+        are read and written."""
+        raw, g, beta, gate, activation = self._project(hidden_states.index_select(0, tokens))
+        o = raw.new_zeros(raw.shape[0], self.hv, self.v_dim)
+        self.row_filter = row_filter
         try:
             torch.ops.vllm.supernet_linear_core(raw, g, beta, o, _encode_layer_name(self.prefix))
         finally:
             self.row_filter = None
-        return self._readout(o.index_select(0, tokens), gate, activation)
+        return self._readout(o, gate, activation)
 
     def forward_with_state(self, hidden_states: torch.Tensor, state: dict) -> torch.Tensor:
         """One sequence [T, D] with a private state dict (`conv`, `recurrent` [1, HV, K, V]) instead
@@ -323,52 +323,45 @@ class RowGroup:
 
 @dataclass
 class RowFilter:
-    """Switchable mode: the request rows of this step (persistent-batch order) whose preset runs
-    this mixer, as a CPU bool mask over `query_start_loc`'s rows."""
+    """Switchable mode: the request rows of this step (persistent-batch order, the rows of
+    `query_start_loc`) whose preset runs this mixer, and every row's token count, both on the CPU.
+    The op's tensors then hold only the kept rows' tokens, in step order."""
 
-    keep: torch.Tensor
+    keep: torch.Tensor  # [R] bool
+    row_lens: torch.Tensor  # [R] long
 
 
-def _rows_of(keep: torch.Tensor | None, first: int, count: int, device) -> torch.Tensor | None:
-    """Indices (relative to `first`) of kept rows among rows first .. first+count-1; None = all."""
-    if keep is None:
-        return None
-    return torch.nonzero(keep[first : first + count], as_tuple=False).flatten().to(device)
+def _rows_of(keep: torch.Tensor, first: int, count: int, device) -> tuple[torch.Tensor, int]:
+    """Indices (relative to `first`, on `device`) of the kept rows among rows first .. first+count-1,
+    and how many there are (from the CPU mask: no device read)."""
+    sel = torch.nonzero(keep[first : first + count], as_tuple=False).flatten()
+    return sel.to(device), int(sel.shape[0])
 
 
 def step_row_groups(meta, row_filter: RowFilter | None = None) -> list[RowGroup]:
     """The batched calls of one step from vLLM's `GDNAttentionMetadata`: all plain decodes, all
-    prefills (varlen), all draft-verifying rows. At most three groups, whatever the batch size."""
-    groups: list[RowGroup] = []
-    keep = row_filter.keep if row_filter is not None else None
+    prefills (varlen), all draft-verifying rows. At most three groups, whatever the batch size.
+
+    With a `row_filter` only the kept rows form groups, and their tokens are addressed in the
+    compact layout of the kept rows' tokens (kept decodes first, as vLLM orders rows)."""
     if meta.spec_sequence_masks is None:
+        if row_filter is not None:
+            return _kept_row_groups(meta, row_filter)
+        groups: list[RowGroup] = []
         qsl = meta.non_spec_query_start_loc.long()
         slots = meta.non_spec_state_indices_tensor.long()
         nd, np_ = meta.num_decodes, meta.num_prefills
-        device = qsl.device
         if nd:
-            sel = _rows_of(keep, 0, nd, device)
             starts, pages = qsl[:nd], slots[:nd]
-            if sel is not None:
-                starts, pages = starts[sel], pages[sel]
-            n = starts.shape[0]
-            if n:
-                groups.append(RowGroup(starts, torch.ones_like(starts), n, pages, pages, None, 1, decode=True))
+            groups.append(RowGroup(starts, torch.ones_like(starts), nd, pages, pages, None, 1, decode=True))
         if np_:
-            sel = _rows_of(keep, nd, np_, device)
             starts = qsl[nd : nd + np_]
-            lens = qsl[nd + 1 : nd + np_ + 1] - starts
-            pages = slots[nd : nd + np_]
-            has_init = meta.has_initial_state[nd : nd + np_]
-            num = meta.num_prefill_tokens
-            if sel is not None:
-                starts, lens, pages, has_init = starts[sel], lens[sel], pages[sel], has_init[sel]
-                num = int(lens.sum())  # eager switchable path only (CPU-resident metadata)
-            if starts.shape[0]:
-                groups.append(RowGroup(starts, lens, num, pages, pages, has_init, None))
+            groups.append(RowGroup(starts, qsl[nd + 1 : nd + np_ + 1] - starts, meta.num_prefill_tokens,
+                                   slots[nd : nd + np_], slots[nd : nd + np_], meta.has_initial_state[nd : nd + np_], None))
         return groups
-    if keep is not None:
+    if row_filter is not None:
         raise RuntimeError("switchable serving does not run with speculative decoding")
+    groups = []
     # speculative step: draft-verifying rows keep one page per token, other rows are "prefills"
     pages = meta.spec_state_indices_tensor.long()  # [R, S]; rows vLLM padded hold the null page
     spec_qsl = meta.spec_query_start_loc.long()[: pages.shape[0] + 1]
@@ -387,6 +380,34 @@ def step_row_groups(meta, row_filter: RowFilter | None = None) -> list[RowGroup]
         lens = qsl[1 : np_ + 1] - qsl[:np_]
         slots = meta.non_spec_state_indices_tensor.long()[:np_]
         groups.append(RowGroup(starts, lens, meta.num_prefill_tokens, slots, slots, meta.has_initial_state[:np_], None))
+    return groups
+
+
+def _kept_row_groups(meta, row_filter: RowFilter) -> list[RowGroup]:
+    """`step_row_groups` for the rows `row_filter` keeps (a plain step), in the compact layout:
+    the kept decodes' tokens are 0 .. n-1, the kept prefills' follow in row order. Token counts
+    come from the filter's CPU row lengths, so nothing is read back from the device."""
+    groups: list[RowGroup] = []
+    keep, row_lens = row_filter.keep, row_filter.row_lens
+    slots = meta.non_spec_state_indices_tensor.long()
+    nd, np_ = meta.num_decodes, meta.num_prefills
+    device = slots.device
+    kept_decodes = 0
+    if nd:
+        sel, kept_decodes = _rows_of(keep, 0, nd, device)
+        if kept_decodes:
+            pages = slots[:nd].index_select(0, sel)
+            starts = torch.arange(kept_decodes, device=device)
+            groups.append(RowGroup(starts, torch.ones_like(starts), kept_decodes, pages, pages, None, 1, decode=True))
+    if np_:
+        sel, kept = _rows_of(keep, nd, np_, device)
+        if kept:
+            host_lens = row_lens[nd : nd + np_][keep[nd : nd + np_]]
+            lens = host_lens.to(device)
+            starts = kept_decodes + torch.cumsum(lens, 0) - lens
+            pages = slots[nd : nd + np_].index_select(0, sel)
+            has_init = meta.has_initial_state[nd : nd + np_].index_select(0, sel.to(meta.has_initial_state.device))
+            groups.append(RowGroup(starts, lens, int(host_lens.sum()), pages, pages, has_init, None))
     return groups
 
 
@@ -425,6 +446,9 @@ def _start_states(layer, rows: RowGroup, conv_cache, ssm_cache):
 
 def run_rows(layer, rows: RowGroup, raw, g, beta, out, conv_cache, ssm_cache) -> None:
     """Conv + recurrence for one group of rows; `out` [N, HV, V] gets the group's tokens."""
+    if rows.decode and not raw.is_cuda:
+        _decode_rows_torch(layer, rows, raw, g, beta, out, conv_cache, ssm_cache)
+        return
     n, width = raw.shape[0], layer.width
     row, offset, token = _flat_positions(rows)
     tail0, state0 = _start_states(layer, rows, conv_cache, ssm_cache)
@@ -450,6 +474,48 @@ def run_rows(layer, rows: RowGroup, raw, g, beta, out, conv_cache, ssm_cache) ->
             conv_cache.index_copy_(0, page, tails_after(torch.full_like(rows.lens, t)))
     else:
         conv_cache.index_copy_(0, rows.pages, tails_after(rows.lens - 1))
+
+
+def _decode_rows_torch(layer, rows: RowGroup, raw, g, beta, out, conv_cache, ssm_cache) -> None:
+    """CPU, one token per row (the step most served tokens take): the conv as one dot product per
+    channel over [tail, token] and the recurrence as one step on the pages' own [HV, V, K] layout
+    (`decode_step_vk`). A handful of batched ops whatever the batch: in switchable mode a layer
+    runs once per mixer its presets use, so what one call costs beyond its rows' work is paid
+    again for every mixer of the layer."""
+    token, pages = rows.starts, rows.pages
+    # the window time-major, [B, W, C]: the concatenation and the reduction over W then run over
+    # contiguous channels (measured 56 against 157 us channel-major at 8 rows of 1728 channels)
+    tail = conv_cache.index_select(0, pages).transpose(1, 2)
+    window = torch.cat([tail, raw.index_select(0, token).unsqueeze(1).to(tail.dtype)], dim=1)
+    conv_cache.index_copy_(0, pages, window[:, 1:].transpose(1, 2))
+    x = F.silu((window * layer.conv_weight.t().to(window.dtype)).sum(1)).to(raw.dtype)
+    q, k, v = layer._split_qkv(x)
+    state, scratch = _decode_workspace(ssm_cache, pages.shape[0])
+    if ssm_cache.dtype == torch.float32:
+        torch.index_select(ssm_cache, 0, pages, out=state)
+    else:
+        state.copy_(ssm_cache.index_select(0, pages))
+    o = decode_step_vk(l2_normalize(q), l2_normalize(k), v, g.index_select(0, token), beta.index_select(0, token),
+                       state, layer.scale, scratch)
+    ssm_cache.index_copy_(0, pages, state.to(ssm_cache.dtype))
+    out.index_copy_(0, token, o.to(out.dtype))
+
+
+# (page shape, device) -> two float32 buffers of `rows` pages: the gathered states and the products
+# of their reads. One pair serves every layer (layers run one after another), grown to the largest
+# decode batch seen: at most 2 x max_num_seqs pages per page shape, instead of a fresh allocation
+# of that size per layer and step.
+_DECODE_WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _decode_workspace(ssm_cache: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    key = (tuple(ssm_cache.shape[1:]), ssm_cache.device)
+    buffers = _DECODE_WORKSPACES.get(key)
+    if buffers is None or buffers[0].shape[0] < rows:
+        shape = (rows, *ssm_cache.shape[1:])
+        buffers = _DECODE_WORKSPACES[key] = (torch.empty(shape, dtype=torch.float32, device=ssm_cache.device),
+                                             torch.empty(shape, dtype=torch.float32, device=ssm_cache.device))
+    return buffers[0][:rows], buffers[1][:rows]
 
 
 def _recurrence_torch(layer, rows: RowGroup, row, offset, q, k, v, g, beta, state0, ssm_cache) -> torch.Tensor:

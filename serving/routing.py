@@ -113,6 +113,7 @@ class Selection:
     rows: torch.Tensor
     row_ids: torch.Tensor | None = None
     query_lens: torch.Tensor | None = None
+    row_lens: torch.Tensor | None = None  # [R] CPU: every row's token count (the step's layout)
     derived: dict = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -145,7 +146,7 @@ class StepRoute:
             tokens = torch.nonzero(torch.isin(self.token_preset, ids)).flatten()
             rows = torch.isin(self.row_presets, ids)
             row_ids = torch.nonzero(rows & (self.row_lens > 0)).flatten()
-            sel = Selection(tokens.to(self.device), rows, row_ids, self.row_lens[row_ids])
+            sel = Selection(tokens.to(self.device), rows, row_ids, self.row_lens[row_ids], self.row_lens)
             self._selections[presets] = sel
         return sel
 

@@ -49,7 +49,7 @@ except ImportError:  # pragma: no cover - a build without it
 from vllm.v1.kv_cache_interface import MambaSpec
 
 from supernet.serving import routing
-from supernet.serving.linear_layers import SupernetLinearAttention, linear_state_dtypes, linear_state_shapes
+from supernet.serving.linear_layers import RowFilter, SupernetLinearAttention, linear_state_dtypes, linear_state_shapes
 from supernet.serving.plan import FULL_LAYOUT_ENV, LINEAR_MIXERS, serving_plan
 from supernet.mixers import mixer_class, spec
 
@@ -258,7 +258,7 @@ class SupernetDecoderLayer(nn.Module):
         mixer = self.mixers[name]
         if isinstance(mixer, SupernetAttention):
             return mixer.forward_rows(positions, x, sel)
-        return mixer.forward_rows(x, sel.tokens, sel.rows)
+        return mixer.forward_rows(x, sel.tokens, RowFilter(sel.rows, sel.row_lens))
 
     def mix(self, positions, x, route: "routing.StepRoute | None") -> torch.Tensor:
         if len(self.mixers) == 1:

@@ -152,3 +152,55 @@ def test_state_page_is_the_registrys_state(kind, vllm_env):
     from supernet.serving.linear_layers import linear_state_dtypes
 
     assert linear_state_dtypes(torch.bfloat16, vllm_config(), kind) == (torch.bfloat16, torch.float32)
+
+
+def _rows_step(served, meta, hidden: torch.Tensor, keep: list[bool], lens: list[int]) -> torch.Tensor:
+    """One switchable-mode forward: only the rows in `keep` run this mixer (`forward_rows`)."""
+    from supernet.serving import linear_layers
+
+    starts = torch.tensor([0] + lens).cumsum(0)
+    tokens = torch.cat([torch.arange(int(starts[i]), int(starts[i + 1])) for i, kept in enumerate(keep) if kept])
+    context = SimpleNamespace(attn_metadata={served.prefix: meta}, no_compile_layers={served.prefix: served})
+    original = linear_layers.get_forward_context
+    linear_layers.get_forward_context = lambda: context
+    try:
+        with torch.no_grad():
+            return served.forward_rows(hidden, tokens, linear_layers.RowFilter(torch.tensor(keep), torch.tensor(lens)))
+    finally:
+        linear_layers.get_forward_context = original
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_kept_rows_of_a_mixed_step_match_reference_and_leave_other_pages_alone(kind, vllm_env):
+    """Switchable mode: decodes and prefills (continuing and fresh) of which only some rows use
+    this mixer. The kept rows' outputs equal the reference run over their whole sequences; the
+    other rows' pages are not touched (a request's preset never reads them)."""
+    served, reference = _layers(kind, vllm_env)
+    gen = torch.Generator().manual_seed(2)
+    d = vllm_config().hidden_size
+    page = {"a": 3, "b": 5, "c": 7, "d": 9, "e": 11, "f": 13}
+    history = {s: torch.randn(n, d, generator=gen) for s, n in [("a", 4), ("b", 6), ("c", 3), ("d", 5)]}
+    order = list(history)
+    run_step(served, _plain_meta([(len(history[s]), page[s], False) for s in order], 0),
+             torch.cat([history[s] for s in order]))
+    conv_before, ssm_before = (t.clone() for t in served.kv_cache)
+    # decodes a, b, c; continuing prefill d; fresh prefills e, f. Rows b, d and f use another mixer.
+    new = {"a": 1, "b": 1, "c": 1, "d": 4, "e": 5, "f": 3}
+    kept = {"a": True, "b": False, "c": True, "d": False, "e": True, "f": False}
+    tokens = {s: torch.randn(n, d, generator=gen) for s, n in new.items()}
+    rows = list(new)
+    meta = _plain_meta([(new[s], page[s], s in history) for s in rows], 3)
+    out = _rows_step(served, meta, torch.cat([tokens[s] for s in rows]), [kept[s] for s in rows], [new[s] for s in rows])
+    seqs = {s: torch.cat([history[s], tokens[s]]) if s in history else tokens[s] for s in rows}
+    expect = torch.cat([_reference(reference, seqs[s])[-new[s]:] for s in rows if kept[s]])
+    torch.testing.assert_close(out, expect, atol=ATOL, rtol=RTOL)
+    conv, ssm = served.kv_cache
+    for s in rows:
+        if not kept[s]:  # untouched: equal bit for bit, NaN where the page was never written
+            assert torch.equal(conv[page[s]].nan_to_num(7.0), conv_before[page[s]].nan_to_num(7.0)), s
+            assert torch.equal(ssm[page[s]].nan_to_num(7.0), ssm_before[page[s]].nan_to_num(7.0)), s
+    # the kept rows continue from the pages this step wrote
+    nxt = {s: torch.randn(1, d, generator=gen) for s in rows if kept[s]}
+    out = run_step(served, _plain_meta([(1, page[s], True) for s in nxt], len(nxt)), torch.cat(list(nxt.values())))
+    expect = torch.cat([_reference(reference, torch.cat([seqs[s], nxt[s]]))[-1:] for s in nxt])
+    torch.testing.assert_close(out, expect, atol=ATOL, rtol=RTOL)

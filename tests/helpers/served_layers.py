@@ -122,6 +122,6 @@ def run_rows_step(served, hidden_size: int, seed: int = 1) -> torch.Tensor:
     linear_layers.get_forward_context = lambda: context
     try:
         with torch.no_grad():
-            return served.forward_rows(hidden, torch.tensor([0, 2, 4]), keep)
+            return served.forward_rows(hidden, torch.tensor([0, 2, 4]), linear_layers.RowFilter(keep, torch.ones(6, dtype=torch.long)))
     finally:
         linear_layers.get_forward_context = original

@@ -11,12 +11,13 @@ q/k head j // (HV // H)); beta [B, T, HV]; g (log-space decay, <= 0) [B, T, HV] 
     S <- S + beta_t k_t (v_t - S^T k_t)^T         (delta-rule write)
     o_t = scale * S^T q_t                         (read)
 
-Two torch implementations:
+Torch implementations:
 - `recurrent_delta_rule`: token by token; the reference, and the cheapest path for a few tokens.
+- `decode_step_vk`: one token per sequence on states in vLLM's page layout, in place (serving).
 - `chunk_delta_rule`: chunks of C tokens. Inside a chunk the writes are solved all at once with the
   WY/UT form (one unit-lower-triangular inverse), so the only sequential loop is over T/C chunks
   and everything inside a chunk is batched matmuls: what makes CPU training affordable.
-Both accumulate in fp32 and return `o` in v's dtype.
+All accumulate in fp32 and return `o` in v's dtype.
 
 Dispatch (`gated_delta_rule`, `kda_rule`): on CUDA with fla importable, fla's `chunk_*` kernels
 (training, prefill) or `fused_recurrent_*` (short inference calls); otherwise the torch paths.
@@ -34,7 +35,7 @@ from supernet.ops.delta_rule.chunk import chunk_delta_rule
 from supernet.ops.delta_rule.common import gate_decay, l2_normalize
 from supernet.ops.delta_rule.dispatch import (FLA_RECURRENT_MAX_T, TORCH_RECURRENT_MAX_T, delta_rule_per_token_states,
                                               fla_available, gated_delta_rule, kda_rule, torch_delta_rule)
-from supernet.ops.delta_rule.recurrent import recurrent_delta_rule
+from supernet.ops.delta_rule.recurrent import decode_step_vk, recurrent_delta_rule
 
-__all__ = ["FLA_RECURRENT_MAX_T", "TORCH_RECURRENT_MAX_T", "chunk_delta_rule", "delta_rule_per_token_states",
+__all__ = ["FLA_RECURRENT_MAX_T", "TORCH_RECURRENT_MAX_T", "chunk_delta_rule", "decode_step_vk", "delta_rule_per_token_states",
            "fla_available", "gate_decay", "gated_delta_rule", "kda_rule", "l2_normalize", "recurrent_delta_rule", "torch_delta_rule"]
