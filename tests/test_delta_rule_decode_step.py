@@ -1,8 +1,8 @@
 """`decode_step_vk` (one served decode step on states in vLLM's [HV, V, K] layout, in place)
 against the reference token loop, for per-head (GDN) and per-channel (KDA) decays, with GVA.
 
-Tolerance: float32 sums of K = 16 products of O(1) values, ordered differently (bmm against the
-reference's matmul on the transposed state): a few ulps of O(1), well inside 1e-5."""
+Tolerance: float32 sums of K = 16 products of O(1) values, ordered differently (multiply-and-reduce
+on the pages' layout against the reference's matmul on [K, V]): a few ulps of O(1), well inside 1e-5."""
 from __future__ import annotations
 
 import pytest

@@ -160,14 +160,7 @@ def _rows_step(served, meta, hidden: torch.Tensor, keep: list[bool], lens: list[
 
     starts = torch.tensor([0] + lens).cumsum(0)
     tokens = torch.cat([torch.arange(int(starts[i]), int(starts[i + 1])) for i, kept in enumerate(keep) if kept])
-    context = SimpleNamespace(attn_metadata={served.prefix: meta}, no_compile_layers={served.prefix: served})
-    original = linear_layers.get_forward_context
-    linear_layers.get_forward_context = lambda: context
-    try:
-        with torch.no_grad():
-            return served.forward_rows(hidden, tokens, linear_layers.RowFilter(torch.tensor(keep), torch.tensor(lens)))
-    finally:
-        linear_layers.get_forward_context = original
+    return run_step(served, meta, hidden, tokens, linear_layers.RowFilter(torch.tensor(keep), torch.tensor(lens)))
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -39,8 +39,9 @@ def build_served(kind: str, cfg, weights: dict[str, torch.Tensor], config=None):
     return served
 
 
-def run_step(served, meta, hidden: torch.Tensor) -> torch.Tensor:
-    """One forward of the served layer with `meta` as its attention metadata."""
+def run_step(served, meta, hidden: torch.Tensor, tokens: torch.Tensor | None = None, row_filter=None) -> torch.Tensor:
+    """One forward of the served layer with `meta` as its attention metadata; with `tokens` and
+    `row_filter` (switchable mode) only those rows run it (`forward_rows`)."""
     from supernet.serving import linear_layers
 
     context = SimpleNamespace(attn_metadata={served.prefix: meta}, no_compile_layers={served.prefix: served})
@@ -48,7 +49,7 @@ def run_step(served, meta, hidden: torch.Tensor) -> torch.Tensor:
     linear_layers.get_forward_context = lambda: context
     try:
         with torch.no_grad():
-            return served(hidden)
+            return served(hidden) if tokens is None else served.forward_rows(hidden, tokens, row_filter)
     finally:
         linear_layers.get_forward_context = original
 
@@ -117,11 +118,4 @@ def run_rows_step(served, hidden_size: int, seed: int = 1) -> torch.Tensor:
     meta = plain_meta([(1, p, True) for p in page], 6)
     hidden = torch.randn(6, hidden_size, generator=torch.Generator().manual_seed(seed))
     keep = torch.tensor([True, False, True, False, True, False])
-    context = SimpleNamespace(attn_metadata={served.prefix: meta}, no_compile_layers={served.prefix: served})
-    original = linear_layers.get_forward_context
-    linear_layers.get_forward_context = lambda: context
-    try:
-        with torch.no_grad():
-            return served.forward_rows(hidden, torch.tensor([0, 2, 4]), linear_layers.RowFilter(keep, torch.ones(6, dtype=torch.long)))
-    finally:
-        linear_layers.get_forward_context = original
+    return run_step(served, meta, hidden, torch.tensor([0, 2, 4]), linear_layers.RowFilter(keep, torch.ones(6, dtype=torch.long)))
